@@ -1,0 +1,166 @@
+"""The one boundary to DeepSpeed: distributed setup, configs, engines, checkpoints, full weights.
+
+On a CPU (DeepSpeed picks its CPU accelerator by itself) ranks talk over gloo and the optimizer
+is torch's AdamW handed to DeepSpeed as a client optimizer, since DeepSpeed's fused and CPU Adam
+kernels need a compiler step or CUDA; with offload, DeepSpeed keeps that optimizer's state in
+CPU memory. On CUDA, DeepSpeed builds its own AdamW from the config.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+
+def on_cuda() -> bool:
+    return get_accelerator().device_name() == "cuda"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or, without a launcher, start) the process group; returns (rank, world size)."""
+    if "RANK" not in os.environ:  # a plain `python -m train ...`: a group of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   verbose=False)
+    if on_cuda():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def device() -> torch.device:
+    return torch.device(get_accelerator().current_device_name()) if on_cuda() else torch.device("cpu")
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(value: float) -> float:
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device())
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor.item()
+
+
+def ds_config(cfg, *, train: bool = True, tensorboard_dir: str | None = None) -> dict:
+    """The DeepSpeed JSON config for one engine, from the step's config."""
+    zero = {"stage": cfg.zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
+    if cfg.offload and cfg.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train and on_cuda():
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.learning_rate,
+                               "weight_decay": cfg.weight_decay, "betas": [0.9, 0.95]}}
+    if tensorboard_dir:
+        config["tensorboard"] = {"enabled": True, "output_path": tensorboard_dir, "job_name": "."}
+    return config
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D tensors), as is usual for transformers."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def initialize(model, cfg, total_steps: int, tensorboard_dir: str | None = None):
+    """A DeepSpeed training engine with AdamW and a warmup-then-decay schedule."""
+    config = ds_config(cfg, tensorboard_dir=tensorboard_dir)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    schedule = lambda step: lr_factor(step, total_steps, warmup, cfg.lr_scheduler)  # noqa: E731
+    if on_cuda():
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.weight_decay), config=config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        engine.lr_scheduler = scheduler
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                      betas=(0.9, 0.95))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=config)
+    return engine
+
+
+def inference_engine(model, cfg):
+    """A frozen model placed as DeepSpeed would for inference in training (ZeRO-3 partitions it)."""
+    config = ds_config(cfg, train=False)
+    if cfg.zero_stage != 3:
+        config["zero_optimization"] = {"stage": 0}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+# ---- checkpoints and full weights ------------------------------------------------------------------
+
+def save_checkpoint(engine, folder: Path, step: int, client_state: dict, keep: int) -> None:
+    """A resumable checkpoint (module, optimizer, scheduler); only the newest `keep` stay."""
+    tag = f"step-{step:08d}"
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
+    barrier()
+    if torch.distributed.get_rank() == 0:
+        older = sorted(p for p in folder.glob("step-*") if p.is_dir() and p.name != tag)
+        for stale in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_checkpoint(engine, folder: Path) -> dict | None:
+    """Restore the newest checkpoint in `folder`; its client state, or None if there is none."""
+    if not (folder / "latest").is_file():
+        return None
+    path, client_state = engine.load_checkpoint(str(folder))
+    return client_state if path else None
+
+
+def full_state_dict(engine) -> dict | None:
+    """The whole module's weights on rank 0 (gathered under ZeRO-3); None on other ranks."""
+    if engine.zero_optimization_partition_weights():
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return state if torch.distributed.get_rank() == 0 else None
+    if torch.distributed.get_rank() != 0:
+        return None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}

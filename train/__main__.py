@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     from train import config
 
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+    # the deepspeed launcher passes --local_rank before the step; LOCAL_RANK says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     steps = parser.add_subparsers(dest="step", required=True, metavar="STEP")
     for name, cls in config.STEPS.items():
         sub = steps.add_parser(name, help=cls.__doc__.splitlines()[0],

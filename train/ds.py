@@ -102,8 +102,9 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; the scheduler must not see them
 
 
 def initialize(model, cfg, total_steps: int, tensorboard_dir: str | None = None):

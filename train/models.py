@@ -245,3 +245,10 @@ def save_hf(state_dict: dict, module, tokenizer, folder: Path, lora_scaling: flo
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+
+
+if __name__ == "__main__":  # `python -m train.models`: prepare the built-in model (make setup)
+    try:
+        print(f"built-in model ready: {ensure_default_model()}")
+    except ModelError as err:
+        sys.exit(f"error: {err}")

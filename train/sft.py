@@ -141,7 +141,10 @@ def main(cfg: SFTConfig) -> RunDir:
                 ds.save_checkpoint(engine, run.checkpoints, step, {"step": step}, cfg.keep_checkpoints)
             if step % cfg.log_every == 0:
                 tic = time.time()  # throughput counts training only, not evaluation or saving
-            if step >= total_steps or stop.requested:
+            # every rank must stop at the same step: the checkpoint save is collective
+            stopping = ds.all_reduce_sum(stop.requested) > 0
+            if step >= total_steps or stopping:
+                stop.requested = stopping
                 break
     bar.close()
 

@@ -1,0 +1,1 @@
+"""Inference server: engines behind one interface and an OpenAI-compatible HTTP API (issue 5)."""

@@ -1,0 +1,67 @@
+"""Shared fixtures: the real default model, a tiny random model with its tokenizer, and a CLI runner."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is missing: these tests read the real data sets in ../shared/data")
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    from train.models import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, default_model) -> Path:
+    """A 2-layer random Llama with the default model's tokenizer and chat template (~3M params)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_train(*args: str, timeout: float = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m train ARGS` in a subprocess, as a user would run it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def sft_file(tmp_path) -> Path:
+    """A small SFT set in our record format: short answers the tiny model can fit quickly."""
+    path = tmp_path / "sft.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+             "response": f"{a} plus {b} is {a + b}."} for a in range(8) for b in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

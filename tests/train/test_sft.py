@@ -1,0 +1,175 @@
+"""SFT through the command line, as users run it: a tiny random model for the mechanics, the
+real default model (slow) for real behaviour."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, read_jsonl, run_train, shared_file
+
+FAST = ["--batch-size", "4", "--max-seq-len", "64", "--learning-rate", "3e-3", "--eval-fraction",
+        "0.1", "--save-every", "0", "--no-tensorboard"]
+
+
+def losses(folder):
+    return {r["step"]: r["loss"] for r in read_jsonl(folder / "metrics.jsonl") if "loss" in r}
+
+
+def test_tiny_run_trains_evaluates_and_saves_a_loadable_model(tmp_path, tiny_model, sft_file):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    done = run_train("sft", "--model", str(tiny_model), "--data", str(sft_file), "--output", str(out),
+                     "--max-steps", "12", "--eval-every", "6", *FAST)
+    assert done.returncode == 0, done.stderr
+    status = json.loads((out / "status.json").read_text())
+    assert (status["state"], status["step"], status["total_steps"]) == ("done", 12, 12)
+    rows = read_jsonl(out / "metrics.jsonl")
+    train = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(train) == 12 and all(r["tokens_per_s"] > 0 for r in rows if "loss" in r)
+    assert sum(train[-3:]) / 3 < sum(train[:3]) / 3 - 1.0
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert "step: sft" in (out / "config.yaml").read_text()
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight,
+                           base.model.layers[0].mlp.up_proj.weight.to(model.dtype))
+
+
+def test_lora_weights_are_merged_into_the_saved_model(tmp_path, tiny_model, sft_file):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    done = run_train("sft", "--model", str(tiny_model), "--data", str(sft_file), "--output", str(out),
+                     "--max-steps", "4", "--lora-dim", "4", "--fp32", *FAST)
+    assert done.returncode == 0, done.stderr
+    saved = AutoModelForCausalLM.from_pretrained(out / "final")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not any("lora" in name for name in saved.state_dict())
+    assert not torch.allclose(saved.model.layers[0].self_attn.q_proj.weight,
+                              base.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(saved.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_stop_then_resume_continues_the_same_loss_curve(tmp_path, tiny_model, sft_file):
+    common = ["--model", str(tiny_model), "--data", str(sft_file), "--max-steps", "16", "--fp32",
+              "--eval-fraction", "0", "--batch-size", "4", "--max-seq-len", "64",
+              "--learning-rate", "3e-3", "--no-tensorboard", "--save-every", "0"]
+    reference = tmp_path / "straight"
+    assert run_train("sft", *common, "--output", str(reference)).returncode == 0
+
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "train", "sft", *common, "--output", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(losses(out) if (out / "metrics.jsonl").exists() else {}) < 4:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    status = json.loads((out / "status.json").read_text())
+    stopped_at = status["step"]
+    assert status["state"] == "stopped" and 4 <= stopped_at < 16
+
+    resumed = run_train("sft", *common, "--output", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    curve, straight = losses(out), losses(reference)
+    assert sorted(curve) == list(range(1, 17))  # no step repeated or skipped
+    for step in range(stopped_at + 1, 17):  # the resumed steps match an uninterrupted run
+        assert curve[step] == pytest.approx(straight[step], rel=1e-3, abs=1e-3)
+
+
+@pytest.mark.parametrize("case", ["malformed line", "missing file", "unknown model", "zero stage 5",
+                                  "finished run", "resume without checkpoint"])
+def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_file):
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "config.yaml").write_text("model: x\n")
+    (finished / "status.json").write_text('{"state": "done"}')
+    (finished / "final").mkdir()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "response": "ok"}\n{"prompt": "hi" "response": "ok"}\n')
+    args = {"malformed line": ["--data", str(bad)],
+            "missing file": ["--data", str(tmp_path / "nope.jsonl")],
+            "unknown model": ["--model", str(tmp_path / "no-model")],
+            "zero stage 5": ["--zero-stage", "5"],
+            "finished run": [],
+            "resume without checkpoint": ["--resume"]}[case]
+    output = str(finished) if case in ("finished run", "resume without checkpoint") else str(tmp_path / "o")
+    defaults = ["--model", str(tiny_model), "--data", str(sft_file), "--output", output]
+    done = run_train("sft", *defaults, *args, "--max-steps", "1")
+    expected = {"malformed line": "bad.jsonl, line 2: invalid JSON",
+                "missing file": "nope.jsonl does not exist",
+                "unknown model": "not found",
+                "zero stage 5": "--zero-stage 5 is out of range",
+                "finished run": "already holds a finished run: pass --overwrite",
+                "resume without checkpoint": "has no checkpoint to resume from"}[case]
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr and lines[-1].startswith("error: ")
+    assert expected in lines[-1]
+    # what was already saved stays as it was
+    assert json.loads((finished / "status.json").read_text()) == {"state": "done"}
+    assert (finished / "final").is_dir()
+
+
+def test_overwrite_replaces_a_finished_run(tmp_path, tiny_model, sft_file):
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_model), "--data", str(sft_file), "--output", str(out), "--max-steps", "2", *FAST]
+    assert run_train("sft", *args).returncode == 0
+    assert run_train("sft", *args).returncode == 2
+    again = run_train("sft", *args, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert len(losses(out)) == 2
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_run_saves_full_weights(tmp_path, tiny_model, sft_file):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "z3"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+           "29533", "--module", "train", "sft", "--model", str(tiny_model), "--data", str(sft_file),
+           "--output", str(out), "--zero-stage", "3", "--max-steps", "4", *FAST]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "world size 2" in (out / "train.log").read_text() or "2 process(es)" in (out / "train.log").read_text()
+    saved = AutoModelForCausalLM.from_pretrained(out / "final")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for name, tensor in base.state_dict().items():
+        assert saved.state_dict()[name].shape == tensor.shape, name
+    assert not torch.equal(saved.model.layers[1].mlp.down_proj.weight,
+                           base.model.layers[1].mlp.down_proj.weight.to(saved.dtype))
+
+
+@pytest.mark.slow
+def test_real_sft_on_the_default_model_learns_and_changes_its_answers(tmp_path, default_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "real"
+    done = run_train("sft", "--model", "default", "--data", str(shared_file("llamafactory_alpaca_en_demo.json")),
+                     "--output", str(out), "--max-steps", "30", "--batch-size", "8", "--max-seq-len", "256",
+                     "--learning-rate", "5e-5", "--eval-every", "15", "--max-eval-samples", "32",
+                     "--eval-fraction", "0.05", "--save-every", "0", timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_jsonl(out / "metrics.jsonl")
+    train = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert sum(train[-8:]) / 8 < sum(train[:8]) / 8
+    assert evals[-1] < evals[0]
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Give three tips for staying healthy."}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    answers = []
+    for folder in (default_model, out / "final"):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        generated = model.generate(**prompt, max_new_tokens=40, do_sample=False)
+        answers.append(tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert answers[1].strip() and answers[0] != answers[1]

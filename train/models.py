@@ -216,8 +216,8 @@ class CausalLMWithLoss(torch.nn.Module):
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, labels):
-        hidden = self.lm.get_decoder()(input_ids=input_ids,
-                                       attention_mask=attention_mask).last_hidden_state
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state
         return sft_loss(hidden, labels, self.lm.get_output_embeddings())
 
 

@@ -1,4 +1,4 @@
-"""Command line: python -m train {sft} [options]; `python -m train STEP --help` lists options.
+"""Command line: python -m train {sft,rm,eval-rm} [options]; `python -m train STEP --help` lists options.
 
 Errors a user can cause end in one sentence on stderr and exit code 2; anything else ends in
 one line pointing at the run's train.log, which holds the traceback.
@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 def runner(step: str):
     if step == "sft":
         from train.sft import main
+    elif step == "rm":
+        from train.reward import main
+    elif step == "eval-rm":
+        from train.reward import evaluate_main as main
     return main
 
 

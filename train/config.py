@@ -98,7 +98,40 @@ class SFTConfig(RunConfig):
     data: list[str] = opt(["prompts/sft.jsonl"], RunConfig.__dataclass_fields__["data"].metadata["help"])
 
 
-STEPS: dict[str, type[RunConfig]] = {"sft": SFTConfig}
+@dataclass
+class RMConfig(RunConfig):
+    """Step 2: a reward model trained on preference pairs (prompt, chosen, rejected)."""
+
+    model: str = opt("default", "backbone to put the value head on: default, a local Hugging Face "
+                                "folder (such as an SFT run's final/), a .gguf file or a hub name")
+    data: list[str] = opt(["prompts/preferences.jsonl"],
+                          RunConfig.__dataclass_fields__["data"].metadata["help"])
+    learning_rate: float = opt(1e-5, "peak learning rate", range=(0.0, 1.0))
+    margin: float = opt(0.0, "required reward gap: loss is -logsigmoid(r_chosen - r_rejected - margin)",
+                        range=(0.0, 100.0))
+    stats_samples: int = opt(256, "training pairs scored after training for the saved reward "
+                                  "mean and std (PPO normalises with them)", range=(1, 1_000_000))
+
+
+@dataclass
+class EvalRMConfig:
+    """Score preference pairs with a reward model; prints accuracy and margins as JSON."""
+
+    reward: str = opt("", "reward-model folder (an RM run's final/)")
+    data: list[str] = opt([], "preference sources (files, datasets, ratings:)")
+    per_source: bool = opt(False, "also break the figures down by source")
+    batch_size: int = opt(8, "pairs scored at once", range=(1, 4096))
+    max_seq_len: int = opt(512, "longest tokenised sequence (prompt + answer)", range=(16, 32768))
+    max_samples: int = opt(0, "score at most this many pairs per source; 0 scores all",
+                           range=(0, 10_000_000))
+    precision: str = opt("bf16", "bf16 or fp32 inference", choices=("bf16", "fp32"),
+                         flags={"--bf16": "bf16", "--fp32": "fp32"})
+
+    def __post_init__(self):
+        validate(self)
+
+
+STEPS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "eval-rm": EvalRMConfig}
 
 
 # ---- validation ---------------------------------------------------------------------------

@@ -163,13 +163,13 @@ def load_causal_lm(path: str, dtype=None):
 
 # ---- LoRA -----------------------------------------------------------------------------------------
 
-def add_lora(model, dim: int, alpha: float, dropout: float, targets: str):
+def add_lora(model, dim: int, alpha: float, dropout: float, targets: str, task: str = "CAUSAL_LM"):
     """Wrap `model` with LoRA adapters of rank `dim`; only the adapters train."""
     from peft import LoraConfig, get_peft_model
 
     target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
     config = LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=target_modules, task_type="CAUSAL_LM")
+                        target_modules=target_modules, task_type=task)
     try:
         return get_peft_model(model, config)
     except ValueError as err:
@@ -221,28 +221,89 @@ class CausalLMWithLoss(torch.nn.Module):
         return sft_loss(hidden, labels, self.lm.get_output_embeddings())
 
 
+class ValueHeadModel(torch.nn.Module):
+    """A transformer backbone with a scalar head: one value per position, shape (B, T).
+
+    The reward model reads the value at each response's last token; PPO's critic reads every
+    position. Saved as the backbone's Hugging Face folder plus `value_head.safetensors`.
+    """
+
+    def __init__(self, backbone, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.v_head = torch.nn.Linear(hidden_size, 1, bias=False)
+        torch.nn.init.normal_(self.v_head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               use_cache=False).last_hidden_state
+        return self.v_head(hidden).squeeze(-1).float()
+
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+def load_value_model(path: str, dtype=torch.float32) -> ValueHeadModel:
+    """A value model from a reward-model folder, or a fresh head on any model's backbone."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    try:
+        backbone = AutoModel.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise ModelError(f"could not load model {path} ({str(err).splitlines()[0]}): pass a "
+                         "reward-model folder (a run's final/), a model folder or 'default'.") from None
+    model = ValueHeadModel(backbone, backbone.config.hidden_size).to(dtype)
+    head = Path(path) / VALUE_HEAD_FILE
+    if head.is_file():
+        model.v_head.weight.data.copy_(load_file(head)["weight"])
+    return model
+
+
+def reward_stats(path: str) -> dict | None:
+    """The reward mean and std saved with a reward model (for PPO's normalisation), if any."""
+    import json
+
+    stats = Path(path) / REWARD_STATS_FILE
+    return json.loads(stats.read_text()) if stats.is_file() else None
+
+
 def unwrap(module):
     """The Hugging Face model inside our wrappers and peft (LoRA layers still injected)."""
-    module = getattr(module, "lm", module)
+    for inner in ("lm", "backbone"):
+        if hasattr(module, inner):
+            module = getattr(module, inner)
+            break
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
-def save_hf(state_dict: dict, module, tokenizer, folder: Path, lora_scaling: float | None) -> None:
+def save_hf(state_dict: dict, module, tokenizer, folder: Path, lora_scaling: float | None,
+            extra_files: dict | None = None) -> None:
     """Write a Hugging Face folder (safetensors, config, tokenizer) from a full state dict.
 
-    `state_dict` comes from the training engine (keys under `lm.`, LoRA factors possibly
-    present); LoRA is merged so the folder loads with plain `from_pretrained`. Written to a
-    temporary folder first, so an interrupted save never leaves a half-written result.
+    `state_dict` comes from the training engine (keys under `lm.` or `backbone.`, LoRA factors
+    possibly present, `v_head.weight` for value models); LoRA is merged so the folder loads with
+    plain `from_pretrained`; the value head goes to its own file. `extra_files` maps file names
+    to text written beside. Written to a temporary folder first, so an interrupted save never
+    leaves a half-written result.
     """
-    state_dict = {k[3:] if k.startswith("lm.") else k: v for k, v in state_dict.items()}
+    from safetensors.torch import save_file
+
+    head = state_dict.pop("v_head.weight", None)
+    state_dict = {k.split(".", 1)[1] if k.startswith(("lm.", "backbone.")) else k: v
+                  for k, v in state_dict.items()}
     if lora_scaling is not None:
         state_dict = merge_lora_state_dict(state_dict, lora_scaling)
-    model = unwrap(module)
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
+    unwrap(module).save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
+    if head is not None:
+        save_file({"weight": head.contiguous()}, tmp / VALUE_HEAD_FILE)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 

@@ -19,8 +19,8 @@ def load_sft_data(cfg: SFTConfig, tokenizer, log) -> tuple[list[dict], list[dict
     weights = parse_split(cfg.data_split) if cfg.data_split else None
     records = data.load_data(cfg.data, "sft", cfg.seed, weights, log=log)
     train_records, eval_records = data.holdout(records, cfg.eval_fraction, cfg.max_eval_samples)
-    train_set = data.encode_sft(tokenizer, train_records, cfg.max_seq_len, log=log)
-    eval_set = data.encode_sft(tokenizer, eval_records, cfg.max_seq_len, log=log) if eval_records else []
+    train_set = data.encode_all(data.encode_sft_record, tokenizer, train_records, cfg.max_seq_len, log)
+    eval_set = data.encode_all(data.encode_sft_record, tokenizer, eval_records, cfg.max_seq_len, log)
     return train_set, eval_set
 
 

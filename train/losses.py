@@ -36,3 +36,77 @@ def sequence_rewards(values: torch.Tensor, attention_mask: torch.Tensor) -> torc
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """(B,) Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin) of each pair."""
     return -F.logsigmoid(chosen - rejected - margin)
+
+
+# ---- PPO ------------------------------------------------------------------------------------------
+# All tensors below are (B, T) over response positions; `mask` is 1 on real response tokens
+# (up to and including each response's end-of-turn token) and 0 on padding after it.
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise to zero mean and unit variance over the masked entries."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def kl_rewards(logprobs, ref_logprobs, scores, mask, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * (logp - ref_logp) at every response token, plus the
+    reward model's score (B,) at each response's last token."""
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    last = last_index(mask)
+    return rewards.scatter_add(1, last.unsqueeze(1), scores.unsqueeze(1).to(rewards.dtype))
+
+
+def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation; returns (advantages, returns), both (B, T).
+    Values after a response's end are zero, so its last token bootstraps from nothing."""
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    width = rewards.shape[1]
+    for t in reversed(range(width)):
+        next_values = values[:, t + 1] if t + 1 < width else torch.zeros_like(lastgaelam)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages[:, t] = lastgaelam
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float):
+    """PPO's clipped surrogate; returns (loss, clip fraction, approximate KL old -> new)."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    clipfrac = masked_mean((pg_loss2 > pg_loss1).float(), mask)
+    approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
+    return loss, clipfrac.detach(), approx_kl.detach()
+
+
+def value_loss(values, old_values, returns, mask, clip: float):
+    """Clipped value loss 0.5 * max((v - R)^2, (v_clipped - R)^2); returns (loss, clip fraction)."""
+    values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    v_loss_unclipped = (values - returns) ** 2
+    v_loss_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mask)
+    clipfrac = masked_mean((v_loss_clipped > v_loss_unclipped).float(), mask)
+    return loss, clipfrac.detach()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T) log-probability of each taken token; logits (B, T, V) predict those tokens."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(B, T) entropy of each position's token distribution (for logging)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)

@@ -114,6 +114,52 @@ class RMConfig(RunConfig):
 
 
 @dataclass
+class PPOConfig(RunConfig):
+    """Step 3: PPO of the SFT model against the reward model, with a KL penalty to a frozen
+    reference, optional EMA of the actor and optional pretraining-mix loss."""
+
+    actor: str = opt("default", "actor and reference: an SFT run's final/, default, a folder or hub name")
+    reward: str = opt("", "reward model: an RM run's final/ (required)")
+    critic: str = opt("", "critic initialisation; empty uses the reward model")
+    data: list[str] = opt(["prompts/prompts.jsonl"], "prompt sources (any record format; only the "
+                                                     "prompts are used)")
+    learning_rate: float = opt(2e-6, "actor peak learning rate", range=(0.0, 1.0))
+    critic_learning_rate: float = opt(5e-6, "critic peak learning rate", range=(0.0, 1.0))
+    batch_size: int = opt(8, "PPO minibatch size per process (rollouts per optimizer step)",
+                          range=(1, 4096))
+    rollout_batch_size: int = opt(16, "prompts generated per PPO step per process", range=(1, 4096))
+    ppo_epochs: int = opt(1, "passes over each rollout batch", range=(1, 100))
+    max_prompt_len: int = opt(256, "longest prompt in tokens (older tokens are cut)", range=(8, 32768))
+    max_new_tokens: int = opt(64, "longest generated response", range=(1, 8192))
+    temperature: float = opt(1.0, "sampling temperature of rollouts", range=(0.01, 10.0))
+    top_p: float = opt(1.0, "nucleus sampling of rollouts", range=(0.01, 1.0))
+    kl_coef: float = opt(0.05, "weight of the per-token KL penalty to the reference",
+                         range=(0.0, 100.0))
+    adaptive_kl: bool = opt(False, "adapt kl_coef towards kl_target (Ziegler et al.)")
+    kl_target: float = opt(6.0, "target KL per response for the adaptive controller",
+                           range=(0.0, 1000.0))
+    kl_horizon: int = opt(10000, "horizon of the adaptive KL controller", range=(1, 10**9))
+    gamma: float = opt(1.0, "discount factor of GAE", range=(0.0, 1.0))
+    lam: float = opt(0.95, "lambda of GAE", range=(0.0, 1.0))
+    cliprange: float = opt(0.2, "PPO policy ratio clip", range=(0.0, 10.0))
+    cliprange_value: float = opt(0.2, "critic value clip", range=(0.0, 100.0))
+    reward_clip: float = opt(5.0, "clip normalised rewards to +-this", range=(0.0, 1000.0))
+    normalize_reward: bool = opt(True, "normalise scores with the reward model's saved mean and std")
+    whiten_advantages: bool = opt(True, "whiten advantages within each rollout batch")
+    ema: bool = opt(False, "keep an exponential moving average of the actor, saved as ema/")
+    ema_beta: float = opt(0.992, "EMA decay per actor step", range=(0.0, 1.0))
+    ptx_data: list[str] = opt([], "pretraining/SFT sources mixed into the actor loss")
+    ptx_coef: float = opt(1.0, "weight of the mixed-in SFT loss (with --ptx-data)", range=(0.0, 1000.0))
+    hybrid_engine: bool = opt(True, "on CUDA, use DeepSpeed's Hybrid Engine for rollouts where it "
+                                    "supports the architecture (else the project's own path)")
+    sample_every: int = opt(1, "PPO steps between rollout samples written to samples.jsonl",
+                            range=(1, 100_000))
+    max_eval_samples: int = opt(32, "held-out prompts whose reward is measured", range=(0, 100_000))
+    eval_every: int = opt(0, "PPO steps between held-out reward evaluations; 0: start and end",
+                          range=(0, 1_000_000))
+
+
+@dataclass
 class EvalRMConfig:
     """Score preference pairs with a reward model; prints accuracy and margins as JSON."""
 
@@ -131,7 +177,8 @@ class EvalRMConfig:
         validate(self)
 
 
-STEPS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "eval-rm": EvalRMConfig}
+STEPS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig,
+                          "eval-rm": EvalRMConfig}
 
 
 # ---- validation ---------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def all_reduce_sum(value: float) -> float:
     return tensor.item()
 
 
-def ds_config(cfg, *, train: bool = True, tensorboard_dir: str | None = None) -> dict:
+def ds_config(cfg, *, train: bool = True, tensorboard_dir: str | None = None,
+              learning_rate: float | None = None) -> dict:
     """The DeepSpeed JSON config for one engine, from the step's config."""
     zero = {"stage": cfg.zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
     if cfg.offload and cfg.zero_stage > 0:
@@ -76,7 +77,8 @@ def ds_config(cfg, *, train: bool = True, tensorboard_dir: str | None = None) ->
         "wall_clock_breakdown": False,
     }
     if train and on_cuda():
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.learning_rate,
+        lr = cfg.learning_rate if learning_rate is None else learning_rate
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": lr,
                                "weight_decay": cfg.weight_decay, "betas": [0.9, 0.95]}}
     if tensorboard_dir:
         config["tensorboard"] = {"enabled": True, "output_path": tensorboard_dir, "job_name": "."}
@@ -107,9 +109,13 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; the scheduler must not see them
 
 
-def initialize(model, cfg, total_steps: int, tensorboard_dir: str | None = None):
-    """A DeepSpeed training engine with AdamW and a warmup-then-decay schedule."""
-    config = ds_config(cfg, tensorboard_dir=tensorboard_dir)
+def initialize(model, cfg, total_steps: int, tensorboard_dir: str | None = None,
+               learning_rate: float | None = None, extra: dict | None = None):
+    """A DeepSpeed training engine with AdamW and a warmup-then-decay schedule.
+    `learning_rate` overrides cfg's (PPO's critic); `extra` adds config sections."""
+    config = {**ds_config(cfg, tensorboard_dir=tensorboard_dir, learning_rate=learning_rate),
+              **(extra or {})}
+    lr = cfg.learning_rate if learning_rate is None else learning_rate
     warmup = int(cfg.warmup_ratio * total_steps)
     schedule = lambda step: lr_factor(step, total_steps, warmup, cfg.lr_scheduler)  # noqa: E731
     if on_cuda():
@@ -118,7 +124,7 @@ def initialize(model, cfg, total_steps: int, tensorboard_dir: str | None = None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         engine.lr_scheduler = scheduler
     else:
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr,
                                       betas=(0.9, 0.95))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,

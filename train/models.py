@@ -205,8 +205,10 @@ def merge_lora_state_dict(state_dict: dict, scaling: float) -> dict:
 # ---- training wrappers ----------------------------------------------------------------------------
 
 class CausalLMWithLoss(torch.nn.Module):
-    """A causal LM whose forward returns (summed SFT loss, labelled-token count).
+    """A causal LM whose forward returns what a training step needs, not full-vocabulary logits.
 
+    With `labels`: (summed SFT loss, labelled-token count). With `response_start`: (B, R, V)
+    logits of the positions that predict tokens response_start..T-1 (PPO's log-probs).
     DeepSpeed's engine wraps this module; decoder and head are the model's own submodules
     (LoRA layers included), so ZeRO-3's hooks see them, and weights sit under `lm.`.
     """
@@ -215,10 +217,13 @@ class CausalLMWithLoss(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, attention_mask, labels=None, response_start: int | None = None):
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        use_cache=False).last_hidden_state
-        return sft_loss(hidden, labels, self.lm.get_output_embeddings())
+        head = self.lm.get_output_embeddings()
+        if labels is not None:
+            return sft_loss(hidden, labels, head)
+        return head(hidden[:, response_start - 1:-1])
 
 
 class ValueHeadModel(torch.nn.Module):

@@ -1,0 +1,184 @@
+"""Switching the PPO actor between training and generation (the Hybrid Engine of DESIGN.md).
+
+PPO spends most of its time generating rollouts with the model it is training. Before each
+rollout the actor's training engine switches to generation and back after:
+
+- on CUDA, where DeepSpeed's Hybrid Engine supports the architecture and `--hybrid-engine` is
+  on: DeepSpeed's own `hybrid_engine` (inference kernels, ZeRO-3 gather, tensor parallelism);
+- everywhere else (every CPU): the project's own path. Under ZeRO-3 all parameters are gathered
+  once per rollout (not per layer per token); generation runs in bf16 where the hardware has it
+  (the bf16 training weights themselves, or a bf16 copy when training in fp32); prompts are
+  left-padded into one batch; sampling is batched, each sequence stops at its end-of-turn token
+  and the loop ends when all have.
+
+The switch's own time (gather, copy, mode change) is measured separately from generation.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+
+from train import ds
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    eos_token_id: int
+    pad_token_id: int
+    greedy: bool = False
+
+
+def pad_left(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) left-padded token ids and their (B, T) attention mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, width - len(sequence):] = torch.tensor(sequence)
+        mask[row, width - len(sequence):] = 1
+    return ids, mask
+
+
+def sample_tokens(logits: torch.Tensor, sampling: Sampling, generator=None) -> torch.Tensor:
+    """(B,) next tokens from (B, V) logits: greedy, or temperature and nucleus (top-p) sampling."""
+    if sampling.greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the first over p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], sampling: Sampling, generator=None):
+    """Batched sampling with a KV cache; returns (prompt_ids (B, P), prompt_mask (B, P),
+    response_ids (B, R), response_mask (B, R)). A response's mask covers its tokens up to and
+    including its end-of-turn token; later positions hold the pad token."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = (t.to(device) for t in pad_left(prompts, sampling.pad_token_id))
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    attention_mask = prompt_mask
+    next_position = positions[:, -1:] + 1
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    tokens, alive = [], []
+    for _ in range(sampling.max_new_tokens):
+        next_tokens = sample_tokens(out.logits[:, -1], sampling, generator)
+        next_tokens = next_tokens.masked_fill(done, sampling.pad_token_id)
+        tokens.append(next_tokens)
+        alive.append(~done)
+        done = done | (next_tokens == sampling.eos_token_id)
+        if done.all():
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
+                    position_ids=next_position, past_key_values=cache, use_cache=True)
+        next_position = next_position + 1
+    return prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(alive, 1).long()
+
+
+# Architectures DeepSpeed-Chat's Hybrid Engine has inference containers for.
+DS_HYBRID_ARCHITECTURES = {"OPTForCausalLM", "LlamaForCausalLM", "BloomForCausalLM",
+                           "GPTNeoXForCausalLM", "GPTJForCausalLM", "GPT2LMHeadModel"}
+
+
+def ds_hybrid_config(cfg) -> dict:
+    """The `hybrid_engine` section of the actor's DeepSpeed config (CUDA only)."""
+    return {"enabled": True, "max_out_tokens": cfg.max_prompt_len + cfg.max_new_tokens,
+            "inference_tp_size": 1, "release_inference_cache": False,
+            "pin_parameters": True, "tp_gather_partition_size": 8}
+
+
+def ds_hybrid_reason(lm, wanted: bool) -> str | None:
+    """None when DeepSpeed's Hybrid Engine can run this actor, else why not (logged)."""
+    if not wanted:
+        return "--no-hybrid-engine"
+    if not ds.on_cuda():
+        return "DeepSpeed's Hybrid Engine needs CUDA"
+    architecture = type(lm).__name__
+    if architecture not in DS_HYBRID_ARCHITECTURES:
+        return f"DeepSpeed's Hybrid Engine has no inference container for {architecture}"
+    return None
+
+
+def bf16_supported() -> bool:
+    if ds.on_cuda():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class HybridEngine:
+    """The actor engine's generation mode. `rollout(prompts, sampling)` switches the engine to
+    generation, samples, and switches back; `switch_s` holds the last switch's own time."""
+
+    def __init__(self, engine, use_ds_hybrid: bool):
+        self.engine = engine
+        self.use_ds_hybrid = use_ds_hybrid
+        self.switch_s = 0.0
+
+    def rollout(self, prompts: list[list[int]], sampling: Sampling, generator=None):
+        """Same return value as `generate`, whichever path runs."""
+        if self.use_ds_hybrid:
+            return self._ds_rollout(prompts, sampling)
+        with self.generation() as model:
+            return generate(model, prompts, sampling, generator)
+
+    def _ds_rollout(self, prompts, sampling):
+        tic = time.time()
+        self.engine.eval()  # DeepSpeed's Hybrid Engine swaps in inference kernels here
+        self.switch_s = time.time() - tic
+        prompt_ids, prompt_mask = (t.to(ds.device()) for t in pad_left(prompts, sampling.pad_token_id))
+        output = self.engine.generate(prompt_ids, attention_mask=prompt_mask,
+                                      max_new_tokens=sampling.max_new_tokens,
+                                      do_sample=not sampling.greedy, temperature=sampling.temperature,
+                                      top_p=sampling.top_p, eos_token_id=sampling.eos_token_id,
+                                      pad_token_id=sampling.pad_token_id)
+        tic = time.time()
+        self.engine.train()
+        self.switch_s += time.time() - tic
+        response_ids = output[:, prompt_ids.shape[1]:]
+        ended = (response_ids == sampling.eos_token_id).long()
+        after_end = (ended.cumsum(1) - ended) > 0  # positions after the first end-of-turn token
+        return prompt_ids, prompt_mask, response_ids, (~after_end).long()
+
+    @contextmanager
+    def generation(self):
+        """Switch to generation (timed into `switch_s`), yield a model to generate with, switch back."""
+        tic = time.time()
+        self.engine.eval()
+        lm = getattr(self.engine.module, "lm", self.engine.module)
+        zero3 = self.engine.zero_optimization_partition_weights()
+        # ZeRO-3: gather every parameter once per rollout, not per layer per generated token
+        gather = deepspeed.zero.GatheredParameters(list(lm.parameters())) if zero3 else nullcontext()
+        with gather:
+            model = lm
+            if not zero3 and next(lm.parameters()).dtype == torch.float32 and bf16_supported():
+                model = copy.deepcopy(lm).to(torch.bfloat16)  # fp32 training, bf16 rollouts
+            model.eval()
+            self.switch_s = time.time() - tic
+            try:
+                yield model
+            finally:
+                tic = time.time()
+                del model
+        self.engine.train()
+        self.switch_s += time.time() - tic

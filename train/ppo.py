@@ -1,0 +1,407 @@
+"""Step 3: PPO of the SFT model against the reward model (InstructGPT / DeepSpeed-Chat step 3).
+
+Four models: the actor (trained, from the SFT checkpoint), a frozen reference copy of it, the
+critic (trained, from the reward model) and the frozen reward model. Each PPO step:
+rollout (the hybrid engine samples responses), experience (log-probs of actor and reference,
+critic values, reward-model scores, per-token KL-penalised rewards, GAE), then PPO epochs over
+minibatches (clipped policy loss, plus the SFT loss of a pretraining mix if asked; clipped
+value loss), then the EMA update. Every constant is an option in `PPOConfig`.
+
+Simplified on purpose: advantages are whitened per rank, not across ranks; the reference and
+reward model share the actor's tokenizer (checked); the critic is not saved (final/ and ema/
+hold the actor).
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from train import data, ds, loop, losses, models
+from train.config import PPOConfig, parse_split
+from train.hybrid import HybridEngine, Sampling, ds_hybrid_config, ds_hybrid_reason
+from train.rundir import RunDir
+
+
+@dataclass
+class Experience:
+    sequences: torch.Tensor       # (B, P+R) left-padded prompt then right-padded response ids
+    attention_mask: torch.Tensor  # (B, P+R) 1 on real prompt and response tokens
+    action_mask: torch.Tensor     # (B, R) 1 on response tokens up to and including end-of-turn
+    logprobs: torch.Tensor        # (B, R) actor log-probs of the response tokens at rollout time
+    ref_logprobs: torch.Tensor    # (B, R) reference log-probs of the same tokens
+    values: torch.Tensor          # (B, R) critic values of the state before each response token
+    scores: torch.Tensor          # (B,) reward-model scores, normalised and clipped
+    raw_scores: torch.Tensor      # (B,) reward-model scores as the model gives them
+    rewards: torch.Tensor         # (B, R) -kl_coef * (logp - ref_logp), plus the score at the end
+    advantages: torch.Tensor      # (B, R) GAE advantages (whitened if asked)
+    returns: torch.Tensor         # (B, R) advantages + values: the critic's targets
+
+    @property
+    def prompt_width(self) -> int:
+        return self.sequences.shape[1] - self.action_mask.shape[1]
+
+    def rows(self, index: torch.Tensor) -> "Experience":
+        return Experience(**{k: v[index] for k, v in vars(self).items()})
+
+
+class KLController:
+    """Fixed KL coefficient, or the adaptive controller of Ziegler et al. (2019)."""
+
+    def __init__(self, cfg: PPOConfig):
+        self.value, self.cfg = cfg.kl_coef, cfg
+
+    def update(self, kl: float, n_steps: int) -> None:
+        if self.cfg.adaptive_kl:
+            error = min(max(kl / self.cfg.kl_target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n_steps / self.cfg.kl_horizon
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+def load_prompts(cfg: PPOConfig, tokenizer, log) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of training and held-out prompts (chat template, generation prompt added)."""
+    weights = parse_split(cfg.data_split) if cfg.data_split else None
+    records = data.load_data(cfg.data, "ppo", cfg.seed, weights, log=log)
+    train_records, eval_records = data.holdout(records, cfg.eval_fraction, cfg.max_eval_samples)
+
+    def encode(record):
+        ids = tokenizer.apply_chat_template(record["prompt"], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        return ids[-cfg.max_prompt_len:]
+
+    return [encode(r) for r in train_records], [encode(r) for r in eval_records]
+
+
+def ptx_batches(cfg: PPOConfig, tokenizer, log):
+    """An endless iterator of SFT batches for the pretraining mix, or None without --ptx-data."""
+    if not cfg.ptx_data:
+        return None
+    records = data.load_data(cfg.ptx_data, "sft", cfg.seed, log=log)
+    examples = data.encode_all(data.encode_sft_record, tokenizer, records, cfg.max_seq_len, log)
+    rng = random.Random(cfg.seed)
+
+    def batches():
+        while True:
+            rng.shuffle(examples)
+            for start in range(0, len(examples) - cfg.batch_size + 1, cfg.batch_size):
+                yield data.collate(examples[start:start + cfg.batch_size], tokenizer.pad_token_id)
+
+    return batches()
+
+
+# ---- experience ------------------------------------------------------------------------------------
+
+def response_logprobs(model, sequences, attention_mask, prompt_width):
+    """(B, R) log-probs of the response tokens, and the (B, R, V) logits behind them."""
+    logits = model(input_ids=sequences, attention_mask=attention_mask, response_start=prompt_width)
+    return losses.token_logprobs(logits, sequences[:, prompt_width:]), logits
+
+
+def response_values(critic, sequences, attention_mask, prompt_width):
+    """(B, R) critic values of the state before each response token."""
+    return critic(input_ids=sequences, attention_mask=attention_mask)[:, prompt_width - 1:-1]
+
+
+@torch.no_grad()
+def score(reward_model, sequences, attention_mask, stats, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw, normalised-and-clipped) reward-model scores of whole conversations, each (B,)."""
+    raw = losses.sequence_rewards(reward_model(input_ids=sequences, attention_mask=attention_mask),
+                                  attention_mask)
+    scores = (raw - stats["mean"]) / stats["std"] if stats and cfg.normalize_reward else raw
+    return raw, scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+
+
+@torch.no_grad()
+def make_experience(models4, prompts, sampling, cfg, kl_ctl, stats, timer) -> Experience:
+    actor, hybrid, reference, critic, reward_model = models4
+    # rollout
+    tic = time.time()
+    prompt_ids, prompt_mask, response_ids, action_mask = hybrid.rollout(prompts, sampling)
+    timer["generate"] += time.time() - tic - hybrid.switch_s
+    timer["switch"] += hybrid.switch_s
+    timer["generated_tokens"] += action_mask.sum().item()
+    # score: actor, reference, critic, reward model
+    tic = time.time()
+    sequences = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
+    width = prompt_ids.shape[1]
+    actor.eval()
+    logprobs, _ = response_logprobs(actor, sequences, attention_mask, width)
+    actor.train()
+    ref_logprobs, _ = response_logprobs(reference, sequences, attention_mask, width)
+    values = response_values(critic, sequences, attention_mask, width)
+    raw_scores, scores = score(reward_model, sequences, attention_mask, stats, cfg)
+    mask = action_mask.float()
+    # advantages
+    rewards = losses.kl_rewards(logprobs, ref_logprobs, scores, mask, kl_ctl.value)
+    advantages, returns = losses.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = losses.masked_whiten(advantages, mask)
+    timer["score"] += time.time() - tic
+    return Experience(sequences, attention_mask, mask, logprobs, ref_logprobs, values * mask,
+                      scores, raw_scores, rewards, advantages, returns)
+
+
+# ---- PPO update ------------------------------------------------------------------------------------
+
+def ppo_update(actor, critic, exp: Experience, cfg: PPOConfig, ptx, ema, stats) -> None:
+    width = exp.prompt_width
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(len(exp.sequences))
+        for start in range(0, len(order), cfg.batch_size):
+            mb = exp.rows(order[start:start + cfg.batch_size])
+            # policy loss (+ the pretraining mix)
+            logprobs, logits = response_logprobs(actor, mb.sequences, mb.attention_mask, width)
+            pg_loss, clipfrac, approx_kl = losses.policy_loss(logprobs, mb.logprobs, mb.advantages,
+                                                              mb.action_mask, cfg.cliprange)
+            loss = pg_loss
+            if ptx is not None:
+                ptx_sum, ptx_count = actor(**loop.to_device(next(ptx)))
+                ptx_loss = ptx_sum / ptx_count.clamp(min=1)
+                loss = pg_loss + cfg.ptx_coef * ptx_loss
+                stats["ptx_loss"].append(ptx_loss.item())
+            actor.backward(loss)
+            actor.step()
+            if ema is not None:
+                ema.update(actor.module)
+            # value loss
+            values = response_values(critic, mb.sequences, mb.attention_mask, width)
+            vf_loss, vf_clipfrac = losses.value_loss(values, mb.values, mb.returns, mb.action_mask,
+                                                     cfg.cliprange_value)
+            critic.backward(vf_loss)
+            critic.step()
+            with torch.no_grad():
+                entropy = losses.masked_mean(losses.entropy(logits), mb.action_mask).item()
+            for name, value in (("policy_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
+                                ("value_loss", vf_loss), ("vf_clipfrac", vf_clipfrac),
+                                ("entropy", entropy)):
+                stats[name].append(float(value.detach()) if torch.is_tensor(value) else value)
+
+
+class EMA:
+    """Exponential moving average of the actor's weights, in fp32 on the CPU."""
+
+    def __init__(self, module, beta: float):
+        self.beta = beta
+        self.shadow = {name: value.detach().float().cpu().clone()
+                       for name, value in _full_params(module).items()}
+
+    @torch.no_grad()
+    def update(self, module) -> None:
+        for name, value in _full_params(module).items():
+            self.shadow[name].mul_(self.beta).add_(value.detach().float().cpu(), alpha=1 - self.beta)
+
+
+def _full_params(module) -> dict:
+    """Every parameter in full, gathered one at a time under ZeRO-3."""
+    import deepspeed
+
+    params = {}
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            params[name] = param.data.clone() if hasattr(param, "ds_id") else param.data
+    return params
+
+
+# ---- evaluation and samples ---------------------------------------------------------------------------
+
+def evaluate(hybrid, reward_model, prompts, cfg, stats, tokenizer) -> dict:
+    """Mean reward of greedy answers to held-out prompts (the number PPO should raise)."""
+    rewards, lengths = [], []
+    sampling = Sampling(cfg.max_new_tokens, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                        greedy=True)
+    for start in range(0, len(prompts), cfg.rollout_batch_size):
+        prompt_ids, prompt_mask, response_ids, action_mask = hybrid.rollout(
+            prompts[start:start + cfg.rollout_batch_size], sampling)
+        sequences = torch.cat([prompt_ids, response_ids], 1)
+        raw, _ = score(reward_model, sequences, torch.cat([prompt_mask, action_mask], 1), stats, cfg)
+        rewards += raw.tolist()
+        lengths += action_mask.sum(1).tolist()
+    return {"eval_reward": round(sum(rewards) / len(rewards), 4),
+            "eval_response_length": round(sum(lengths) / len(lengths), 1)}
+
+
+def write_samples(run, step, exp: Experience, tokenizer, count: int = 2) -> None:
+    if not run.writer:
+        return
+    with open(run.path / "samples.jsonl", "a") as handle:
+        for row in range(min(count, len(exp.sequences))):
+            prompt = exp.sequences[row, :exp.prompt_width][exp.attention_mask[row, :exp.prompt_width] > 0]
+            response = exp.sequences[row, exp.prompt_width:][exp.action_mask[row] > 0]
+            handle.write(json.dumps({"step": step, "prompt": tokenizer.decode(prompt),
+                                     "response": tokenizer.decode(response, skip_special_tokens=True),
+                                     "reward": round(exp.raw_scores[row].item(), 4)}) + "\n")
+
+
+# ---- models ------------------------------------------------------------------------------------------
+
+def build_models(cfg: PPOConfig, run, total_steps: int):
+    """Actor and critic engines, frozen reference and reward model, and the hybrid engine."""
+    actor_path = models.resolve_model(cfg.actor)
+    reward_path = models.resolve_model(cfg.reward)
+    critic_path = models.resolve_model(cfg.critic) if cfg.critic else reward_path
+    tokenizer = models.load_tokenizer(actor_path)
+    if models.load_tokenizer(reward_path).get_vocab() != tokenizer.get_vocab():
+        raise models.ModelError(f"the reward model {cfg.reward} uses another tokenizer than the "
+                                f"actor {cfg.actor}: train it from the same base model.")
+    frozen_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+    lm = models.load_causal_lm(actor_path)
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    if cfg.lora_dim:
+        lm = models.add_lora(lm, cfg.lora_dim, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    reason = ds_hybrid_reason(lm, cfg.hybrid_engine)
+    run.log("rollouts: DeepSpeed Hybrid Engine" if reason is None else
+            f"rollouts: the project's own generation path ({reason})")
+    extra = {"hybrid_engine": ds_hybrid_config(cfg)} if reason is None else None
+    tb = str(run.path / "tensorboard") if cfg.tensorboard else None
+    actor = ds.initialize(models.CausalLMWithLoss(lm), cfg, total_steps, tb, extra=extra)
+
+    critic_model = models.load_value_model(critic_path)
+    if cfg.lora_dim:
+        critic_model.backbone = models.add_lora(critic_model.backbone, cfg.lora_dim, cfg.lora_alpha,
+                                                cfg.lora_dropout, cfg.lora_targets,
+                                                task="FEATURE_EXTRACTION")
+    critic = ds.initialize(critic_model, cfg, total_steps, learning_rate=cfg.critic_learning_rate)
+
+    reference = models.CausalLMWithLoss(models.load_causal_lm(actor_path, frozen_dtype))
+    reward_model = models.load_value_model(reward_path, frozen_dtype)
+    if cfg.zero_stage == 3:  # partition the frozen models too
+        reference, reward_model = ds.inference_engine(reference, cfg), ds.inference_engine(reward_model, cfg)
+    else:
+        reference, reward_model = reference.to(ds.device()).eval(), reward_model.to(ds.device()).eval()
+    hybrid = HybridEngine(actor, use_ds_hybrid=reason is None)
+    return tokenizer, (actor, hybrid, reference, critic, reward_model), models.reward_stats(reward_path)
+
+
+def save_checkpoint(run, actor, critic, step, kl_ctl, ema, keep) -> None:
+    state = {"step": step, "kl_coef": kl_ctl.value}
+    ds.save_checkpoint(actor, run.checkpoints / "actor", step, state, keep)
+    ds.save_checkpoint(critic, run.checkpoints / "critic", step, state, keep)
+    if ema is not None and run.writer:
+        save_file(ema.shadow, run.checkpoints / "ema.safetensors")
+    if run.writer:
+        (run.checkpoints / "latest").write_text(f"step-{step:08d}")
+
+
+# ---- main --------------------------------------------------------------------------------------------
+
+def main(cfg: PPOConfig) -> RunDir:
+    if not cfg.reward:
+        raise models.ModelError("--reward is required: pass a reward model (an RM run's final/).")
+    rank, world = ds.init_distributed()
+    run = RunDir.prepare(cfg, "ppo", rank)
+    run.status("running", step=0)
+    torch.manual_seed(cfg.seed + rank)  # ranks sample different rollouts
+
+    # data
+    actor_tokenizer = models.load_tokenizer(models.resolve_model(cfg.actor))
+    train_prompts, eval_prompts = load_prompts(cfg, actor_tokenizer, run.log)
+    per_step = cfg.rollout_batch_size * world
+    steps_per_epoch = len(train_prompts) // per_step
+    if steps_per_epoch == 0:
+        raise data.DataError(f"{len(train_prompts)} prompts make no PPO step of {cfg.rollout_batch_size} "
+                             f"prompts x {world} processes: add prompts or lower --rollout-batch-size.")
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
+    optimizer_steps = total_steps * cfg.ppo_epochs * -(-cfg.rollout_batch_size // cfg.batch_size)
+    run.log(f"ppo: {len(train_prompts)} train / {len(eval_prompts)} eval prompts, {world} process(es), "
+            f"{total_steps} PPO steps")
+
+    # models
+    tokenizer, models4, stats = build_models(cfg, run, optimizer_steps)
+    actor, hybrid, reference, critic, reward_model = models4
+    if stats is None and cfg.normalize_reward:
+        run.log("the reward model has no saved statistics: rewards are not normalised")
+    kl_ctl = KLController(cfg)
+    ema = EMA(actor.module, cfg.ema_beta) if cfg.ema else None
+    ptx = ptx_batches(cfg, tokenizer, run.log)
+    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, tokenizer.eos_token_id,
+                        tokenizer.pad_token_id)
+    step = 0
+    if cfg.resume:
+        client = ds.load_checkpoint(actor, run.checkpoints / "actor")
+        ds.load_checkpoint(critic, run.checkpoints / "critic")
+        step, kl_ctl.value = client["step"], client["kl_coef"]
+        if ema is not None and (run.checkpoints / "ema.safetensors").is_file():
+            ema.shadow = load_file(run.checkpoints / "ema.safetensors")
+        run.log(f"resumed from step {step}")
+    first_step = step
+    if eval_prompts and step == 0:
+        run.metrics({"step": 0, **evaluate(hybrid, reward_model, eval_prompts, cfg, stats, tokenizer)})
+
+    stop = loop.StopRequested()
+    bar = tqdm(total=total_steps, initial=step, desc="ppo", disable=rank != 0, dynamic_ncols=True)
+    while step < total_steps and not stop.requested:
+        tic = time.time()
+        epoch, index = divmod(step, steps_per_epoch)
+        order = list(range(len(train_prompts)))
+        random.Random(cfg.seed + epoch).shuffle(order)
+        batch = [train_prompts[i] for i in order[index * per_step:(index + 1) * per_step][rank::world]]
+
+        # rollout and experience
+        timer = dict.fromkeys(("generate", "switch", "score", "train", "generated_tokens"), 0.0)
+        exp = make_experience(models4, batch, sampling, cfg, kl_ctl, stats, timer)
+
+        # PPO epochs over minibatches
+        tic_train, ppo_stats = time.time(), defaultdict(list)
+        ppo_update(actor, critic, exp, cfg, ptx, ema, ppo_stats)
+        timer["train"] = time.time() - tic_train
+
+        # metrics
+        step += 1
+        kl = ((exp.logprobs - exp.ref_logprobs) * exp.action_mask).sum(1).mean().item()
+        kl_ctl.update(kl, per_step)
+        raw = exp.raw_scores
+        row = {"step": step, "reward": round(raw.mean().item(), 4), "reward_std": round(raw.std().item(), 4)
+               if len(raw) > 1 else 0.0, "score": round(exp.scores.mean().item(), 4), "kl": round(kl, 4),
+               "kl_coef": round(kl_ctl.value, 5),
+               "response_length": round(exp.action_mask.sum(1).mean().item(), 1),
+               **{k: round(sum(v) / len(v), 5) for k, v in ppo_stats.items() if v},
+               **{f"time_{k}_s": round(timer[k], 3) for k in ("generate", "score", "train", "switch")},
+               "gen_tokens_per_s": round(timer["generated_tokens"] / max(timer["generate"], 1e-9), 1),
+               "step_time_s": round(time.time() - tic, 3), "lr": actor.get_lr()[0]}
+        run.metrics(row)
+        if actor.monitor.enabled:
+            actor.monitor.write_events([(f"ppo/{k}", v, step) for k, v in row.items() if k != "step"])
+        if step % cfg.sample_every == 0:
+            write_samples(run, step, exp, tokenizer)
+        bar.update(1)
+        bar.set_postfix(reward=row["reward"], kl=row["kl"])
+        if eval_prompts and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            run.metrics({"step": step, **evaluate(hybrid, reward_model, eval_prompts, cfg, stats, tokenizer)})
+        run.progress(step, total_steps, first_step)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            save_checkpoint(run, actor, critic, step, kl_ctl, ema, cfg.keep_checkpoints)
+        stop.requested = ds.all_reduce_sum(stop.requested) > 0
+    bar.close()
+
+    if stop.requested and step < total_steps:
+        save_checkpoint(run, actor, critic, step, kl_ctl, ema, cfg.keep_checkpoints)
+        run.log(f"stopped at step {step}; continue with --resume")
+        run.status("stopped", step=step, total_steps=total_steps)
+        return run
+
+    # final evaluation and save: final/ (actor) and, with --ema, ema/
+    if eval_prompts:
+        final = evaluate(hybrid, reward_model, eval_prompts, cfg, stats, tokenizer)
+        run.metrics({"step": step, **final})
+        run.log("held-out: " + ", ".join(f"{k} {v}" for k, v in final.items()))
+    state_dict = ds.full_state_dict(actor)
+    if rank == 0:
+        lora_scaling = cfg.lora_alpha / cfg.lora_dim if cfg.lora_dim else None
+        models.save_hf(state_dict, actor.module, tokenizer, run.final, lora_scaling)
+        if ema is not None:
+            models.save_hf(dict(ema.shadow), actor.module, tokenizer, run.path / "ema", lora_scaling)
+        run.log(f"saved {run.final}" + (f" and {run.path / 'ema'}" if ema is not None else ""))
+    ds.barrier()
+    run.status("done", step=step, total_steps=total_steps, eta_s=0)
+    return run
+

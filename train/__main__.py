@@ -63,7 +63,7 @@ def mark_failed(output: str, message: str, trace: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    rank0 = os.environ.get("RANK", "0") == "0"
+    rank = os.environ.get("RANK", "0")
     cfg = None
     try:
         from train import config
@@ -77,9 +77,8 @@ def main(argv=None) -> int:
         message = str(err) if user_error else f"{type(err).__name__}: {err}"
         output = getattr(cfg, "output", "")
         mark_failed(output, message, traceback.format_exc())
-        if rank0:
-            where = f" (traceback in {Path(output) / 'train.log'})" if output and not user_error else ""
-            print(f"error: {message}{where}", file=sys.stderr)
+        where = f" (traceback in {Path(output) / 'train.log'})" if output and not user_error else ""
+        print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {message}{where}", file=sys.stderr)
         return 2 if user_error else 1
 
 

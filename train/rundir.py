@@ -44,6 +44,13 @@ def write_json_atomic(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 class RunDir:
     def __init__(self, folder: str | Path, writer: bool = True):
         self.path = Path(folder)
@@ -69,11 +76,13 @@ class RunDir:
             what = "a finished run" if state == "done" else f"a run (state: {state})"
             raise ConfigError(f"{run.path} already holds {what}: pass --overwrite to replace it, "
                               "--resume to continue it, or choose another --output.")
+        _barrier()  # every rank has checked the folder before rank 0 changes it
         if run.writer:
             if cfg.overwrite and run.path.exists():
                 shutil.rmtree(run.path)
             run.path.mkdir(parents=True, exist_ok=True)
             (run.path / "config.yaml").write_text(f"# step: {step}\n" + to_yaml(cfg))
+        _barrier()
         return run
 
     def status(self, state: str, **fields) -> None:

@@ -1,4 +1,4 @@
-"""Command line: python -m train {sft,rm,ppo,eval-rm} [options]; `python -m train STEP --help` lists options.
+"""Command line: python -m train {sft,rm,ppo,all,eval-rm} [options]; `python -m train STEP --help` lists options.
 
 Errors a user can cause end in one sentence on stderr and exit code 2; anything else ends in
 one line pointing at the run's train.log, which holds the traceback.
@@ -35,6 +35,8 @@ def runner(step: str):
         from train.reward import main
     elif step == "ppo":
         from train.ppo import main
+    elif step == "all":
+        from train.pipeline import main
     elif step == "eval-rm":
         from train.reward import evaluate_main as main
     return main

@@ -160,6 +160,34 @@ class PPOConfig(RunConfig):
 
 
 @dataclass
+class AllConfig:
+    """SFT, reward model and PPO in a row into <output>/sft, /rm and /ppo; a step whose folder
+    already holds a finished result is reused, a stopped one resumed."""
+
+    output: str = opt("", "pipeline folder, e.g. runs/demo")
+    actor_model: str = opt("default", "base model of SFT (and so of the PPO actor)")
+    reward_model: str = opt("default", "backbone of the reward model")
+    data: list[str] = opt(["prompts/sft.jsonl", "prompts/preferences.jsonl", "prompts/prompts.jsonl"],
+                          "sources shared by the three steps; each step uses its part and the "
+                          "records it can use")
+    data_split: str = opt("2,4,4", "weights cutting every source into disjoint SFT, RM and PPO parts")
+    seed: int = opt(1234, "random seed of all three steps", range=(0, 2**31 - 1))
+    precision: str = opt("bf16", "bf16 (fp32 master weights) or fp32 throughout",
+                         choices=("bf16", "fp32"), flags={"--bf16": "bf16", "--fp32": "fp32"})
+    zero_stage: int = opt(0, "DeepSpeed ZeRO stage of all steps", range=(0, 3))
+    sft_max_steps: int = opt(0, "SFT optimizer steps; 0: one epoch", range=(0, 10_000_000))
+    rm_max_steps: int = opt(0, "reward-model optimizer steps; 0: one epoch", range=(0, 10_000_000))
+    ppo_max_steps: int = opt(0, "PPO steps; 0: one pass over the prompts", range=(0, 10_000_000))
+    sft_config: str = opt("", "YAML file with more SFT options")
+    rm_config: str = opt("", "YAML file with more reward-model options")
+    ppo_config: str = opt("", "YAML file with more PPO options (e.g. ema: true)")
+    overwrite: bool = opt(False, "run every step again, replacing finished ones")
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass
 class EvalRMConfig:
     """Score preference pairs with a reward model; prints accuracy and margins as JSON."""
 
@@ -177,7 +205,7 @@ class EvalRMConfig:
         validate(self)
 
 
-STEPS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig,
+STEPS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "all": AllConfig,
                           "eval-rm": EvalRMConfig}
 
 

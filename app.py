@@ -19,6 +19,7 @@ from train.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs"
+PLOTTED = ("loss", "eval_loss", "accuracy", "eval_accuracy", "reward", "eval_reward", "kl")
 
 
 def data_choices() -> list[str]:
@@ -29,11 +30,11 @@ def data_choices() -> list[str]:
     return files + ["ratings:"]
 
 
-def field_component(f: dataclasses.Field, kind, default):
+def field_component(step: str, f: dataclasses.Field, kind, default):
     label, info = f.name, f.metadata["help"]
     if f.name == "output":
-        return gr.Textbox(value=default or "runs/sft1", label=label, info=info)
-    if f.name == "data":
+        return gr.Textbox(value=default or f"runs/{step}1", label=label, info=info)
+    if kind == list[str]:  # data sources: pick built-in files or type any path or dataset name
         return gr.Dropdown(data_choices(), value=default, multiselect=True, allow_custom_value=True,
                            label=label, info=info)
     if "choices" in f.metadata:
@@ -45,13 +46,14 @@ def field_component(f: dataclasses.Field, kind, default):
     return gr.Textbox(value=default, label=label, info=info)
 
 
-def config_form(cls) -> dict[str, gr.components.Component]:
-    """One input per config field, with the field's default and help text."""
+def config_form(step: str) -> dict[str, gr.components.Component]:
+    """One input per option of the step, with the option's default and help text."""
+    cls = config.STEPS[step]
     types = typing.get_type_hints(cls)
     components = {}
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        components[f.name] = field_component(f, types[f.name], default)
+        components[f.name] = field_component(step, f, types[f.name], default)
     return components
 
 
@@ -70,7 +72,7 @@ def build_train_tab(step: str = "sft"):
     message = gr.Markdown()
     command_box = gr.Code(label="command", language="shell", interactive=False)
     with gr.Accordion("options", open=True):
-        form = config_form(cls)
+        form = config_form(step)
     names, inputs = list(form), list(form.values())
 
     def on_show(*values):
@@ -115,7 +117,7 @@ def run_view(name: str | None):
     if row["error"]:
         progress += f"\n\n**Failed:** {row['error']}"
     points = [{"step": m["step"], "value": m[key], "series": key}
-              for m in read_metrics(folder) for key in ("loss", "eval_loss") if key in m]
+              for m in read_metrics(folder) for key in PLOTTED if key in m]
     log = launch.tail(folder / "train.log") or launch.tail(folder / "console.log")
     return progress, pd.DataFrame(points, columns=["step", "value", "series"]), log
 
@@ -148,7 +150,10 @@ def build_app() -> gr.Blocks:
         gr.Markdown("# RLHF Studio\nSFT, reward model and PPO through DeepSpeed, on the built-in "
                     "SmolLM2-135M-Instruct or any chat model.")
         with gr.Tab("Train"):
-            build_train_tab("sft")
+            for step, title in (("sft", "SFT"), ("rm", "Reward model"), ("ppo", "PPO"),
+                                ("all", "All three")):
+                with gr.Tab(title):
+                    build_train_tab(step)
         with gr.Tab("Runs"):
             build_runs_tab()
     return app

@@ -65,3 +65,19 @@ def sft_file(tmp_path) -> Path:
              "response": f"{a} plus {b} is {a + b}."} for a in range(8) for b in range(8)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+HH = "hh_harmless_base_test.jsonl.gz"
+
+
+@pytest.fixture(scope="session")
+def real_reward_model(tmp_path_factory) -> Path:
+    """A short real reward-model run on the default model and HH pairs (the RM part of a
+    0,5,5 split, so PPO can take its prompts from the disjoint PPO part)."""
+    out = tmp_path_factory.mktemp("real-rm") / "rm"
+    done = run_train("rm", "--model", "default", "--data", str(shared_file(HH)), "--data-split", "0,5,5",
+                     "--output", str(out), "--max-steps", "70", "--batch-size", "8", "--max-seq-len", "256",
+                     "--learning-rate", "3e-5", "--eval-fraction", "0.15", "--max-eval-samples", "170",
+                     "--eval-every", "0", "--save-every", "0", "--stats-samples", "128", timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

@@ -16,7 +16,7 @@ def test_app_builds_with_train_and_runs_tabs():
 
 def test_form_has_one_input_per_option_with_its_default_and_help():
     with gr.Blocks():
-        form = app.config_form(config.SFTConfig)
+        form = app.config_form("sft")
     fields = {f.name: f for f in dataclasses.fields(config.SFTConfig)}
     assert set(form) == set(fields)
     assert form["zero_stage"].value == 0 and form["precision"].value == "bf16"
@@ -36,6 +36,18 @@ def test_more_than_one_process_goes_through_the_deepspeed_launcher():
     argv = app.launch.command("sft", cfg)
     assert argv[1:6] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--module"]
     assert "--num-procs" in argv  # the ranks see the same config
+
+
+def test_every_step_has_a_form_and_a_command():
+    for step, cls in config.STEPS.items():
+        if step == "eval-rm":
+            continue
+        with gr.Blocks():
+            form = app.config_form(step)
+        values = tuple(c.value for c in form.values())
+        cfg = app.form_config(step, list(form), values)
+        assert cfg == cls(**{"output": f"runs/{step}1"} if "output" in form else {})
+        assert app.launch.command(step, cfg)[3] == step
 
 
 def test_run_view_of_a_missing_run_says_so():

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def command(step: str, cfg) -> list[str]:
     """The exact argv that runs `cfg`: what "show command" displays and "start" executes."""
     args = to_argv(step, cfg)
-    if cfg.num_procs > 1:
+    if getattr(cfg, "num_procs", 1) > 1:
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.num_procs),
                 "--module", "train", *args]
     return [sys.executable, "-m", "train", *args]

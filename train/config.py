@@ -150,6 +150,8 @@ class PPOConfig(RunConfig):
     ema_beta: float = opt(0.992, "EMA decay per actor step", range=(0.0, 1.0))
     ptx_data: list[str] = opt([], "pretraining/SFT sources mixed into the actor loss")
     ptx_coef: float = opt(1.0, "weight of the mixed-in SFT loss (with --ptx-data)", range=(0.0, 1000.0))
+    generation: str = opt("hybrid", "rollout generation: hybrid (the hybrid engine) or hf "
+                                    "(Hugging Face generate, the baseline)", choices=("hybrid", "hf"))
     hybrid_engine: bool = opt(True, "on CUDA, use DeepSpeed's Hybrid Engine for rollouts where it "
                                     "supports the architecture (else the project's own path)")
     sample_every: int = opt(1, "PPO steps between rollout samples written to samples.jsonl",

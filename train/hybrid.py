@@ -92,6 +92,22 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, generator=None
     return prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(alive, 1).long()
 
 
+@torch.no_grad()
+def hf_generate(model, prompts: list[list[int]], sampling: Sampling):
+    """The same rollout through Hugging Face `generate` (what DeepSpeed-Chat and TRL use on a
+    CPU, and what DeepSpeed's Hybrid Engine wraps on CUDA); same return value as `generate`."""
+    prompt_ids, prompt_mask = (t.to(ds.device()) for t in pad_left(prompts, sampling.pad_token_id))
+    sample_args = {} if sampling.greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p}
+    output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                            max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
+                            top_k=None, eos_token_id=sampling.eos_token_id,
+                            pad_token_id=sampling.pad_token_id, **sample_args)
+    response_ids = output[:, prompt_ids.shape[1]:]
+    ended = (response_ids == sampling.eos_token_id).long()
+    after_end = (ended.cumsum(1) - ended) > 0  # positions after the first end-of-turn token
+    return prompt_ids, prompt_mask, response_ids, (~after_end).long()
+
+
 # Architectures DeepSpeed-Chat's Hybrid Engine has inference containers for.
 DS_HYBRID_ARCHITECTURES = {"OPTForCausalLM", "LlamaForCausalLM", "BloomForCausalLM",
                            "GPTNeoXForCausalLM", "GPTJForCausalLM", "GPT2LMHeadModel"}
@@ -107,7 +123,7 @@ def ds_hybrid_config(cfg) -> dict:
 def ds_hybrid_reason(lm, wanted: bool) -> str | None:
     """None when DeepSpeed's Hybrid Engine can run this actor, else why not (logged)."""
     if not wanted:
-        return "--no-hybrid-engine"
+        return "switched off by --no-hybrid-engine or --generation hf"
     if not ds.on_cuda():
         return "DeepSpeed's Hybrid Engine needs CUDA"
     architecture = type(lm).__name__
@@ -130,9 +146,10 @@ class HybridEngine:
     """The actor engine's generation mode. `rollout(prompts, sampling)` switches the engine to
     generation, samples, and switches back; `switch_s` holds the last switch's own time."""
 
-    def __init__(self, engine, use_ds_hybrid: bool):
+    def __init__(self, engine, use_ds_hybrid: bool, plain_hf: bool = False):
         self.engine = engine
         self.use_ds_hybrid = use_ds_hybrid
+        self.plain_hf = plain_hf  # Hugging Face `generate` (the baseline the benchmarks compare)
         self.switch_s = 0.0
 
     def rollout(self, prompts: list[list[int]], sampling: Sampling, generator=None):
@@ -140,25 +157,19 @@ class HybridEngine:
         if self.use_ds_hybrid:
             return self._ds_rollout(prompts, sampling)
         with self.generation() as model:
+            if self.plain_hf:
+                return hf_generate(model, prompts, sampling)
             return generate(model, prompts, sampling, generator)
 
     def _ds_rollout(self, prompts, sampling):
         tic = time.time()
         self.engine.eval()  # DeepSpeed's Hybrid Engine swaps in inference kernels here
         self.switch_s = time.time() - tic
-        prompt_ids, prompt_mask = (t.to(ds.device()) for t in pad_left(prompts, sampling.pad_token_id))
-        output = self.engine.generate(prompt_ids, attention_mask=prompt_mask,
-                                      max_new_tokens=sampling.max_new_tokens,
-                                      do_sample=not sampling.greedy, temperature=sampling.temperature,
-                                      top_p=sampling.top_p, eos_token_id=sampling.eos_token_id,
-                                      pad_token_id=sampling.pad_token_id)
+        result = hf_generate(self.engine, prompts, sampling)
         tic = time.time()
         self.engine.train()
         self.switch_s += time.time() - tic
-        response_ids = output[:, prompt_ids.shape[1]:]
-        ended = (response_ids == sampling.eos_token_id).long()
-        after_end = (ended.cumsum(1) - ended) > 0  # positions after the first end-of-turn token
-        return prompt_ids, prompt_mask, response_ids, (~after_end).long()
+        return result
 
     @contextmanager
     def generation(self):

@@ -258,7 +258,7 @@ def build_models(cfg: PPOConfig, run, total_steps: int):
         lm.gradient_checkpointing_enable()
     if cfg.lora_dim:
         lm = models.add_lora(lm, cfg.lora_dim, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    reason = ds_hybrid_reason(lm, cfg.hybrid_engine)
+    reason = ds_hybrid_reason(lm, cfg.hybrid_engine and cfg.generation == "hybrid")
     run.log("rollouts: DeepSpeed Hybrid Engine" if reason is None else
             f"rollouts: the project's own generation path ({reason})")
     extra = {"hybrid_engine": ds_hybrid_config(cfg)} if reason is None else None
@@ -278,7 +278,7 @@ def build_models(cfg: PPOConfig, run, total_steps: int):
         reference, reward_model = ds.inference_engine(reference, cfg), ds.inference_engine(reward_model, cfg)
     else:
         reference, reward_model = reference.to(ds.device()).eval(), reward_model.to(ds.device()).eval()
-    hybrid = HybridEngine(actor, use_ds_hybrid=reason is None)
+    hybrid = HybridEngine(actor, use_ds_hybrid=reason is None, plain_hf=cfg.generation == "hf")
     return tokenizer, (actor, hybrid, reference, critic, reward_model), models.reward_stats(reward_path)
 
 

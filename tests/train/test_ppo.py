@@ -152,3 +152,17 @@ def test_real_ppo_raises_held_out_reward_with_bounded_kl(tmp_path, real_reward_m
     kls = [r["kl"] for r in rows if "kl" in r]
     assert evals[-1] > evals[0] + 0.05, evals
     assert max(kls) < 8.0, kls
+
+
+def test_hugging_face_baseline_path_gives_the_same_greedy_rollouts(tiny_model):
+    from train.hybrid import hf_generate
+
+    tokenizer = models.load_tokenizer(str(tiny_model))
+    lm = models.load_causal_lm(str(tiny_model)).eval()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False) for text in ("Hi", "Name two rivers.")]
+    sampling = Sampling(10, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    ours = generate(lm, prompts, sampling)
+    baseline = hf_generate(lm, prompts, sampling)
+    for mine, theirs in zip(ours, baseline):
+        assert torch.equal(mine, theirs)

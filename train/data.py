@@ -343,8 +343,8 @@ def load_data(sources: list[str], phase: str, seed: int, weights: list[float] | 
 def holdout(records: list[dict], fraction: float, cap: int) -> tuple[list[dict], list[dict]]:
     """Split off the held-out evaluation records (the input is already shuffled)."""
     count = min(cap, int(len(records) * fraction))
-    if fraction > 0 and count == 0 and len(records) >= 2:
-        count = 1
+    if fraction > 0 and cap > 0 and count == 0 and len(records) >= 2:
+        count = 1  # a tiny data set still gets one held-out record
     return records[count:], records[:count]
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from train import data, ds
+from train import data, ds, models
 
 
 @dataclass
@@ -143,3 +143,14 @@ def fit(engine, run, cfg, objective: Objective, train_set: list[dict], eval_set:
 
 def total_steps(cfg, per_epoch: int) -> int:
     return cfg.max_steps or per_epoch * cfg.num_epochs
+
+
+def save_final(engine, run, cfg, tokenizer, folder=None, extra_files: dict | None = None) -> None:
+    """Full weights (gathered under ZeRO-3, LoRA merged) as a Hugging Face folder, by rank 0."""
+    state_dict = ds.full_state_dict(engine)
+    if run.writer:
+        folder = folder or run.final
+        models.save_hf(state_dict, engine.module, tokenizer, folder, models.lora_scaling(cfg),
+                       extra_files)
+        run.log(f"saved {folder}")
+    ds.barrier()

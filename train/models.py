@@ -177,6 +177,20 @@ def add_lora(model, dim: int, alpha: float, dropout: float, targets: str, task: 
                          "all-linear or names such as q_proj,v_proj.") from None
 
 
+def make_trainable(model, cfg, task: str = "CAUSAL_LM"):
+    """Gradient checkpointing and LoRA as the step's config asks; returns the model to train."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora_dim:
+        model = add_lora(model, cfg.lora_dim, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task)
+    return model
+
+
+def lora_scaling(cfg) -> float | None:
+    """The factor LoRA weights are merged with on save, or None without LoRA."""
+    return cfg.lora_alpha / cfg.lora_dim if cfg.lora_dim else None
+
+
 def merge_lora_state_dict(state_dict: dict, scaling: float) -> dict:
     """A peft state dict with LoRA factors folded in: plain base-model names and weights.
 

@@ -253,11 +253,7 @@ def build_models(cfg: PPOConfig, run, total_steps: int):
                                 f"actor {cfg.actor}: train it from the same base model.")
     frozen_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
-    lm = models.load_causal_lm(actor_path)
-    if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable()
-    if cfg.lora_dim:
-        lm = models.add_lora(lm, cfg.lora_dim, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    lm = models.make_trainable(models.load_causal_lm(actor_path), cfg)
     reason = ds_hybrid_reason(lm, cfg.hybrid_engine and cfg.generation == "hybrid")
     run.log("rollouts: DeepSpeed Hybrid Engine" if reason is None else
             f"rollouts: the project's own generation path ({reason})")
@@ -266,10 +262,7 @@ def build_models(cfg: PPOConfig, run, total_steps: int):
     actor = ds.initialize(models.CausalLMWithLoss(lm), cfg, total_steps, tb, extra=extra)
 
     critic_model = models.load_value_model(critic_path)
-    if cfg.lora_dim:
-        critic_model.backbone = models.add_lora(critic_model.backbone, cfg.lora_dim, cfg.lora_alpha,
-                                                cfg.lora_dropout, cfg.lora_targets,
-                                                task="FEATURE_EXTRACTION")
+    critic_model.backbone = models.make_trainable(critic_model.backbone, cfg, task="FEATURE_EXTRACTION")
     critic = ds.initialize(critic_model, cfg, total_steps, learning_rate=cfg.critic_learning_rate)
 
     reference = models.CausalLMWithLoss(models.load_causal_lm(actor_path, frozen_dtype))
@@ -394,14 +387,11 @@ def main(cfg: PPOConfig) -> RunDir:
         final = evaluate(hybrid, reward_model, eval_prompts, cfg, stats, tokenizer)
         run.metrics({"step": step, **final})
         run.log("held-out: " + ", ".join(f"{k} {v}" for k, v in final.items()))
-    state_dict = ds.full_state_dict(actor)
-    if rank == 0:
-        lora_scaling = cfg.lora_alpha / cfg.lora_dim if cfg.lora_dim else None
-        models.save_hf(state_dict, actor.module, tokenizer, run.final, lora_scaling)
-        if ema is not None:
-            models.save_hf(dict(ema.shadow), actor.module, tokenizer, run.path / "ema", lora_scaling)
-        run.log(f"saved {run.final}" + (f" and {run.path / 'ema'}" if ema is not None else ""))
-    ds.barrier()
+    loop.save_final(actor, run, cfg, tokenizer)
+    if ema is not None and run.writer:
+        models.save_hf(dict(ema.shadow), actor.module, tokenizer, run.path / "ema",
+                       models.lora_scaling(cfg))
+        run.log(f"saved {run.path / 'ema'}")
     run.status("done", step=step, total_steps=total_steps, eta_s=0)
     return run
 

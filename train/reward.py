@@ -87,11 +87,7 @@ def main(cfg: RMConfig) -> RunDir:
 
     # model and engine
     model = models.load_value_model(model_path)
-    if cfg.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable()
-    if cfg.lora_dim:  # the head trains in full beside the adapters
-        model.backbone = models.add_lora(model.backbone, cfg.lora_dim, cfg.lora_alpha,
-                                         cfg.lora_dropout, cfg.lora_targets, task="FEATURE_EXTRACTION")
+    model.backbone = models.make_trainable(model.backbone, cfg, task="FEATURE_EXTRACTION")
     engine = ds.initialize(model, cfg, total_steps,
                            str(run.path / "tensorboard") if cfg.tensorboard else None)
 
@@ -108,13 +104,8 @@ def main(cfg: RMConfig) -> RunDir:
                               cfg.batch_size)
     run.log(f"reward statistics on {stats['count']} training answers: mean {stats['mean']:.4f}, "
             f"std {stats['std']:.4f}")
-    state_dict = ds.full_state_dict(engine)
-    if rank == 0:
-        lora_scaling = cfg.lora_alpha / cfg.lora_dim if cfg.lora_dim else None
-        models.save_hf(state_dict, engine.module, tokenizer, run.final, lora_scaling,
-                       extra_files={models.REWARD_STATS_FILE: json.dumps(stats, indent=1)})
-        run.log(f"saved {run.final}")
-    ds.barrier()
+    loop.save_final(engine, run, cfg, tokenizer,
+                    extra_files={models.REWARD_STATS_FILE: json.dumps(stats, indent=1)})
     run.status("done", step=step, total_steps=total_steps, eta_s=0)
     return run
 

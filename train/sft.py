@@ -52,11 +52,7 @@ def main(cfg: SFTConfig) -> RunDir:
             f"{total_steps} steps")
 
     # model and engine
-    lm = models.load_causal_lm(model_path)
-    if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable()
-    if cfg.lora_dim:
-        lm = models.add_lora(lm, cfg.lora_dim, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    lm = models.make_trainable(models.load_causal_lm(model_path), cfg)
     engine = ds.initialize(models.CausalLMWithLoss(lm), cfg, total_steps,
                            str(run.path / "tensorboard") if cfg.tensorboard else None)
 
@@ -68,12 +64,6 @@ def main(cfg: SFTConfig) -> RunDir:
     if stopped:
         return run
 
-    # final save: full weights (gathered under ZeRO-3, LoRA merged) in Hugging Face format
-    state_dict = ds.full_state_dict(engine)
-    if rank == 0:
-        lora_scaling = cfg.lora_alpha / cfg.lora_dim if cfg.lora_dim else None
-        models.save_hf(state_dict, engine.module, tokenizer, run.final, lora_scaling)
-        run.log(f"saved {run.final}")
-    ds.barrier()
+    loop.save_final(engine, run, cfg, tokenizer)
     run.status("done", step=step, total_steps=total_steps, eta_s=0)
     return run

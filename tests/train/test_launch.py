@@ -1,5 +1,4 @@
 """Runs started as subprocesses, watched through their folders, stopped by signal."""
-import json
 import time
 
 import pytest

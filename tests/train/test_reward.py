@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from tests.conftest import read_jsonl, run_train, shared_file
+from tests.conftest import read_jsonl, run_train
 from train import data, losses, models
-from train.reward import pair_rewards, score_pairs
+from train.reward import score_pairs
 
 
 def test_last_index_is_right_for_left_and_right_padding_and_mixed_lengths():

@@ -1,0 +1,74 @@
+"""Peer driver for bench/sft.py: TRL's SFTTrainer as a user would run it, with each step timed.
+
+Started by bench/sft.py (possibly with another venv's python), never imported. Reads
+prompt-completion records from --data, trains --steps optimizer steps on the CPU with bf16
+autocast and otherwise TRL's defaults, and writes per-step times and non-padding token counts
+to --result as JSON.
+"""
+import argparse
+import json
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    for name in ("--model", "--data", "--output", "--result"):
+        parser.add_argument(name, required=True)
+    for name in ("--steps", "--batch-size", "--max-seq-len", "--seed", "--threads"):
+        parser.add_argument(name, type=int, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import transformers
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    class StepTimer(TrainerCallback):
+        """Wall time and non-padding tokens of each optimizer step (one micro-batch each)."""
+
+        def __init__(self):
+            self.times, self.tokens, self._tokens, self._tic = [], [], 0, 0.0
+
+        def count(self, module, _args, kwargs):
+            # A forward pre-hook sees the batch the model really gets; counting in the collator
+            # would not, since the dataloader fetches batches ahead of the step that uses them.
+            if module.training and kwargs.get("attention_mask") is not None:
+                self._tokens += int(kwargs["attention_mask"].sum())
+
+        def on_step_begin(self, *_, **__):
+            self._tokens, self._tic = 0, time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.times.append(time.perf_counter() - self._tic)
+            self.tokens.append(self._tokens)
+
+    records = [json.loads(line) for line in open(args.data, encoding="utf-8")]
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    # fp32 weights: with bf16=True the trainer runs forward under bf16 autocast, as users get.
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    timer = StepTimer()
+    model.register_forward_pre_hook(timer.count, with_kwargs=True)
+    config = SFTConfig(
+        output_dir=args.output, bf16=True, use_cpu=True,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+        max_length=args.max_seq_len, max_steps=args.steps, learning_rate=2e-5,
+        lr_scheduler_type="cosine", warmup_steps=0.05,  # transformers 5: a float < 1 is a ratio
+        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1,
+        dataloader_num_workers=0, seed=args.seed,
+    )  # everything else (gradient checkpointing included) stays at TRL's defaults
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(records),
+                         processing_class=tokenizer, callbacks=[timer])
+    trainer.train()
+    with open(args.result, "w", encoding="utf-8") as handle:
+        json.dump({"trl": trl.__version__, "transformers": transformers.__version__,
+                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "gradient_checkpointing": config.gradient_checkpointing,
+                   "step_time_s": timer.times, "tokens": timer.tokens}, handle)
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ import deepspeed
 import torch
 
 from train import ds
+from train.models import positions
 
 
 @dataclass
@@ -69,12 +70,12 @@ def generate(model, prompts: list[list[int]], sampling: Sampling, generator=None
 
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in pad_left(prompts, sampling.pad_token_id))
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    prompt_positions = positions(prompt_mask)
     cache = DynamicCache()
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     attention_mask = prompt_mask
-    next_position = positions[:, -1:] + 1
+    next_position = prompt_positions[:, -1:] + 1
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens, alive = [], []
     for _ in range(sampling.max_new_tokens):

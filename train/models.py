@@ -218,6 +218,11 @@ def merge_lora_state_dict(state_dict: dict, scaling: float) -> dict:
 
 # ---- training wrappers ----------------------------------------------------------------------------
 
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids that start at 0 on each row's first real token (left padding too)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 class CausalLMWithLoss(torch.nn.Module):
     """A causal LM whose forward returns what a training step needs, not full-vocabulary logits.
 
@@ -233,6 +238,7 @@ class CausalLMWithLoss(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, labels=None, response_start: int | None = None):
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=positions(attention_mask),
                                        use_cache=False).last_hidden_state
         head = self.lm.get_output_embeddings()
         if labels is not None:
@@ -255,7 +261,7 @@ class ValueHeadModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               use_cache=False).last_hidden_state
+                               position_ids=positions(attention_mask), use_cache=False).last_hidden_state
         return self.v_head(hidden).squeeze(-1).float()
 
 

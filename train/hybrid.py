@@ -63,15 +63,16 @@ def sample_tokens(logits: torch.Tensor, sampling: Sampling, generator=None) -> t
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], sampling: Sampling, generator=None):
-    """Batched sampling with a KV cache; returns (prompt_ids (B, P), prompt_mask (B, P),
+    """Batched sampling with a preallocated KV cache; returns (prompt_ids (B, P), prompt_mask (B, P),
     response_ids (B, R), response_mask (B, R)). A response's mask covers its tokens up to and
     including its end-of-turn token; later positions hold the pad token."""
-    from transformers import DynamicCache
+    from transformers import StaticCache
 
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in pad_left(prompts, sampling.pad_token_id))
     prompt_positions = positions(prompt_mask)
-    cache = DynamicCache()
+    # preallocated for the whole rollout: written in place, never grown by concatenation
+    cache = StaticCache(config=model.config, max_cache_len=prompt_ids.shape[1] + sampling.max_new_tokens)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     attention_mask = prompt_mask

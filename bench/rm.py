@@ -12,9 +12,7 @@ no pair that TRL's max_length filter would drop.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +20,7 @@ from statistics import mean
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `bench.sft` and `train` import from any working directory
-from bench.sft import TRL_VERSION, WARMUP, peer_python, run, write_jsonl  # noqa: E402
+from bench.sft import TRL_VERSION, WARMUP, bench_env, parse_args, peer_python, run, write_jsonl  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hh_harmless_base_test.jsonl.gz"
 TRL_DRIVER = ROOT / "bench" / "peers" / "trl_rm.py"
@@ -55,19 +53,8 @@ def summary(system: str, times: list[float], batch_size: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per system")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-seq-len", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=1234)
-    args = parser.parse_args()
-    if args.steps <= WARMUP:
-        parser.error(f"--steps must exceed the {WARMUP} warm-up steps")
-
-    threads = len(os.sched_getaffinity(0))  # the cores this process may use
-    os.environ.setdefault("RLHF_HOME", str(Path.home() / ".rlhf-studio"))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    args = parse_args(__doc__, default_steps=12)
+    threads, env = bench_env()
     trl_python = peer_python()
 
     import torch

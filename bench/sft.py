@@ -133,21 +133,31 @@ def summary(system: str, times: list[float], rates: list[float]) -> dict:
                            for t, r in zip(times, rates)]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per system")
+def parse_args(doc: str, default_steps: int) -> argparse.Namespace:
+    """The options every trainer benchmark shares (bench/sft.py, bench/rm.py)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=default_steps, help="optimizer steps per system")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
     if args.steps <= WARMUP:
         parser.error(f"--steps must exceed the {WARMUP} warm-up steps")
+    return args
 
+
+def bench_env() -> tuple[int, dict]:
+    """(threads, environment) for both systems' subprocesses: all cores, offline, same cache."""
     threads = len(os.sched_getaffinity(0))  # the cores this process may use
-    home = os.environ.get("RLHF_HOME", str(Path.home() / ".rlhf-studio"))
-    os.environ["RLHF_HOME"] = home  # for resolve_model below and both subprocesses
+    os.environ.setdefault("RLHF_HOME", str(Path.home() / ".rlhf-studio"))  # resolve_model and both
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return threads, env
+
+
+def main() -> None:
+    args = parse_args(__doc__, default_steps=20)
+    threads, env = bench_env()
     trl_python = peer_python()
 
     import torch

@@ -242,12 +242,11 @@ def write_samples(run, step, exp: Experience, tokenizer, count: int = 2) -> None
 
 # ---- models ------------------------------------------------------------------------------------------
 
-def build_models(cfg: PPOConfig, run, total_steps: int):
+def build_models(cfg: PPOConfig, run, total_steps: int, tokenizer):
     """Actor and critic engines, frozen reference and reward model, and the hybrid engine."""
     actor_path = models.resolve_model(cfg.actor)
     reward_path = models.resolve_model(cfg.reward)
     critic_path = models.resolve_model(cfg.critic) if cfg.critic else reward_path
-    tokenizer = models.load_tokenizer(actor_path)
     if models.load_tokenizer(reward_path).get_vocab() != tokenizer.get_vocab():
         raise models.ModelError(f"the reward model {cfg.reward} uses another tokenizer than the "
                                 f"actor {cfg.actor}: train it from the same base model.")
@@ -272,7 +271,7 @@ def build_models(cfg: PPOConfig, run, total_steps: int):
     else:
         reference, reward_model = reference.to(ds.device()).eval(), reward_model.to(ds.device()).eval()
     hybrid = HybridEngine(actor, use_ds_hybrid=reason is None, plain_hf=cfg.generation == "hf")
-    return tokenizer, (actor, hybrid, reference, critic, reward_model), models.reward_stats(reward_path)
+    return (actor, hybrid, reference, critic, reward_model), models.reward_stats(reward_path)
 
 
 def save_checkpoint(run, actor, critic, step, kl_ctl, ema, keep) -> None:
@@ -296,8 +295,8 @@ def main(cfg: PPOConfig) -> RunDir:
     torch.manual_seed(cfg.seed + rank)  # ranks sample different rollouts
 
     # data
-    actor_tokenizer = models.load_tokenizer(models.resolve_model(cfg.actor))
-    train_prompts, eval_prompts = load_prompts(cfg, actor_tokenizer, run.log)
+    tokenizer = models.load_tokenizer(models.resolve_model(cfg.actor))
+    train_prompts, eval_prompts = load_prompts(cfg, tokenizer, run.log)
     per_step = cfg.rollout_batch_size * world
     steps_per_epoch = len(train_prompts) // per_step
     if steps_per_epoch == 0:
@@ -309,7 +308,7 @@ def main(cfg: PPOConfig) -> RunDir:
             f"{total_steps} PPO steps")
 
     # models
-    tokenizer, models4, stats = build_models(cfg, run, optimizer_steps)
+    models4, stats = build_models(cfg, run, optimizer_steps, tokenizer)
     actor, hybrid, reference, critic, reward_model = models4
     if stats is None and cfg.normalize_reward:
         run.log("the reward model has no saved statistics: rewards are not normalised")

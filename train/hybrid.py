@@ -24,7 +24,7 @@ import deepspeed
 import torch
 
 from train import ds
-from train.models import positions
+from train.fastlm import SlotDecoder, fused_reason
 
 
 @dataclass
@@ -62,36 +62,36 @@ def sample_tokens(logits: torch.Tensor, sampling: Sampling, generator=None) -> t
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], sampling: Sampling, generator=None):
-    """Batched sampling with a preallocated KV cache; returns (prompt_ids (B, P), prompt_mask (B, P),
-    response_ids (B, R), response_mask (B, R)). A response's mask covers its tokens up to and
-    including its end-of-turn token; later positions hold the pad token."""
-    from transformers import StaticCache
+def generate(model, prompts: list[list[int]], sampling: Sampling, generator=None, dtype=None):
+    """Batched sampling on a preallocated KV cache (train/fastlm.py); returns (prompt_ids (B, P),
+    prompt_mask (B, P), response_ids (B, R), response_mask (B, R)). A response's mask covers its
+    tokens up to and including its end-of-turn token; later positions hold the pad token."""
+    decoder = SlotDecoder(model, len(prompts), max(map(len, prompts)) + sampling.max_new_tokens, dtype)
+    return decode_batch(decoder, prompts, sampling, generator)
 
-    device = next(model.parameters()).device
-    prompt_ids, prompt_mask = (t.to(device) for t in pad_left(prompts, sampling.pad_token_id))
-    prompt_positions = positions(prompt_mask)
-    # preallocated for the whole rollout: written in place, never grown by concatenation
-    cache = StaticCache(config=model.config, max_cache_len=prompt_ids.shape[1] + sampling.max_new_tokens)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    attention_mask = prompt_mask
-    next_position = prompt_positions[:, -1:] + 1
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    tokens, alive = [], []
-    for _ in range(sampling.max_new_tokens):
-        next_tokens = sample_tokens(out.logits[:, -1], sampling, generator)
-        next_tokens = next_tokens.masked_fill(done, sampling.pad_token_id)
-        tokens.append(next_tokens)
-        alive.append(~done)
-        done = done | (next_tokens == sampling.eos_token_id)
-        if done.all():
+
+@torch.no_grad()
+def decode_batch(decoder: SlotDecoder, prompts: list[list[int]], sampling: Sampling, generator=None):
+    """`generate` on a decoder already built; finished sequences drop out of the batch."""
+    batch = len(prompts)
+    tokens = torch.full((batch, sampling.max_new_tokens), sampling.pad_token_id, dtype=torch.long)
+    alive = torch.zeros((batch, sampling.max_new_tokens), dtype=torch.long)
+    active = torch.arange(batch)  # rows still generating; row i lives in slot i
+    logits = decoder.prefill(active.tolist(), prompts)
+    steps = 0
+    for steps in range(1, sampling.max_new_tokens + 1):
+        next_tokens = sample_tokens(logits, sampling, generator).cpu()
+        tokens[active, steps - 1] = next_tokens
+        alive[active, steps - 1] = 1
+        going = next_tokens != sampling.eos_token_id
+        active, next_tokens = active[going], next_tokens[going]
+        if len(active) == 0 or steps == sampling.max_new_tokens:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
-                    position_ids=next_position, past_key_values=cache, use_cache=True)
-        next_position = next_position + 1
-    return prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(alive, 1).long()
+        logits = decoder.decode(active.tolist(), next_tokens)
+    device = next(decoder.model.parameters()).device
+    prompt_ids, prompt_mask = pad_left(prompts, sampling.pad_token_id)
+    return (prompt_ids.to(device), prompt_mask.to(device), tokens[:, :steps].to(device),
+            alive[:, :steps].to(device))
 
 
 @torch.no_grad()
@@ -161,7 +161,12 @@ class HybridEngine:
         with self.generation() as model:
             if self.plain_hf:
                 return hf_generate(model, prompts, sampling)
-            return generate(model, prompts, sampling, generator)
+            tic = time.time()
+            dtype = torch.bfloat16 if bf16_supported() else None  # fp32 training, bf16 rollouts
+            decoder = SlotDecoder(model, len(prompts), max(map(len, prompts)) + sampling.max_new_tokens,
+                                  dtype)
+            self.switch_s += time.time() - tic  # laying out the weights is part of the switch
+            return decode_batch(decoder, prompts, sampling, generator)
 
     def _ds_rollout(self, prompts, sampling):
         tic = time.time()
@@ -184,7 +189,8 @@ class HybridEngine:
         gather = deepspeed.zero.GatheredParameters(list(lm.parameters())) if zero3 else nullcontext()
         with gather:
             model = lm
-            if not zero3 and next(lm.parameters()).dtype == torch.float32 and bf16_supported():
+            plain = self.plain_hf or fused_reason(lm) is not None
+            if plain and next(lm.parameters()).dtype == torch.float32 and bf16_supported():
                 model = copy.deepcopy(lm).to(torch.bfloat16)  # fp32 training, bf16 rollouts
             model.eval()
             self.switch_s = time.time() - tic

@@ -11,7 +11,8 @@ import torch
 from tests.conftest import ROOT, read_jsonl, run_train
 from train import models
 from train.config import PPOConfig
-from train.hybrid import Sampling, generate
+from train.fastlm import SlotDecoder
+from train.hybrid import Sampling, decode_batch, generate
 from train.ppo import EMA, KLController
 
 
@@ -65,7 +66,8 @@ def test_each_response_stops_at_its_end_of_turn_token(tiny_model):
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                            tokenize=True, return_dict=False)
     sampling = Sampling(40, 1.0, 1.0, eos, tokenizer.pad_token_id)
-    _, _, tokens, mask = generate(lm, [prompt] * 16, sampling, torch.Generator().manual_seed(0))
+    decoder = SlotDecoder(lm, 16, len(prompt) + 40, fused=False)  # the model's forward, so the hook works
+    _, _, tokens, mask = decode_batch(decoder, [prompt] * 16, sampling, torch.Generator().manual_seed(0))
     lengths = mask.sum(1)
     assert lengths.min() < tokens.shape[1]            # some stopped early
     for row, length in enumerate(lengths.tolist()):

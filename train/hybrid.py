@@ -49,16 +49,24 @@ def pad_left(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torc
 
 
 def sample_tokens(logits: torch.Tensor, sampling: Sampling, generator=None) -> torch.Tensor:
-    """(B,) next tokens from (B, V) logits: greedy, or temperature and nucleus (top-p) sampling."""
+    """(B,) next tokens from (B, V) logits: greedy, or temperature and nucleus (top-p) sampling.
+
+    Sampling inverts each row's cumulative distribution at one uniform draw: a cumsum and a
+    binary search, several times cheaper on a CPU than `torch.multinomial` over a 49k vocabulary."""
     if sampling.greedy:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    order = None
     if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the first over p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs, order = probs.sort(dim=-1, descending=True)
+        outside = probs.cumsum(-1) - probs > sampling.top_p  # keep the first token over p
+        probs = probs.masked_fill(outside, 0.0)
+    cdf = probs.cumsum(-1)
+    draw = torch.rand((len(cdf), 1), generator=generator, device=cdf.device) * cdf[:, -1:]
+    # right=True: the first index whose cdf exceeds the draw, so a zero-probability token
+    # (an empty interval) is never picked
+    tokens = torch.searchsorted(cdf, draw, right=True).clamp(max=cdf.shape[-1] - 1)
+    return (tokens if order is None else order.gather(-1, tokens)).squeeze(-1)
 
 
 @torch.no_grad()

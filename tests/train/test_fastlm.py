@@ -95,3 +95,19 @@ def test_default_model_bf16_greedy_equals_hugging_face_generate(default_model):
         expected = out[0, len(prompt):].tolist()
         assert ours[row, :len(expected)].tolist() == expected
         assert mask[row].sum().item() == len(expected)
+
+
+def test_sampling_follows_the_distribution_and_top_p_cuts_its_tail():
+    from train.hybrid import sample_tokens
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.log().expand(20000, -1)
+    generator = torch.Generator().manual_seed(0)
+    tokens = sample_tokens(logits, Sampling(1, 1.0, 1.0, 0, 0), generator)
+    freq = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    assert (freq - probs).abs().max() < 0.015 and freq[4] == 0
+    nucleus = sample_tokens(logits, Sampling(1, 1.0, 0.7, 0, 0), generator)  # 0.5 + 0.3 reach 0.7
+    freq = torch.bincount(nucleus, minlength=5).float() / len(nucleus)
+    assert freq[2:].sum() == 0 and abs(freq[0] - 0.5 / 0.8) < 0.015
+    hot = sample_tokens(logits, Sampling(1, 0.25, 1.0, 0, 0), generator)  # sharper: p^4 renormalised
+    assert (hot == 0).float().mean() > 0.8

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: setup model demo test test-fast bench clean
+.PHONY: setup model browser demo test test-fast bench clean
 
 # The virtual environment is (re)built whenever requirements.txt changes.
 $(STAMP): requirements.txt
@@ -21,10 +21,16 @@ setup: $(STAMP) model
 model: $(STAMP)
 	$(BIN)/python -m train.models
 
+# The browser test drives Debian's chromium through the playwright package (requirements.txt;
+# never `playwright install`, which downloads a browser build of its own).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "warning: chromium could not be installed (needs root and apt): the browser test will skip"
+
 demo: setup
 	$(BIN)/python app.py
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q -rs --durations=10
 
 test-fast: setup

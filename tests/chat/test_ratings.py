@@ -1,0 +1,160 @@
+"""The ratings store: provenance kept, concurrent writers lose nothing, export feeds `train rm`."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from chat import ratings
+from tests.conftest import ROOT, read_jsonl, run_train
+from train import data
+
+CONVERSATION = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "My name is Ada."},
+                {"role": "assistant", "content": "Hello Ada!"},
+                {"role": "user", "content": "What is my name?"}]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An empty store at $RLHF_HOME/ratings.db in a fresh RLHF_HOME."""
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "home"))
+    return tmp_path / "home" / "ratings.db"
+
+
+def test_store_lives_in_rlhf_home_in_wal_mode(store):
+    ratings.add_thumb(CONVERSATION, "Ada.", "runs/sft1/final", up=True)
+    assert store.is_file()
+    conn = ratings.connect()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_comparison_keeps_its_whole_provenance(store):
+    sampling_a = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 64, "seed": 1}
+    sampling_b = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 64, "seed": 2}
+    rating_id = ratings.add_comparison(CONVERSATION, "Your name is Ada.", "I do not know.",
+                                       "runs/ppo1/ema", "runs/sft1/final", "A", sampling_a,
+                                       sampling_b, session="tab-1")
+    [row] = ratings.rows()
+    assert row["id"] == rating_id and row["kind"] == "comparison" and row["session"] == "tab-1"
+    assert row["conversation"] == CONVERSATION
+    assert (row["answer_a"], row["answer_b"]) == ("Your name is Ada.", "I do not know.")
+    assert (row["model_a"], row["model_b"]) == ("runs/ppo1/ema", "runs/sft1/final")
+    assert (row["sampling_a"], row["sampling_b"]) == (sampling_a, sampling_b)
+    assert row["verdict"] == "A" and row["created_at"] > 1.7e9
+
+
+@pytest.mark.parametrize("bad", [[], [{"role": "user"}], [{"role": "robot", "content": "hi"}],
+                                 CONVERSATION[:3]])
+def test_malformed_conversation_is_refused_with_one_sentence(store, bad):
+    with pytest.raises(ratings.RatingsError, match="conversation"):
+        ratings.add_comparison(bad, "a", "b", "m1", "m2", "A")
+
+
+def test_unknown_verdict_is_refused(store):
+    with pytest.raises(ratings.RatingsError, match="verdict 'C'"):
+        ratings.add_comparison(CONVERSATION, "a", "b", "m1", "m2", "C")
+
+
+def test_export_writes_decisive_votes_as_preference_records(store):
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A", {"seed": 1}, {"seed": 2})
+    ratings.add_comparison(CONVERSATION, "Bob.", "Ada.", "m1", "m2", "B")
+    ratings.add_comparison(CONVERSATION, "Ada.", "Ada!", "m1", "m2", "tie")
+    ratings.add_comparison(CONVERSATION, "Bob.", "Eve.", "m1", "m2", "both_bad")
+    first, second = ratings.export_records()
+    assert first["prompt"] == CONVERSATION and first["source"] == "ratings"
+    assert (first["chosen"], first["rejected"]) == ("Ada.", "Bob.")
+    assert (first["chosen_model"], first["rejected_model"]) == ("m1", "m2")
+    assert first["chosen_sampling"] == {"seed": 1} and first["verdict"] == "A"
+    assert (second["chosen"], second["rejected"], second["chosen_model"]) == ("Ada.", "Bob.", "m2")
+    assert ratings.left_out() == {"tie": 1, "both_bad": 1}
+    counts = ratings.counts()
+    assert counts["total"] == 4 and counts["A"] == counts["B"] == counts["tie"] == 1
+    assert counts["exportable"] == 2
+
+
+def test_thumbs_pair_only_up_with_down_on_the_same_conversation(store):
+    other = [{"role": "user", "content": "Hi"}]
+    ratings.add_thumb(CONVERSATION, "Your name is Ada.", "m1", up=True, sampling={"seed": 3})
+    ratings.add_thumb(other, "Hello!", "m1", up=True)           # no partner: stays unexported
+    ratings.add_thumb(CONVERSATION, "Who knows.", "m2", up=False)
+    ratings.add_thumb(CONVERSATION, "Ada, I think.", "m2", up=True)  # second up: no partner left
+    [record] = ratings.export_records()
+    assert (record["chosen"], record["rejected"]) == ("Your name is Ada.", "Who knows.")
+    assert (record["chosen_model"], record["rejected_model"]) == ("m1", "m2")
+    assert record["verdict"] == "thumbs" and record["chosen_sampling"] == {"seed": 3}
+    assert ratings.left_out() == {"unpaired thumbs": 2}
+
+
+def _vote_many(path, writer: int, count: int) -> None:
+    for i in range(count):
+        ratings.add_comparison([{"role": "user", "content": f"q{writer}-{i}"}], f"a{i}", f"b{i}",
+                               "m1", "m2", "A", session=f"writer-{writer}", path=path)
+
+
+def test_concurrent_writers_lose_no_vote(tmp_path):
+    """Two browser tabs (threads) and two app processes voting at the same time."""
+    path = tmp_path / "ratings.db"
+    ratings.connect(path).close()
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_vote_many, args=(path, w, 40)) for w in (0, 1)]
+    threads = [threading.Thread(target=_vote_many, args=(path, w, 40)) for w in (2, 3)]
+    for worker in processes + threads:
+        worker.start()
+    for worker in processes + threads:
+        worker.join(timeout=120)
+    assert all(p.exitcode == 0 for p in processes)
+    stored = ratings.rows(path)
+    assert len(stored) == 160
+    per_writer = {w: sum(r["session"] == f"writer-{w}" for r in stored) for w in range(4)}
+    assert per_writer == {0: 40, 1: 40, 2: 40, 3: 40}
+
+
+def test_cli_export_writes_jsonl_and_says_what_it_left_out(store, tmp_path):
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A")
+    ratings.add_comparison(CONVERSATION, "Ada.", "Ada!", "m1", "m2", "tie")
+    out = tmp_path / "prefs.jsonl"
+    done = subprocess.run([sys.executable, "-m", "chat.ratings", "export", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 1 preference records" in done.stdout and "1 tie" in done.stdout
+    [record] = read_jsonl(out)
+    assert record["chosen"] == "Ada." and record["prompt"] == CONVERSATION
+
+
+def test_cli_export_to_an_unwritable_path_is_one_sentence(store, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    done = subprocess.run([sys.executable, "-m", "chat.ratings", "export", "--out",
+                           str(blocker / "prefs.jsonl")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: cannot write")
+
+
+def test_data_layer_reads_the_store_as_rm_records(store):
+    ratings.add_comparison(CONVERSATION, "Your name is Ada.", "No idea.", "m1", "m2", "B")
+    ratings.add_comparison(CONVERSATION, "Ada.", "Ada.", "m1", "m2", "A")  # identical: skipped
+    loaded = data.read_source("ratings:")
+    assert len(loaded.records) == 1 and loaded.skipped
+    records = data.load_data(["ratings:"], "rm", seed=1, log=lambda _: None)
+    assert records[0]["chosen"] == "No idea." and records[0]["rejected"] == "Your name is Ada."
+
+
+def test_train_rm_runs_on_the_exported_votes(store, tmp_path, tiny_model, monkeypatch):
+    for i in range(6):
+        prompt = [{"role": "user", "content": f"Say something kind about number {i}."}]
+        ratings.add_comparison(prompt, f"{i} is a lovely number.", "No.", "m1", "m2", "A")
+        ratings.add_comparison(prompt, "Go away.", f"Number {i} is great!", "m1", "m2", "B")
+    out = tmp_path / "rm"
+    done = run_train("rm", "--model", str(tiny_model), "--data", "ratings:", "--output", str(out),
+                     "--max-steps", "2", "--batch-size", "4", "--fp32", "--eval-every", "0",
+                     "--save-every", "0", "--no-tensorboard", "--stats-samples", "4")
+    assert done.returncode == 0, done.stderr
+    assert "data ratings:: 12 records" in (out / "train.log").read_text()
+    assert (out / "final").is_dir()
+    assert json.loads((out / "status.json").read_text())["state"] == "done"

@@ -10,8 +10,6 @@ folders; RLHF_CHAT_ENGINE picks the serving engine, default auto).
 from __future__ import annotations
 
 import dataclasses
-import html
-import json
 import os
 import shlex
 import signal
@@ -23,29 +21,18 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from chat import leaderboard, ratings
+from chat import ratings
 from chat.client import ServerError
 from chat.conversation import (ArenaSession, ChatSession, chat_checkpoints, new_sampling,
                                stream_answer, stream_round)
 from chat.server import ServerPool
 from train import config, data, launch
-from train.rundir import read_metrics
+from train.paths import rlhf_home
 
 ROOT = Path(__file__).resolve().parent
 RUNS = Path(os.environ.get("RLHF_RUNS_DIR", ROOT / "runs")).resolve()
-PLOTTED = ("loss", "eval_loss", "accuracy", "eval_accuracy", "reward", "eval_reward", "kl",
-           "value_loss", "response_length")
-TIME_SPLIT = ("time_generate_s", "time_score_s", "time_train_s", "time_switch_s")
 VERDICTS = (("A is better", "A"), ("B is better", "B"), ("Tie", "tie"), ("Both are bad", "both_bad"))
 ARENA_MODES = ("two samples of one checkpoint", "two checkpoints")
-
-
-def data_choices() -> list[str]:
-    """Built-in sample sets and, where present, the shared real data sets."""
-    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "prompts").glob("*.jsonl"))
-    shared = ROOT.parent / "shared" / "data"
-    files += sorted(os.path.relpath(p, ROOT) for p in shared.glob("*.json*")) if shared.is_dir() else []
-    return files + ["ratings:"]
 
 
 def shown_path(path: Path) -> str:
@@ -59,8 +46,8 @@ def field_component(step: str, f: dataclasses.Field, kind, default):
         return gr.Textbox(value=default or shown_path(RUNS / f"{step}1"), label=label, info=info,
                           elem_id=elem_id)
     if kind == list[str]:  # data sources: pick built-in files or type any path or dataset name
-        return gr.Dropdown(data_choices(), value=default, multiselect=True, allow_custom_value=True,
-                           label=label, info=info, elem_id=elem_id)
+        return gr.Dropdown(data.known_sources(ROOT), value=default, multiselect=True,
+                           allow_custom_value=True, label=label, info=info, elem_id=elem_id)
     if "choices" in f.metadata:
         return gr.Dropdown(list(f.metadata["choices"]), value=default, label=label, info=info,
                            elem_id=elem_id)
@@ -86,21 +73,6 @@ def config_form(step: str) -> dict[str, gr.components.Component]:
 def form_config(step: str, names: list[str], values: tuple):
     """The config the form describes; bad values raise ConfigError naming the field."""
     return config.build(config.STEPS[step], dict(zip(names, values)))
-
-
-def data_preview(step: str, names: list[str], values: tuple) -> str:
-    """Counts per split and the first records of each data source of the form."""
-    form = dict(zip(names, values))
-    weights = config.parse_split(form["data_split"]) if form.get("data_split") else None
-    lines = []
-    for spec in form.get("data") or []:
-        loaded = data.read_source(spec)
-        parts = {phase: len(data.split_part(loaded.records, weights, phase, int(form["seed"]), spec))
-                 for phase in data.PHASES} if weights else {}
-        split = ", ".join(f"{phase} {n}" for phase, n in parts.items()) or "no split: all of it"
-        first = "\n".join(json.dumps(r, ensure_ascii=False)[:300] for r in loaded.records[:3])
-        lines.append(f"**{spec}**: {loaded.report()}; per split: {split}\n```\n{first}\n```")
-    return "\n\n".join(lines) or "No data sources chosen."
 
 
 def build_train_tab(step: str = "sft") -> dict[str, gr.components.Component]:
@@ -132,8 +104,10 @@ def build_train_tab(step: str = "sft") -> dict[str, gr.components.Component]:
             return "", f"**Not started:** {err}"
 
     def on_preview(*values):
+        chosen = dict(zip(names, values))
         try:
-            return data_preview(step, names, values)
+            weights = config.parse_split(chosen["data_split"]) if chosen.get("data_split") else None
+            return data.preview(chosen.get("data") or [], weights, chosen.get("seed"))
         except (config.ConfigError, data.DataError) as err:
             return f"**Cannot read the data:** {err}"
 
@@ -143,85 +117,20 @@ def build_train_tab(step: str = "sft") -> dict[str, gr.components.Component]:
     return form
 
 
-def runs_table() -> pd.DataFrame:
-    rows = launch.list_runs(RUNS)
-    for row in rows:
-        total = row["total_steps"] or 0
-        row["progress"] = f"{row['step']}/{total}" if total else "-"
-        row["eta"] = f"{row['eta_s']:.0f} s" if row["state"] == "running" and row["eta_s"] else ""
-    columns = ["name", "state", "progress", "eta", "error"]
-    return pd.DataFrame(rows, columns=columns + ["path"])[columns]
-
-
-def progress_html(row: dict) -> str:
-    total, step = row["total_steps"] or 0, row["step"] or 0
-    share = 100 if row["state"] == "done" else (100 * step / total if total else 0)
-    eta = f", about {row['eta_s']:.0f} s left" if row["state"] == "running" and row["eta_s"] else ""
-    failed = f"<p><b>Failed:</b> {html.escape(row['error'])}</p>" if row["error"] else ""
-    return (f"<div><b>{html.escape(row['name'])}</b>: {row['state']}, step {step} of "
-            f"{total or '?'}{eta}</div>"
-            f"<progress max='100' value='{share:.0f}' style='width:100%'></progress>{failed}")
-
-
-def metric_points(folder: Path | None, keys) -> dict:
-    """A plot update: (step, value, series) rows, typed even when empty. The plot fixes its
-    colour domain from the first data it draws, so every absent key gets a NaN row (not drawn)
-    and the legend lists only the series present."""
-    metrics = read_metrics(folder) if folder else []
-    points = [{"step": m["step"], "value": m[key], "series": key}
-              for m in metrics for key in keys if key in m]
-    present = [key for key in keys if any(key in m for m in metrics)]
-    points += [{"step": 0, "value": float("nan"), "series": key} for key in keys if key not in present]
-    frame = pd.DataFrame(points, columns=["step", "value", "series"])
-    frame = frame.astype({"step": float, "value": float, "series": str})
+def plot_update(points: tuple[pd.DataFrame, list[str]]) -> dict:
+    """A line plot's update from launch.metric_points: its rows, and a legend of the series present."""
+    frame, present = points
     return gr.update(value=frame, colors_in_legend=present)
 
 
-def ppo_samples(folder: Path | None, count: int = 8) -> pd.DataFrame:
-    """The latest PPO rollouts of a run (samples.jsonl), newest last."""
-    rows = []
-    for line in launch.tail(folder / "samples.jsonl", count).splitlines() if folder else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by the tail's window or being written
-            continue
-    return pd.DataFrame(rows, columns=["step", "reward", "prompt", "response"])
-
-
 def run_view(name: str | None):
-    """Progress, loss plot data, log tail, time split and PPO samples of one run."""
-    empty = metric_points(None, ())
-    row = next((r for r in launch.list_runs(RUNS) if r["name"] == name), None) if name else None
-    if row is None:
-        message = f"No run named {name}." if name else "Pick a run."
-        return message, empty, "", empty, ppo_samples(None)
-    folder = RUNS / name
-    progress = progress_html(row)
-    log = launch.tail(folder / "train.log") or launch.tail(folder / "console.log")
-    return (progress, metric_points(folder, PLOTTED), log, metric_points(folder, TIME_SPLIT),
-            ppo_samples(folder))
-
-
-def resume_run(name: str | None) -> str:
-    """Start a stopped or failed run again from its last checkpoint, with the same options."""
-    folder = RUNS / (name or "")
-    if not name or not (folder / "config.yaml").is_file():
-        return "Pick a run to resume."
-    step = (folder / "config.yaml").read_text().splitlines()[0].removeprefix("# step:").strip()
-    cls = config.STEPS.get(step)
-    if cls is None:
-        return f"**{name}** does not say which step it ran: start it again from the Train tab."
-    values = config.load_yaml(folder / "config.yaml", cls)
-    if "resume" in values:
-        if not (folder / "checkpoints" / "latest").is_file():
-            return f"**{name}** has no checkpoint to resume from: start it again from the Train tab."
-        values.update(resume=True, overwrite=False)
-    launch.start(step, config.build(cls, values))
-    return f"Resuming **{name}** from its last checkpoint."
+    """The Runs tab's outputs for one run: progress, metrics plot, log, time-split plot, samples."""
+    progress, metrics, log, time_split, samples = launch.run_view(RUNS, name)
+    return progress, plot_update(metrics), log, plot_update(time_split), samples
 
 
 def build_runs_tab():
-    table = gr.Dataframe(runs_table(), label="runs", interactive=False)
+    table = gr.Dataframe(launch.runs_table(RUNS), label="runs", interactive=False)
     with gr.Row():
         pick = gr.Dropdown([r["name"] for r in launch.list_runs(RUNS)], label="run", scale=3,
                            elem_id="runs-pick")
@@ -238,7 +147,7 @@ def build_runs_tab():
 
     def refresh(name):
         names = [r["name"] for r in launch.list_runs(RUNS)]
-        return (runs_table(), gr.update(choices=names), *run_view(name))
+        return (launch.runs_table(RUNS), gr.update(choices=names), *run_view(name))
 
     def on_stop(name):
         if name and launch.stop(RUNS / name):
@@ -247,7 +156,7 @@ def build_runs_tab():
 
     def on_resume(name):
         try:
-            return resume_run(name)
+            return launch.resume_run(RUNS, name)
         except config.ConfigError as err:
             return f"**Not resumed:** {err}"
 
@@ -416,26 +325,9 @@ def _voter(on_vote, verdict: str):
     return vote
 
 
-def ratings_view():
-    """(counts line, table of the latest votes, leaderboard table) from the ratings store."""
-    stored = ratings.rows()
-    counts = ratings.counts()
-    verdicts = ratings.COMPARISON_VERDICTS + ratings.THUMB_VERDICTS
-    line = (f"{counts['total']} votes: " + ", ".join(f"{counts[v]} {v}" for v in verdicts)
-            + f"; {counts['exportable']} exportable preference pairs.")
-    columns = ["id", "time", "verdict", "model A", "model B", "last user turn", "answer A", "answer B"]
-    table = pd.DataFrame([(r["id"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])),
-                           r["verdict"], r["model_a"], r["model_b"] or "",
-                           r["conversation"][-1]["content"][:120], r["answer_a"][:200],
-                           (r["answer_b"] or "")[:200]) for r in stored[:500]], columns=columns)
-    board = pd.DataFrame(leaderboard.leaderboard(leaderboard.votes_from_ratings(stored)),
-                         columns=["model", "strength", "ci_low", "ci_high", "games", "wins"])
-    return line, table, board.round(3)
-
-
 def safe_ratings_view():
     try:
-        return ratings_view()
+        return ratings.overview()
     except ratings.RatingsError as err:
         return f"**Cannot read the ratings store:** {err}", None, None
 
@@ -455,8 +347,6 @@ def build_ratings_tab(rm_form: dict, tabs: gr.Tabs, train_tabs: gr.Tabs, ratings
     table = gr.Dataframe(label="votes (newest first)", interactive=False, wrap=True)
 
     def on_export():
-        from train.models import rlhf_home
-
         out = rlhf_home() / "exports" / f"preferences-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         try:
             written = ratings.export(out)

@@ -29,12 +29,12 @@ RESULTS = ROOT / "bench" / "results" / "rm.json"
 
 def shared_pairs(tokenizer, max_seq_len: int) -> tuple[list[dict], int]:
     """Preference records of the HH set that both sides take whole."""
-    from train import data
+    from train import data, tokens
 
     records = data.phase_records(data.read_source(str(DATA)).records, "rm")
     kept = []
     for record in records:
-        example, note = data.encode_pair(tokenizer, record, max_seq_len)
+        example, note = tokens.encode_pair(tokenizer, record, max_seq_len)
         # TRL tokenises each whole rendered chat, which ends with a newline after the end-of-turn
         # token that ours drops: those renderings must fit too, or TRL would drop the pair.
         trl_lengths = [len(tokenizer.apply_chat_template(

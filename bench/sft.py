@@ -79,13 +79,13 @@ def peer_python() -> str:
 
 def shared_examples(tokenizer, max_seq_len: int) -> tuple[list[dict], int]:
     """SFT records of the demo set that both sides take whole (no truncation on either side)."""
-    from train import data
+    from train import data, tokens
 
     records = data.phase_records(data.read_source(str(DATA)).records, "sft")
     kept = []
     for record in records:
         prompt, response = record["prompt"], record["response"]
-        example, note = data.encode_chat(tokenizer, prompt, response, max_seq_len)
+        example, note = tokens.encode_chat(tokenizer, prompt, response, max_seq_len)
         # TRL tokenises the whole rendered chat, which ends with a newline after the end-of-turn
         # token that ours drops: that rendering must fit too, or TRL would cut the example.
         full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],

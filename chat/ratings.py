@@ -21,6 +21,8 @@ format `python -m train rm --data ratings:` reads. What is left out, and why:
   `up` and a `down` answer to the same conversation (the oldest unpaired up with the oldest
   unpaired down; each thumb is used once). Lone thumbs stay in the store for later.
 
+`overview` is what the app's Ratings tab shows (counts, latest votes, leaderboard).
+
 Left out on purpose: editing or deleting votes, user accounts, and deduplicating the same vote
 cast twice (each click is a vote).
 """
@@ -61,7 +63,7 @@ class RatingsError(ValueError):
 
 
 def db_path() -> Path:
-    from train.models import rlhf_home
+    from train.paths import rlhf_home
 
     return rlhf_home() / "ratings.db"
 
@@ -163,6 +165,28 @@ def counts(path=None) -> dict:
     by_verdict = {v: by_verdict.get(v, 0) for v in COMPARISON_VERDICTS + THUMB_VERDICTS}
     return {**by_verdict, "total": sum(by_verdict.values()),
             "exportable": len(export_records(path))}
+
+
+def overview(path=None, latest: int = 500):
+    """What the app's Ratings tab shows: (a line counting votes by verdict, a table of the latest
+    votes, the leaderboard table of chat/leaderboard.py); the tables are pandas DataFrames."""
+    import pandas as pd
+
+    from chat import leaderboard
+
+    stored = rows(path)
+    tally = counts(path)
+    line = (f"{tally['total']} votes: "
+            + ", ".join(f"{tally[v]} {v}" for v in COMPARISON_VERDICTS + THUMB_VERDICTS)
+            + f"; {tally['exportable']} exportable preference pairs.")
+    columns = ["id", "time", "verdict", "model A", "model B", "last user turn", "answer A", "answer B"]
+    table = pd.DataFrame([(r["id"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])),
+                           r["verdict"], r["model_a"], r["model_b"] or "",
+                           r["conversation"][-1]["content"][:120], r["answer_a"][:200],
+                           (r["answer_b"] or "")[:200]) for r in stored[:latest]], columns=columns)
+    board = pd.DataFrame(leaderboard.leaderboard(leaderboard.votes_from_ratings(stored)),
+                         columns=["model", "strength", "ci_low", "ci_high", "games", "wins"])
+    return line, table, board.round(3)
 
 
 def _pair_record(rating_id: str, conversation, chosen: dict, rejected: dict, verdict: str,

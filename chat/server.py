@@ -107,7 +107,7 @@ class ServerPool:
     def __init__(self, engine: str = "auto", size: int = 2, log_dir: str | Path | None = None,
                  startup_timeout: float = 600.0, extra_args: tuple = (),
                  command: tuple = SERVE_COMMAND):
-        from train.models import rlhf_home
+        from train.paths import rlhf_home
 
         self.engine, self.size, self.startup_timeout = engine, max(1, size), startup_timeout
         self.log_dir = Path(log_dir) if log_dir else rlhf_home() / "serving-logs"

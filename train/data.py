@@ -1,4 +1,4 @@
-"""The data layer: every source becomes one record format, then blends, splits and tokenises.
+"""The data layer: every source becomes one record format, then blends and splits.
 
 A record is `{"prompt": [{"role", "content"}, ... ending with a user turn], "response": str}`
 (SFT) or `{"prompt": [...], "chosen": str, "rejected": str}` (preference), with optional
@@ -15,13 +15,14 @@ Rules: a structurally malformed record (invalid JSON, a missing field, an unknow
 error naming the file, the line and the problem. Records that are well formed but unusable
 (an empty response, chosen identical to rejected, an AlpacaEval tie) are skipped and counted.
 
-Simplified on purpose: SFT labels cover the final response only (earlier assistant turns in
-the prompt are context), and a prompt too long for `max_seq_len` loses its oldest tokens.
+Tokenising and batching the records is train/tokens.py's job: this module needs neither a
+tokenizer nor torch.
 """
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -50,6 +51,16 @@ class Loaded:
 
 
 # ---- reading sources ----------------------------------------------------------------------------
+
+def known_sources(root: Path) -> list[str]:
+    """Sources to offer without typing, as paths relative to the project `root`: the built-in
+    sample sets (prompts/*.jsonl), the shared real data sets (../shared/data) where present,
+    and `ratings:`."""
+    files = sorted(str(p.relative_to(root)) for p in (root / "prompts").glob("*.jsonl"))
+    shared = root.parent / "shared" / "data"
+    files += sorted(os.path.relpath(p, root) for p in shared.glob("*.json*")) if shared.is_dir() else []
+    return files + ["ratings:"]
+
 
 def read_source(spec: str) -> Loaded:
     """Read one source into normalised records (each tagged with `source`)."""
@@ -348,117 +359,15 @@ def holdout(records: list[dict], fraction: float, cap: int) -> tuple[list[dict],
     return records[count:], records[:count]
 
 
-# ---- tokenising -----------------------------------------------------------------------------------
-
-def render(tokenizer, prompt: list[dict], response: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) through the chat template; the response ends with the
-    end-of-turn token (so the model learns to stop) and drops the template's text after it."""
-    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
-                                               tokenize=True, return_dict=False)
-    full_ids = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
-                                             tokenize=True, return_dict=False)
-    if full_ids[:len(prompt_ids)] != prompt_ids:
-        raise DataError("the model's chat template renders the prompt differently once a "
-                        "response follows: use a model whose template is prefix-stable.")
-    response_ids = full_ids[len(prompt_ids):]
-    end = tokenizer.eos_token_id
-    if end in response_ids:
-        response_ids = response_ids[:len(response_ids) - response_ids[::-1].index(end)]
-    return prompt_ids, response_ids
-
-
-def fit_prompt(prompt_ids: list[int], longest_response: int, max_seq_len: int):
-    """The prompt cut to fit beside the response (oldest tokens go), or None if nothing fits.
-    Responses are never cut: a record whose response does not fit is dropped and counted."""
-    room = max_seq_len - longest_response
-    if room < min(len(prompt_ids), 8):
-        return None
-    return prompt_ids[-room:] if len(prompt_ids) > room else prompt_ids
-
-
-def encode_chat(tokenizer, prompt: list[dict], response: str, max_seq_len: int):
-    """(example with input_ids and labels, note) for SFT; example is None when it cannot fit.
-    Labels cover the response and its end-of-turn token only."""
-    prompt_ids, response_ids = render(tokenizer, prompt, response)
-    kept = fit_prompt(prompt_ids, len(response_ids), max_seq_len)
-    if kept is None:
-        return None, "responses longer than max_seq_len"
-    note = "truncated prompts" if len(kept) < len(prompt_ids) else None
-    return {"input_ids": kept + response_ids, "labels": [-100] * len(kept) + response_ids}, note
-
-
-def encode_pair(tokenizer, record: dict, max_seq_len: int):
-    """(example with chosen_ids and rejected_ids, note) for the reward model; both sequences
-    share the same (equally truncated) prompt and end with the end-of-turn token."""
-    prompt_ids, chosen_ids = render(tokenizer, record["prompt"], record["chosen"])
-    _, rejected_ids = render(tokenizer, record["prompt"], record["rejected"])
-    kept = fit_prompt(prompt_ids, max(len(chosen_ids), len(rejected_ids)), max_seq_len)
-    if kept is None:
-        return None, "pairs with an answer longer than max_seq_len"
-    note = "truncated prompts" if len(kept) < len(prompt_ids) else None
-    return {"chosen_ids": kept + chosen_ids, "rejected_ids": kept + rejected_ids,
-            "source": record.get("source", "")}, note
-
-
-def encode_all(encode, tokenizer, records: list[dict], max_seq_len: int, log=print) -> list[dict]:
-    """Encode every record with `encode` (encode_sft_record or encode_pair), reporting drops."""
-    encoded, notes = [], Counter()
-    for record in records:
-        example, note = encode(tokenizer, record, max_seq_len)
-        if note:
-            notes[note] += 1
-        if example is not None:
-            encoded.append(example)
-    if notes:
-        log("tokenised: " + ", ".join(f"{n} {why}" for why, n in notes.items())
-            + f" (of {len(records)}; max_seq_len {max_seq_len})")
-    if records and not encoded:
-        raise DataError(f"no record fits max_seq_len {max_seq_len}: raise --max-seq-len.")
-    return encoded
-
-
-def encode_sft_record(tokenizer, record: dict, max_seq_len: int):
-    return encode_chat(tokenizer, record["prompt"], record["response"], max_seq_len)
-
-
-# ---- batching -------------------------------------------------------------------------------------
-
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
-    """Shuffled batches of similar length: sort within windows of 50 batches to cut padding."""
-    order = list(range(len(lengths)))
-    rng = random.Random(seed)
-    rng.shuffle(order)
-    window = batch_size * 50
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def pad_right(sequences: list[list[int]], value: int):
-    """(B, T) tensor of right-padded sequences and its (B, T) attention mask."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    padded = torch.full((len(sequences), width), value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        padded[row, :len(sequence)] = torch.tensor(sequence)
-        mask[row, :len(sequence)] = 1
-    return padded, mask
-
-
-def collate(examples: list[dict], pad_id: int):
-    """SFT batch: input_ids, attention_mask, labels (-100 on prompt and padding)."""
-    input_ids, attention_mask = pad_right([e["input_ids"] for e in examples], pad_id)
-    labels, _ = pad_right([e["labels"] for e in examples], -100)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def collate_pairs(examples: list[dict], pad_id: int):
-    """Reward-model batch of B pairs as 2B rows: the chosen sequences, then the rejected ones."""
-    rows = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-    input_ids, attention_mask = pad_right(rows, pad_id)
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+def preview(sources: list[str], weights: list[float] | None, seed: int) -> str:
+    """Markdown for the Train tab's "Preview data": each source's record count (and skips), its
+    size per split and its first three records."""
+    lines = []
+    for spec in sources:
+        loaded = read_source(spec)
+        parts = {phase: len(split_part(loaded.records, weights, phase, int(seed), spec))
+                 for phase in PHASES} if weights else {}
+        split = ", ".join(f"{phase} {n}" for phase, n in parts.items()) or "no split: all of it"
+        first = "\n".join(json.dumps(r, ensure_ascii=False)[:300] for r in loaded.records[:3])
+        lines.append(f"**{spec}**: {loaded.report()}; per split: {split}\n```\n{first}\n```")
+    return "\n\n".join(lines) or "No data sources chosen."

@@ -3,9 +3,13 @@
 A run is started as the normal command line (`python -m train STEP ...`, or the deepspeed
 launcher when more than one process is asked for), never through a shell. Everything about a
 run lives in its folder, so a reloaded page, or another process, sees the same runs.
+
+Also here: what the Runs tab shows of a run (table, progress, metric points, log, PPO samples)
+and resuming it, as plain values (HTML, tables); turning them into Gradio updates is app.py's job.
 """
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -14,8 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from train.config import ConfigError, to_argv
-from train.rundir import read_status, write_json_atomic
+import pandas as pd
+
+from train.config import STEPS, ConfigError, build, load_yaml, to_argv
+from train.rundir import read_metrics, read_status, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,3 +119,89 @@ def tail(path: str | Path, lines: int = 40) -> str:
             return "\n".join(handle.read().decode(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+# ---- what the Runs tab shows of a run ----------------------------------------------------------
+
+PLOTTED = ("loss", "eval_loss", "accuracy", "eval_accuracy", "reward", "eval_reward", "kl",
+           "value_loss", "response_length")
+TIME_SPLIT = ("time_generate_s", "time_score_s", "time_train_s", "time_switch_s")
+
+
+def runs_table(root: str | Path) -> pd.DataFrame:
+    """One row per run under `root`: name, state, progress (step/total), ETA and error."""
+    rows = list_runs(root)
+    for row in rows:
+        total = row["total_steps"] or 0
+        row["progress"] = f"{row['step']}/{total}" if total else "-"
+        row["eta"] = f"{row['eta_s']:.0f} s" if row["state"] == "running" and row["eta_s"] else ""
+    columns = ["name", "state", "progress", "eta", "error"]
+    return pd.DataFrame(rows, columns=columns + ["path"])[columns]
+
+
+def progress_html(row: dict) -> str:
+    """A run's state, step of total, ETA and failure reason over a progress bar (HTML)."""
+    total, step = row["total_steps"] or 0, row["step"] or 0
+    share = 100 if row["state"] == "done" else (100 * step / total if total else 0)
+    eta = f", about {row['eta_s']:.0f} s left" if row["state"] == "running" and row["eta_s"] else ""
+    failed = f"<p><b>Failed:</b> {html.escape(row['error'])}</p>" if row["error"] else ""
+    return (f"<div><b>{html.escape(row['name'])}</b>: {row['state']}, step {step} of "
+            f"{total or '?'}{eta}</div>"
+            f"<progress max='100' value='{share:.0f}' style='width:100%'></progress>{failed}")
+
+
+def metric_points(folder: Path | None, keys) -> tuple[pd.DataFrame, list[str]]:
+    """(step, value, series) rows of a line plot, typed even when empty, and the series present.
+    A plot fixes its colour domain from the first data it draws, so every absent key gets a NaN
+    row (not drawn); the legend should list only the series present."""
+    metrics = read_metrics(folder) if folder else []
+    points = [{"step": m["step"], "value": m[key], "series": key}
+              for m in metrics for key in keys if key in m]
+    present = [key for key in keys if any(key in m for m in metrics)]
+    points += [{"step": 0, "value": float("nan"), "series": key} for key in keys if key not in present]
+    frame = pd.DataFrame(points, columns=["step", "value", "series"])
+    return frame.astype({"step": float, "value": float, "series": str}), present
+
+
+def ppo_samples(folder: Path | None, count: int = 8) -> pd.DataFrame:
+    """The latest PPO rollouts of a run (samples.jsonl), newest last."""
+    rows = []
+    for line in tail(folder / "samples.jsonl", count).splitlines() if folder else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by the tail's window or being written
+            continue
+    return pd.DataFrame(rows, columns=["step", "reward", "prompt", "response"])
+
+
+def run_view(root: str | Path, name: str | None):
+    """(progress HTML, metric points, log tail, time-split points, PPO samples) of one run;
+    points as metric_points returns them."""
+    empty = metric_points(None, ())
+    row = next((r for r in list_runs(root) if r["name"] == name), None) if name else None
+    if row is None:
+        message = f"No run named {name}." if name else "Pick a run."
+        return message, empty, "", empty, ppo_samples(None)
+    folder = Path(root) / name
+    log = tail(folder / "train.log") or tail(folder / "console.log")
+    return (progress_html(row), metric_points(folder, PLOTTED), log,
+            metric_points(folder, TIME_SPLIT), ppo_samples(folder))
+
+
+def resume_run(root: str | Path, name: str | None) -> str:
+    """Start a stopped or failed run again from its last checkpoint, with the same options;
+    a Markdown line says what happened."""
+    folder = Path(root) / (name or "")
+    if not name or not (folder / "config.yaml").is_file():
+        return "Pick a run to resume."
+    step = (folder / "config.yaml").read_text().splitlines()[0].removeprefix("# step:").strip()
+    cls = STEPS.get(step)
+    if cls is None:
+        return f"**{name}** does not say which step it ran: start it again from the Train tab."
+    values = load_yaml(folder / "config.yaml", cls)
+    if "resume" in values:
+        if not (folder / "checkpoints" / "latest").is_file():
+            return f"**{name}** has no checkpoint to resume from: start it again from the Train tab."
+        values.update(resume=True, overwrite=False)
+    start(step, build(cls, values))
+    return f"Resuming **{name}** from its last checkpoint."

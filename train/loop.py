@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from train import data, ds, models
+from train import data, ds, models, tokens
 
 
 @dataclass
@@ -41,7 +41,7 @@ class StopRequested:
 
 def rank_batches(lengths: list[int], cfg, epoch: int, rank: int, world: int) -> list[list[int]]:
     """This rank's micro-batches for one epoch; every rank gets the same count."""
-    batches = data.length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
+    batches = tokens.length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
     usable = len(batches) - len(batches) % (world * cfg.gradient_accumulation_steps)
     return batches[:usable][rank::world]
 

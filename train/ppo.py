@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from train import data, ds, loop, losses, models
+from train import data, ds, loop, losses, models, tokens
 from train.config import PPOConfig, parse_split
 from train.hybrid import HybridEngine, Sampling, ds_hybrid_config, ds_hybrid_reason
 from train.rundir import RunDir
@@ -84,14 +84,14 @@ def ptx_batches(cfg: PPOConfig, tokenizer, log):
     if not cfg.ptx_data:
         return None
     records = data.load_data(cfg.ptx_data, "sft", cfg.seed, log=log)
-    examples = data.encode_all(data.encode_sft_record, tokenizer, records, cfg.max_seq_len, log)
+    examples = tokens.encode_all(tokens.encode_sft_record, tokenizer, records, cfg.max_seq_len, log)
     rng = random.Random(cfg.seed)
 
     def batches():
         while True:
             rng.shuffle(examples)
             for start in range(0, len(examples) - cfg.batch_size + 1, cfg.batch_size):
-                yield data.collate(examples[start:start + cfg.batch_size], tokenizer.pad_token_id)
+                yield tokens.collate(examples[start:start + cfg.batch_size], tokenizer.pad_token_id)
 
     return batches()
 

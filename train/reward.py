@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from train import data, ds, loop, models
+from train import data, ds, loop, models, tokens
 from train.config import EvalRMConfig, RMConfig, parse_split
 from train.losses import pairwise_loss, sequence_rewards
 from train.rundir import RunDir
@@ -29,8 +29,8 @@ def load_pairs(cfg, tokenizer, log) -> tuple[list[dict], list[dict]]:
     weights = parse_split(cfg.data_split) if cfg.data_split else None
     records = data.load_data(cfg.data, "rm", cfg.seed, weights, log=log)
     train_records, eval_records = data.holdout(records, cfg.eval_fraction, cfg.max_eval_samples)
-    train_set = data.encode_all(data.encode_pair, tokenizer, train_records, cfg.max_seq_len, log)
-    eval_set = data.encode_all(data.encode_pair, tokenizer, eval_records, cfg.max_seq_len, log)
+    train_set = tokens.encode_all(tokens.encode_pair, tokenizer, train_records, cfg.max_seq_len, log)
+    eval_set = tokens.encode_all(tokens.encode_pair, tokenizer, eval_records, cfg.max_seq_len, log)
     return train_set, eval_set
 
 
@@ -64,7 +64,7 @@ def reward_statistics(engine, examples: list[dict], pad_id: int, batch_size: int
     engine.eval()
     rewards = []
     for start in range(0, len(examples), batch_size):
-        batch = loop.to_device(data.collate_pairs(examples[start:start + batch_size], pad_id))
+        batch = loop.to_device(tokens.collate_pairs(examples[start:start + batch_size], pad_id))
         rewards += torch.cat(pair_rewards(engine, batch)).tolist()
     return {"mean": statistics.fmean(rewards), "std": statistics.pstdev(rewards) or 1.0,
             "count": len(rewards)}
@@ -92,7 +92,7 @@ def main(cfg: RMConfig) -> RunDir:
                            str(run.path / "tensorboard") if cfg.tensorboard else None)
 
     # training
-    objective = loop.Objective(collate=partial(data.collate_pairs, pad_id=tokenizer.pad_token_id),
+    objective = loop.Objective(collate=partial(tokens.collate_pairs, pad_id=tokenizer.pad_token_id),
                                forward=partial(rm_forward, margin=cfg.margin), summarise=rm_summary)
     step, stopped = loop.fit(engine, run, cfg, objective, train_set, eval_set, lengths,
                              total_steps, "rm")
@@ -117,7 +117,7 @@ def score_pairs(model, examples: list[dict], pad_id: int, batch_size: int) -> li
     """(chosen reward, rejected reward) for each example, in order."""
     scores = []
     for start in range(0, len(examples), batch_size):
-        batch = data.collate_pairs(examples[start:start + batch_size], pad_id)
+        batch = tokens.collate_pairs(examples[start:start + batch_size], pad_id)
         chosen, rejected = pair_rewards(model, batch)
         scores += list(zip(chosen.tolist(), rejected.tolist()))
     return scores
@@ -147,7 +147,7 @@ def evaluate_main(cfg: EvalRMConfig) -> dict:
     for spec in cfg.data:
         records = data.phase_records(data.read_source(spec).records, "rm")
         records = records[:cfg.max_samples] if cfg.max_samples else records
-        by_source[spec] = data.encode_all(data.encode_pair, tokenizer, records, cfg.max_seq_len, log)
+        by_source[spec] = tokens.encode_all(tokens.encode_pair, tokenizer, records, cfg.max_seq_len, log)
     if not any(by_source.values()):
         raise data.DataError("no preference pairs to score: pass --data with chosen/rejected pairs.")
     scored = {spec: score_pairs(model, examples, tokenizer.pad_token_id, cfg.batch_size)

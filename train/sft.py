@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from train import data, ds, loop, models
+from train import data, ds, loop, models, tokens
 from train.config import SFTConfig, parse_split
 from train.rundir import RunDir
 
@@ -19,8 +19,8 @@ def load_sft_data(cfg: SFTConfig, tokenizer, log) -> tuple[list[dict], list[dict
     weights = parse_split(cfg.data_split) if cfg.data_split else None
     records = data.load_data(cfg.data, "sft", cfg.seed, weights, log=log)
     train_records, eval_records = data.holdout(records, cfg.eval_fraction, cfg.max_eval_samples)
-    train_set = data.encode_all(data.encode_sft_record, tokenizer, train_records, cfg.max_seq_len, log)
-    eval_set = data.encode_all(data.encode_sft_record, tokenizer, eval_records, cfg.max_seq_len, log)
+    train_set = tokens.encode_all(tokens.encode_sft_record, tokenizer, train_records, cfg.max_seq_len, log)
+    eval_set = tokens.encode_all(tokens.encode_sft_record, tokenizer, eval_records, cfg.max_seq_len, log)
     return train_set, eval_set
 
 
@@ -57,7 +57,7 @@ def main(cfg: SFTConfig) -> RunDir:
                            str(run.path / "tensorboard") if cfg.tensorboard else None)
 
     # training
-    objective = loop.Objective(collate=partial(data.collate, pad_id=tokenizer.pad_token_id),
+    objective = loop.Objective(collate=partial(tokens.collate, pad_id=tokenizer.pad_token_id),
                                forward=sft_forward, summarise=sft_summary)
     step, stopped = loop.fit(engine, run, cfg, objective, train_set, eval_set, lengths,
                              total_steps, "sft")

@@ -95,35 +95,22 @@ def test_sft_phase_uses_the_chosen_side_of_pairs():
     assert data.phase_records(records, "rm") == records
 
 
-def test_labels_cover_the_response_and_its_end_of_turn_token_only(default_model):
-    from train.models import load_tokenizer
-
-    tokenizer = load_tokenizer(str(default_model))
-    prompt = [{"role": "user", "content": "Name a colour."}]
-    example, note = data.encode_chat(tokenizer, prompt, "Blue.", 512)
-    assert note is None
-    labelled = [t for t in example["labels"] if t != -100]
-    assert tokenizer.decode(labelled) == "Blue.<|im_end|>"
-    assert labelled[-1] == tokenizer.eos_token_id
-    assert example["input_ids"][-len(labelled):] == labelled
-    first = example["labels"].index(labelled[0])
-    assert all(t == -100 for t in example["labels"][:first])
+def test_preview_counts_every_split_and_shows_records():
+    spec = str(ROOT / "prompts" / "sft.jsonl")
+    text = data.preview([spec], [2, 4, 4], 1234)
+    assert f"**{spec}**: 100 records; per split: sft 20, rm 40, ppo 40" in text
+    assert '"prompt"' in text
+    assert "per split: no split: all of it" in data.preview([spec], None, 1234)
+    assert data.preview([], None, 1234) == "No data sources chosen."
 
 
-def test_truncation_never_cuts_a_response(default_model):
-    from train.models import load_tokenizer
-
-    tokenizer = load_tokenizer(str(default_model))
-    long_prompt = [{"role": "user", "content": "word " * 300}]
-    example, note = data.encode_chat(tokenizer, long_prompt, "Short answer.", 64)
-    assert note == "truncated prompts" and len(example["input_ids"]) == 64
-    assert tokenizer.decode([t for t in example["labels"] if t != -100]) == "Short answer.<|im_end|>"
-    dropped, note = data.encode_chat(tokenizer, [{"role": "user", "content": "Hi"}], "long " * 100, 64)
-    assert dropped is None and note == "responses longer than max_seq_len"
+def test_preview_of_a_missing_source_raises_the_data_error():
+    with pytest.raises(DataError, match="does not exist"):
+        data.preview(["nope/x.jsonl"], None, 1)
 
 
-def test_length_grouped_batches_cover_every_example_once():
-    lengths = [(i * 37) % 100 + 1 for i in range(250)]
-    batches = data.length_grouped_batches(lengths, 8, seed=3)
-    assert sorted(i for b in batches for i in b) == list(range(250))
-    assert data.length_grouped_batches(lengths, 8, seed=3) == batches
+def test_known_sources_offer_the_sample_sets_relative_to_the_project():
+    offered = data.known_sources(ROOT)
+    assert {"prompts/sft.jsonl", "prompts/preferences.jsonl", "prompts/prompts.jsonl"} <= set(offered)
+    assert offered[-1] == "ratings:"
+    assert all((ROOT / spec).is_file() for spec in offered[:-1])  # relative to the project root

@@ -1,10 +1,12 @@
-"""Runs started as subprocesses, watched through their folders, stopped by signal."""
+"""Runs started as subprocesses, watched through their folders, stopped by signal; what the
+Runs tab shows of a run folder (progress, metric points, samples) and resuming it."""
+import json
 import time
 
 import pytest
 
 from train import launch
-from train.config import ConfigError, SFTConfig
+from train.config import ConfigError, SFTConfig, to_yaml
 
 
 def wait_for(predicate, timeout=300):
@@ -53,3 +55,48 @@ def test_a_crashed_run_is_reported_failed_with_a_reason(tmp_path, tiny_model):
 def test_a_run_without_output_is_refused():
     with pytest.raises(ConfigError, match="output is required"):
         launch.start("sft", SFTConfig(output=""))
+
+
+def write_run(folder, status: dict, metrics=(), step="ppo"):
+    folder.mkdir()
+    (folder / "config.yaml").write_text(f"# step: {step}\noutput: {folder}\n")
+    (folder / "status.json").write_text(json.dumps(status))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def test_run_view_plots_metrics_and_shows_progress_and_samples(tmp_path):
+    write_run(tmp_path / "ppo1", {"state": "done", "step": 2, "total_steps": 2},
+              [{"step": 1, "reward": 0.5, "kl": 0.1, "time_generate_s": 2.0},
+               {"step": 2, "reward": 0.7, "kl": 0.2, "time_generate_s": 1.5}])
+    (tmp_path / "ppo1" / "samples.jsonl").write_text(
+        json.dumps({"step": 2, "prompt": "Hi", "response": "Hello", "reward": 1.2}) + "\n")
+    progress, (frame, present), _, (time_frame, _), samples = launch.run_view(tmp_path, "ppo1")
+    assert "step 2 of 2" in progress and "value='100'" in progress
+    drawn = frame.dropna()
+    assert set(drawn["series"]) == {"reward", "kl"} and len(drawn) == 4
+    assert present == ["reward", "kl"]  # the legend lists the series present
+    assert set(frame["series"]) == set(launch.PLOTTED)  # a fixed colour domain
+    assert list(time_frame["value"].dropna()) == [2.0, 1.5]
+    assert samples.iloc[0]["response"] == "Hello"
+
+
+def test_run_view_of_a_missing_run_says_so(tmp_path):
+    progress, (frame, present), log, _, samples = launch.run_view(tmp_path, "no-such-run")
+    assert "No run named no-such-run" in progress and frame.empty and present == []
+    assert log == "" and samples.empty
+    assert launch.run_view(tmp_path, None)[0] == "Pick a run."
+
+
+def test_a_failed_run_shows_why(tmp_path):
+    write_run(tmp_path / "bad", {"state": "failed", "step": 0, "error": "data file x.jsonl does not "
+                                 "exist: check the path."})
+    progress = launch.run_view(tmp_path, "bad")[0]
+    assert "Failed:" in progress and "x.jsonl does not exist" in progress
+    assert launch.runs_table(tmp_path).iloc[0]["state"] == "failed"
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    write_run(tmp_path / "sft1", {"state": "stopped", "step": 3}, step="sft")
+    (tmp_path / "sft1" / "config.yaml").write_text("# step: sft\n" + to_yaml(SFTConfig(output="x")))
+    assert "no checkpoint to resume from" in launch.resume_run(tmp_path, "sft1")
+    assert launch.resume_run(tmp_path, None) == "Pick a run to resume."

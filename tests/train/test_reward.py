@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import read_jsonl, run_train
-from train import data, losses, models
+from train import data, losses, models, tokens
 from train.reward import score_pairs
 
 
@@ -31,8 +31,8 @@ def test_pair_batch_reads_each_answer_at_its_end_of_turn_token(tiny_model):
     tokenizer = models.load_tokenizer(str(tiny_model))
     record = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello there, friend.",
               "rejected": "Go."}
-    example, _ = data.encode_pair(tokenizer, record, 128)
-    batch = data.collate_pairs([example], tokenizer.pad_token_id)
+    example, _ = tokens.encode_pair(tokenizer, record, 128)
+    batch = tokens.collate_pairs([example], tokenizer.pad_token_id)
     ends = losses.last_index(batch["attention_mask"])
     assert batch["input_ids"][0, ends[0]] == tokenizer.eos_token_id
     assert batch["input_ids"][1, ends[1]] == tokenizer.eos_token_id
@@ -44,7 +44,7 @@ def test_saved_reward_model_reloads_to_identical_scores(tmp_path, tiny_model):
     model = models.load_value_model(str(tiny_model)).eval()
     torch.nn.init.normal_(model.v_head.weight)
     records = data.read_source("prompts/preferences.jsonl").records[:6]
-    examples = [data.encode_pair(tokenizer, r, 256)[0] for r in records]
+    examples = [tokens.encode_pair(tokenizer, r, 256)[0] for r in records]
     before = score_pairs(model, examples, tokenizer.pad_token_id, batch_size=4)
     models.save_hf(dict(model.state_dict()), model, tokenizer, tmp_path / "rm", None,
                    extra_files={models.REWARD_STATS_FILE: json.dumps({"mean": 1.0, "std": 2.0})})

@@ -1,0 +1,235 @@
+"""Engines: a checkpoint loaded for serving, behind one small interface (`Engine`).
+
+An engine is what the scheduler needs and nothing more: the tokenizer, a slot decoder over the
+loaded model (`train.fastlm.SlotDecoder`, the generation core PPO rollouts use too: one
+implementation), the end-of-turn token ids, and the names /v1/models and /health report.
+
+- `hf`: the plain transformers model, bf16 where the hardware has it.
+- `ds-inference`: the model wrapped by `deepspeed.init_inference` (without kernel injection,
+  see `ds_inference_module`); the slot decoder runs on the wrapped module. Works on a CPU,
+  where DeepSpeed-Inference adds nothing to the plain model: the speed is the slot decoder's.
+- `mii`: DeepSpeed-MII's ragged engine (DeepSpeed FastGen, CUDA only), adapted to the slot
+  decoder's three calls, so the scheduler above it is the same.
+- `auto`: mii on CUDA where DeepSpeed-MII is installed, else ds-inference.
+
+Only safetensors weights are loaded: a folder with only pickled weights (`.bin`, `.pt`) is
+refused, since loading those would unpickle. Left out: tensor parallelism over several ranks
+(`--tp` above 1 is refused), quantisation, unmerged LoRA adapters.
+"""
+from __future__ import annotations
+
+import importlib.util
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from train.models import ModelError, load_tokenizer, resolve_model
+
+ENGINES = ("auto", "mii", "ds-inference", "hf")
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# End-of-turn tokens of common chat templates, besides the tokenizer's own eos token.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+class EngineError(ModelError):
+    """An engine cannot serve this model here; the message says why and what to pass instead."""
+
+
+@dataclass
+class Engine:
+    name: str               # the engine kind that runs: hf, ds-inference or mii
+    model_name: str         # the checkpoint as given (a folder or "default"): /v1/models' id
+    path: str               # the folder it was loaded from
+    tokenizer: object
+    decoder: object         # SlotDecoder (or the mii adapter): prefill, decode, length, slots, max_len
+    end_token_ids: set[int] = field(default_factory=set)
+    dtype: str = "float32"
+    # the API's thread encodes while the scheduler's decodes: one tokenizer call at a time
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def max_len(self) -> int:
+        return self.decoder.max_len
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Prompt token ids of a conversation through the model's chat template."""
+        with self.tokenizer_lock:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=True, return_dict=False)
+
+    def decode(self, token_ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def load_engine(model: str, engine: str = "auto", tp: int = 1, slots: int = 16,
+                max_len: int | None = None, dtype: str = "auto") -> Engine:
+    """Load `model` ("default", a folder, a .gguf file or a hub name) for serving.
+    `max_len` caps prompt plus answer per slot (never above the model's context); `dtype` is
+    auto (bf16 where the hardware has it, else fp32), bf16 or fp32."""
+    if tp != 1:
+        raise EngineError(f"--tp {tp}: tensor-parallel serving is not supported yet; serve with "
+                          "--tp 1 (one process, one device).")
+    kind = pick_engine(engine)
+    path = resolve_model(model)
+    check_safetensors(path)
+    tokenizer = load_tokenizer(path)
+    if kind == "mii":
+        decoder, dtype = mii_decoder(path, slots, max_len)
+        generation_config = None
+    else:
+        lm, dtype = load_weights(path, serving_dtype(dtype))
+        if kind == "ds-inference":
+            lm = ds_inference_module(lm, dtype)
+        decoder = make_slot_decoder(lm, slots, context_length(lm.config, max_len or 4096))
+        generation_config = getattr(lm, "generation_config", None)
+    end_ids = end_of_turn_ids(tokenizer, generation_config)
+    return Engine(kind, model, path, tokenizer, decoder, end_ids, str(dtype).replace("torch.", ""))
+
+
+def pick_engine(engine: str) -> str:
+    """The engine kind that will run for `--engine` (auto resolved), or an EngineError."""
+    from train import ds
+
+    if engine not in ENGINES:
+        raise EngineError(f"unknown engine {engine!r}: pass one of {', '.join(ENGINES)}.")
+    mii_installed = importlib.util.find_spec("mii") is not None
+    if engine == "auto":
+        return "mii" if ds.on_cuda() and mii_installed else "ds-inference"
+    if engine == "mii" and not ds.on_cuda():
+        raise EngineError("--engine mii needs a CUDA GPU (DeepSpeed-MII has no CPU kernels): "
+                          "use --engine ds-inference on this machine.")
+    if engine == "mii" and not mii_installed:
+        raise EngineError("--engine mii needs DeepSpeed-MII, which is not installed: "
+                          "pip install deepspeed-mii, or use --engine ds-inference.")
+    return engine
+
+
+def check_safetensors(path: str) -> None:
+    """Refuse a local folder whose weights are only pickles (loading them would unpickle)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub name: from_pretrained(use_safetensors=True) refuses pickles itself
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_SUFFIXES)
+    if pickled:
+        raise EngineError(f"{folder} has only pickled weights ({', '.join(pickled[:3])}), which "
+                          "the server never loads: re-save the model with save_pretrained "
+                          "(safetensors) and serve that folder.")
+    raise EngineError(f"{folder} has no model weights (*.safetensors): pass a run's final/ or "
+                      "ema/ folder, a Hugging Face model folder, or 'default'.")
+
+
+def serving_dtype(wanted: str = "auto") -> torch.dtype:
+    from train.hybrid import bf16_supported
+
+    if wanted not in ("auto", "bf16", "fp32"):
+        raise EngineError(f"unknown dtype {wanted!r}: pass auto, bf16 or fp32.")
+    if wanted == "fp32" or (wanted == "auto" and not bf16_supported()):
+        return torch.float32
+    return torch.bfloat16
+
+
+def load_weights(path: str, dtype: torch.dtype):
+    """(model in eval mode on the serving device, dtype), from safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    from train import ds
+
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise EngineError(f"could not load {path} ({str(err).splitlines()[0]}): pass a folder "
+                          "with config.json and safetensors weights, or 'default'.") from None
+    return lm.to(ds.device()).eval(), dtype
+
+
+def ds_inference_module(lm, dtype):
+    """The model wrapped by DeepSpeed-Inference; returns the module to decode with."""
+    import deepspeed
+
+    from train import ds
+
+    ds.init_distributed()  # a group of one when not started by the deepspeed launcher
+    # No kernel injection: DeepSpeed's injected kernels keep one KV cache for one batch of their
+    # own and replace the layers the slot decoder reads, so independent slots (continuous
+    # batching) cannot run on them. On CUDA the engine that has both is mii.
+    engine = deepspeed.init_inference(lm, dtype=dtype, tensor_parallel={"tp_size": 1},
+                                      replace_with_kernel_inject=False)
+    return engine.module.eval()
+
+
+def make_slot_decoder(lm, slots: int, max_len: int):
+    from train.fastlm import SlotDecoder
+
+    return SlotDecoder(lm, slots=slots, max_len=max_len)
+
+
+def context_length(config, cap: int) -> int:
+    """The longest prompt plus answer a slot holds: the model's context, capped (KV memory)."""
+    limit = getattr(config, "max_position_embeddings", None) or cap
+    return min(int(limit), cap)
+
+
+def end_of_turn_ids(tokenizer, generation_config) -> set[int]:
+    """Token ids that end an answer: eos of the tokenizer and of generation_config, and the
+    end-of-turn token of the chat template where the vocabulary has one."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+    return {int(i) for i in ids if i is not None}
+
+
+# ---- DeepSpeed-MII (CUDA only) ---------------------------------------------------------------
+
+def mii_decoder(path: str, slots: int, max_len: int | None):
+    """DeepSpeed-MII's ragged engine (FastGen) over `path`, as a slot decoder."""
+    import mii  # noqa: F401  (lazy: CUDA only; checked by pick_engine)
+    from deepspeed.inference.v2 import RaggedInferenceEngineConfig, build_hf_engine
+    from transformers import AutoConfig
+
+    from train import ds
+
+    ds.init_distributed()
+    config = RaggedInferenceEngineConfig(tensor_parallel={"tp_size": 1},
+                                         state_manager={"max_ragged_sequence_count": slots})
+    engine = build_hf_engine(path, config)
+    length = context_length(AutoConfig.from_pretrained(path), max_len or 4096)
+    return RaggedSlotDecoder(engine, slots, length), torch.float16
+
+
+class RaggedSlotDecoder:
+    """The slot decoder's interface over DeepSpeed FastGen's `put`/`flush` (what MII runs on):
+    a slot is a sequence uid; prompts go in chunks the engine's ragged batch can take."""
+
+    def __init__(self, engine, slots: int, max_len: int):
+        self.engine, self.slots, self.max_len = engine, slots, max_len
+        self.chunk = engine._config.state_manager.max_ragged_batch_size
+        self.lengths = [0] * slots
+
+    def prefill(self, slot_ids: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        rows = []
+        for slot, prompt in zip(slot_ids, prompts):
+            if self.lengths[slot]:
+                self.engine.flush(slot)
+            for start in range(0, len(prompt), self.chunk):
+                piece = torch.tensor(prompt[start:start + self.chunk], dtype=torch.int32)
+                logits = self.engine.put([slot], [piece])
+            self.lengths[slot] = len(prompt)
+            rows.append(logits[0].float())
+        return torch.stack(rows)
+
+    def decode(self, slot_ids: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        pieces = [t.view(1).to(torch.int32).cpu() for t in tokens]
+        logits = self.engine.put(list(slot_ids), pieces)
+        for slot in slot_ids:
+            self.lengths[slot] += 1
+        return logits.float()
+
+    def length(self, slot_id: int) -> int:
+        return self.lengths[slot_id]

@@ -1,0 +1,248 @@
+"""The OpenAI-compatible API on the tiny random model, through the official `openai` client:
+answer and stream shapes, usage, n, seeds, stop sequences, 400s, the bounded queue (429) and
+hanging up mid-answer. The tiny model's text is noise; these tests check mechanics."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from serving.api import Limits
+from serving.engines import load_engine
+from tests.serving import openai_client, running_server, slowed
+
+LIMITS = Limits(max_tokens=900, max_prompt_tokens=100)
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    # fp32: batching must not change greedy answers (bf16 rounding depends on batch size)
+    return load_engine(str(tiny_model), "ds-inference", slots=4, max_len=1024, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with running_server(engine, max_queue=4, limits=LIMITS) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai_client(url)
+
+
+def ask(client, messages=HELLO, **options):
+    options = {"model": "tiny", "max_tokens": 12, "temperature": 0, **options}
+    return client.chat.completions.create(messages=messages, **options)
+
+
+def streamed(client, messages=HELLO, **options):
+    """(text per choice index, finish reason per index, chunks) of a streamed answer."""
+    options = {"model": "tiny", "max_tokens": 12, "temperature": 0, **options}
+    chunks = list(client.chat.completions.create(messages=messages, stream=True, **options))
+    texts, reasons = {}, {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    return texts, reasons, chunks
+
+
+def test_models_and_health_name_the_loaded_checkpoint(url, client, tiny_model):
+    assert [m.id for m in client.models.list().data] == [str(tiny_model)]
+    health = httpx.get(f"{url}/health").json()
+    assert health == {"status": "ok", "model": str(tiny_model), "engine": "ds-inference",
+                      "active": 0, "queued": 0}
+
+
+def test_answer_has_openai_shape_and_usage(client, engine):
+    reply = ask(client, max_tokens=8)
+    assert reply.object == "chat.completion" and len(reply.choices) == 1
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens == len(engine.encode_chat(HELLO))
+    assert 1 <= reply.usage.completion_tokens <= 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    if choice.finish_reason == "length":
+        assert reply.usage.completion_tokens == 8
+
+
+def test_stream_carries_the_same_answer_as_a_plain_request(client, url):
+    options = dict(temperature=1.0, seed=11, max_tokens=20)
+    plain = ask(client, **options).choices[0]
+    texts, reasons, chunks = streamed(client, stream_options={"include_usage": True}, **options)
+    assert texts == {0: plain.message.content} and reasons == {0: plain.finish_reason}
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    raw = httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 3,
+                                                          "stream": True}, timeout=60)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in raw.text.splitlines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_n_returns_distinct_choices_and_seed_repeats_them(client):
+    first = ask(client, n=2, temperature=1.0, seed=3, max_tokens=10)
+    assert [c.index for c in first.choices] == [0, 1]
+    texts = [c.message.content for c in first.choices]
+    assert texts[0] != texts[1]  # two samples of ~50k-way noise
+    again = ask(client, n=2, temperature=1.0, seed=3, max_tokens=10)
+    assert [c.message.content for c in again.choices] == texts
+    assert 2 <= first.usage.completion_tokens <= 20
+    texts_streamed, reasons, _ = streamed(client, n=2, temperature=1.0, seed=3, max_tokens=10)
+    assert texts_streamed == {0: texts[0], 1: texts[1]} and set(reasons) == {0, 1}
+
+
+def test_stop_sequence_ends_the_answer_and_is_trimmed(client):
+    options = dict(temperature=1.0, seed=5, max_tokens=30)
+    full = ask(client, **options).choices[0].message.content
+    assert len(full) >= 12, full
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    expected = full[:full.find(stop)]
+    stopped = ask(client, stop=[stop, "never appears \u2603"], **options).choices[0]
+    assert stopped.message.content == expected and stopped.finish_reason == "stop"
+    texts, reasons, _ = streamed(client, stop=stop, **options)
+    assert texts == {0: expected} and reasons == {0: "stop"}
+
+
+def test_concurrent_clients_each_get_their_own_answer(client):
+    """8 clients on 4 slots: half wait and join the running batch as slots free up; every
+    greedy answer equals the one the same request gets alone."""
+    conversations = [[{"role": "user", "content": f"Request number {i}: say {w}"}]
+                     for i, w in enumerate("red green blue gold pink gray teal navy".split())]
+    alone = [ask(client, c, max_tokens=16).choices[0].message.content for c in conversations]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda c: ask(client, c, max_tokens=16).choices[0].message.content,
+                                 conversations))
+    assert together == alone
+
+
+BAD_REQUESTS = {
+    "missing messages": {"model": "tiny"},
+    "empty messages": {"messages": []},
+    "unknown role": {"messages": [{"role": "robot", "content": "hi"}]},
+    "max_tokens over the limit": {"messages": HELLO, "max_tokens": LIMITS.max_tokens + 1},
+    "n out of range": {"messages": HELLO, "n": 9},
+    "n over the slots": {"messages": HELLO, "n": 5},
+    "negative temperature": {"messages": HELLO, "temperature": -0.5},
+    "top_p zero": {"messages": HELLO, "top_p": 0},
+    "prompt too long": {"messages": [{"role": "user", "content": "word " * 300}]},
+    "messages not a list": {"messages": "hello"},
+}
+
+
+@pytest.mark.parametrize("body", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_malformed_request_gets_400_with_a_message_and_the_server_keeps_serving(url, client, body):
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert message.endswith(".") and len(message) > 10
+    assert ask(client, max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
+def test_invalid_json_gets_400(url, client):
+    response = httpx.post(f"{url}/v1/chat/completions", content=b'{"messages": [',
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="over this server's limit"):
+        ask(client, max_tokens=LIMITS.max_tokens + 100)
+
+
+def wait_for_counts(url: str, active: int, queued: int, timeout_s: float) -> dict:
+    """/health once it reports these counts, or as it is when the time is up."""
+    deadline = time.time() + timeout_s
+    while True:
+        health = httpx.get(f"{url}/health").json()
+        if (health["active"], health["queued"]) == (active, queued) or time.time() > deadline:
+            return health
+        time.sleep(0.05)
+
+
+def test_full_queue_answers_429_and_hanging_up_frees_the_slots(tiny_model):
+    """4 slots and a queue of 4: 8 long streams are taken, the 9th request is refused; once
+    the 8 clients hang up, their slots free within a step and the server answers again."""
+    engine = slowed(load_engine(str(tiny_model), "hf", slots=4, max_len=1024, dtype="fp32"))
+    body = {"messages": HELLO, "max_tokens": 800, "stream": True}
+    with running_server(engine, max_queue=4, limits=LIMITS) as url, httpx.Client(timeout=60) as http:
+        streams = []
+        try:
+            for _ in range(8):
+                stream = http.stream("POST", f"{url}/v1/chat/completions", json=body)
+                response = stream.__enter__()
+                streams.append(stream)
+                assert response.status_code == 200
+            health = wait_for_counts(url, active=4, queued=4, timeout_s=5)
+            assert (health["active"], health["queued"]) == (4, 4), health
+            refused = http.post(f"{url}/v1/chat/completions", json=body)
+            assert refused.status_code == 429 and refused.headers["retry-after"]
+            assert refused.json()["error"]["code"] == "queue_full"
+            with pytest.raises(openai.RateLimitError):
+                ask(openai_client(url))
+        finally:
+            for stream in streams:
+                stream.__exit__(None, None, None)  # hang up mid-answer
+        # 800 tokens at >= 20 ms a step would take 16 s: idle within 5 s means they were freed
+        assert wait_for_counts(url, 0, 0, timeout_s=5) == {**health, "active": 0, "queued": 0}
+        with pytest.raises(httpx.ReadTimeout):  # a plain (not streamed) request given up on
+            http.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
+        assert wait_for_counts(url, 0, 0, timeout_s=5)["active"] == 0
+        assert ask(openai_client(url), max_tokens=3).choices[0].finish_reason in ("stop", "length")
+
+
+def test_api_key_guards_v1_routes_and_load_switches_checkpoints(tiny_model, tmp_path):
+    """With --api-key: /v1 routes need the key, /health does not; /v1/models/load switches
+    the checkpoint without a restart and /v1/models then names the new one."""
+    import shutil
+
+    second = tmp_path / "second"
+    shutil.copytree(tiny_model, second)
+
+    def loader(name):
+        return load_engine(name, "hf", slots=2, max_len=1024, dtype="fp32")
+
+    with running_server(loader(str(tiny_model)), loader, api_key="s3cret", limits=LIMITS) as url:
+        keyed = openai_client(url, api_key="s3cret")
+        with pytest.raises(openai.AuthenticationError):
+            ask(openai_client(url, api_key="wrong"))
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200
+        load = f"{url}/v1/models/load"
+        assert httpx.post(load, json={"model": str(second)}).status_code == 401
+        headers = {"Authorization": "Bearer s3cret"}
+        missing = httpx.post(load, json={"model": str(tmp_path / "nope")}, headers=headers, timeout=120)
+        assert missing.status_code == 400 and "not found" in missing.json()["error"]["message"]
+        before = ask(keyed, max_tokens=6).choices[0].message.content
+        switched = httpx.post(load, json={"model": str(second)}, headers=headers, timeout=120)
+        assert switched.status_code == 200 and switched.json()["id"] == str(second)
+        assert [m.id for m in keyed.models.list().data] == [str(second)]
+        assert httpx.get(f"{url}/health").json()["model"] == str(second)
+        assert ask(keyed, max_tokens=6).choices[0].message.content == before  # same weights
+
+
+def test_switch_waits_for_running_answers_and_serves_the_queue_with_the_new_model(tiny_model, tmp_path):
+    """A load during an answer lets it finish whole; later requests get the new checkpoint."""
+    import shutil
+
+    second = tmp_path / "second"
+    shutil.copytree(tiny_model, second)
+
+    def loader(name):
+        return slowed(load_engine(name, "hf", slots=2, max_len=1024, dtype="fp32"))
+
+    with running_server(loader(str(tiny_model)), loader, limits=LIMITS) as url:
+        client = openai_client(url)
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(ask, client, max_tokens=60)  # >= 1.2 s at 20 ms a step
+            time.sleep(0.3)
+            switched = httpx.post(f"{url}/v1/models/load", json={"model": str(second)}, timeout=120)
+            answer = running.result()
+        assert switched.status_code == 200 and switched.json()["id"] == str(second)
+        assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 60
+        assert answer.model == str(tiny_model)
+        assert ask(client, max_tokens=2).model == str(second)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from serving.engines import ENGINES
 
@@ -102,8 +104,20 @@ def main(argv=None) -> int:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this port "
               "can use the model and switch it.", file=sys.stderr, flush=True)
     limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
-    app = create_app(Scheduler(engine, args.max_queue), loader, limits, args.api_key)
-    uvicorn_server(app).run(sockets=[sock])
+    scheduler = Scheduler(engine, args.max_queue, own_thread=False)
+    server = uvicorn_server(create_app(scheduler, loader, limits, args.api_key))
+    # HTTP on a thread, generation on the main thread (see Scheduler); Ctrl-C and SIGTERM reach
+    # the main thread and end both
+    web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    web.start()
+    try:
+        scheduler.run()  # returns when the app's shutdown stops the scheduler
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        web.join(timeout=10)
     return 0
 
 

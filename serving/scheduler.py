@@ -119,7 +119,7 @@ def stable_length(text: str, stops: list[str]) -> int:
 class Scheduler:
     """Owns the engine's slot decoder on one thread; `submit` requests from the event loop."""
 
-    def __init__(self, engine, max_queue: int = 64):
+    def __init__(self, engine, max_queue: int = 64, own_thread: bool = True):
         self.engine = engine
         self.max_queue = max_queue
         self.cond = threading.Condition()
@@ -129,18 +129,26 @@ class Scheduler:
         self.pending_swap: tuple | None = None  # (engine, threading.Event) until swapped
         self.stopping = False
         self.device: torch.device | None = None
-        self.thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        # the command line runs the loop on the main thread instead (`run`): decoding on another
+        # thread was twice as slow here (a second OpenMP team beside the main thread's)
+        self.thread = threading.Thread(target=self._run, name="scheduler", daemon=True) if own_thread else None
 
     # ---- the API's side -----------------------------------------------------------------------
 
     def start(self) -> None:
-        self.thread.start()
+        if self.thread is not None:
+            self.thread.start()
+
+    def run(self) -> None:
+        """Serve on the calling thread until `stop` (a scheduler made with own_thread=False)."""
+        self._run()
 
     def stop(self) -> None:
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
-        self.thread.join(timeout=30)
+        if self.thread is not None:
+            self.thread.join(timeout=30)
 
     def submit(self, request: Request) -> None:
         """Queue a request; raises QueueFull when it would wait behind `max_queue` others."""

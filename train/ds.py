@@ -28,11 +28,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+SOLO_MARKER = "RLHF_SOLO_GROUP_PID"
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or, without a launcher, start) the process group; returns (rank, world size)."""
-    if "RANK" not in os.environ:  # a plain `python -m train ...`: a group of one
+    # A plain `python -m train ...`: a group of one. The variables we set are inherited by any
+    # process this one starts (a server, a run from the app); the marker tells such a child that
+    # they are its parent's solo group, not a launcher's, so it makes its own (fresh port).
+    inherited_solo = os.environ.get(SOLO_MARKER, str(os.getpid())) != str(os.getpid())
+    if "RANK" not in os.environ or (inherited_solo and os.environ.get("WORLD_SIZE") == "1"):
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(_free_port()), **{SOLO_MARKER: str(os.getpid())})
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    verbose=False)

@@ -16,13 +16,9 @@ from tests.conftest import ROOT
 from tests.serving import openai_client
 
 
-# set in this process once a test started DeepSpeed here; a child must start its own group
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def user_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # as inherited: DeepSpeed variables this process set are the child's to replace (train/ds.py)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def serve(*args: str) -> subprocess.Popen:

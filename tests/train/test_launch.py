@@ -1,6 +1,7 @@
 """Runs started as subprocesses, watched through their folders, stopped by signal; what the
 Runs tab shows of a run folder (progress, metric points, samples) and resuming it."""
 import json
+import os
 import time
 
 import pytest
@@ -100,3 +101,25 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
     (tmp_path / "sft1" / "config.yaml").write_text("# step: sft\n" + to_yaml(SFTConfig(output="x")))
     assert "no checkpoint to resume from" in launch.resume_run(tmp_path, "sft1")
     assert launch.resume_run(tmp_path, None) == "Pick a run to resume."
+
+
+def test_a_run_started_by_a_process_with_its_own_deepspeed_group_makes_a_new_one(tiny_model, sft_file, tmp_path):
+    """The parent's solo group variables (its port is taken) are inherited; the child must not
+    try to join that group."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from train.ds import SOLO_MARKER
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(taken.getsockname()[1]), SOLO_MARKER: "1"}
+        done = subprocess.run([sys.executable, "-m", "train", "sft", "--model", str(tiny_model), "--data",
+                               str(sft_file), "--output", str(tmp_path / "run"), "--max-steps", "1",
+                               "--batch-size", "2", "--no-tensorboard"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -189,6 +189,32 @@ def bench_server(what: str, cmd: list[str], env: dict, args, prompts, cores: int
         process.wait(timeout=60)
 
 
+def static_batch_tokens_per_s(prompts: list[list[dict]], max_tokens: int, batch: int = 16) -> float:
+    """HF `generate` bf16 on one left-padded batch of the first `batch` prompts, greedy, stopping
+    at end of turn: generated tokens (up to each row's end) per second, after a warm-up. No
+    server: the ceiling a static batch of `generate` reaches on the same prompts."""
+    import torch
+    from train.hybrid import pad_left
+    from train.models import load_causal_lm, load_tokenizer, resolve_model
+
+    path = resolve_model("default")
+    tokenizer, lm = load_tokenizer(path), load_causal_lm(path, dtype=torch.bfloat16).eval()
+    ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
+           for p in prompts[:batch]]
+    input_ids, mask = pad_left(ids, tokenizer.pad_token_id)
+    with torch.inference_mode():
+        lm.generate(input_ids[:2], attention_mask=mask[:2], max_new_tokens=4, do_sample=False)  # warm-up
+        tic = time.perf_counter()
+        out = lm.generate(input_ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                          top_k=None, top_p=None, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+        seconds = time.perf_counter() - tic
+    new = out[:, input_ids.shape[1]:]
+    ended = (new == tokenizer.eos_token_id).long()
+    kept = ((ended.cumsum(1) - ended) == 0).sum().item()  # tokens up to each row's end of turn
+    return kept / seconds
+
+
 def main() -> None:
     args = parse_args()
     cores, env = bench_env()
@@ -215,8 +241,12 @@ def main() -> None:
         print(f"{mine['clients']:>7} | {mine['tokens_per_s']:>10.1f} {mine['p50_s']:>6.2f} "
               f"{mine['p95_s']:>6.2f} | {theirs['tokens_per_s']:>8.1f} {theirs['p50_s']:>6.2f} "
               f"{theirs['p95_s']:>6.2f} | {mine['ratio_tokens_per_s']:>5.2f}")
+    static = static_batch_tokens_per_s(prompts, args.max_tokens)
+    at16 = next((m["tokens_per_s"] for m in ours if m["clients"] == 16), None)
+    print(f"\nHF generate bf16, one static batch of the first 16 prompts (no server): {static:.1f} tokens/s"
+          + (f"; ours at 16 clients / that: {at16 / static:.2f}x" if at16 else ""))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    RESULTS.write_text(json.dumps({"hf_generate_static_batch16_tokens_per_s": static,
         "cores": cores, "torch": torch.__version__, "model": "SmolLM2-135M-Instruct",
         "precision": "bf16", "max_tokens": args.max_tokens, "quick": args.quick,
         "ours": ours, "baseline_hf_generate": base}, indent=2) + "\n")

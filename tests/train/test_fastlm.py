@@ -81,20 +81,31 @@ def test_prefill_groups_bound_padding_and_cover_every_prompt():
     assert [5] in groups  # the long prompt is alone, not padding the short ones
 
 
-@pytest.mark.slow
-def test_default_model_bf16_greedy_equals_hugging_face_generate(default_model):
-    tokenizer = models.load_tokenizer(str(default_model))
-    lm = models.load_causal_lm(str(default_model), dtype=torch.bfloat16).eval()
-    prompts = chat_prompts(tokenizer, ["What is the capital of France?", "Write a haiku about rain.",
-                                       "Explain gravity to a child in two sentences.", "hi"])
-    sampling = Sampling(32, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+def assert_greedy_matches_hugging_face(lm, tokenizer, texts, new_tokens):
+    """`generate` (the rollout path) against the model's own `generate`, prompt by prompt."""
+    prompts = chat_prompts(tokenizer, texts)
+    sampling = Sampling(new_tokens, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
     _, _, ours, mask = generate(lm, prompts, sampling)
     for row, prompt in enumerate(prompts):
-        out = lm.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+        out = lm.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         expected = out[0, len(prompt):].tolist()
         assert ours[row, :len(expected)].tolist() == expected
         assert mask[row].sum().item() == len(expected)
+
+
+def test_rollout_greedy_equals_hugging_face_generate(tiny_model):
+    lm = models.load_causal_lm(str(tiny_model)).eval()
+    assert_greedy_matches_hugging_face(lm, models.load_tokenizer(str(tiny_model)),
+                                       ["Hi", "Tell me a long story about the sea and its ships, please."], 12)
+
+
+@pytest.mark.slow
+def test_default_model_bf16_greedy_equals_hugging_face_generate(default_model):
+    lm = models.load_causal_lm(str(default_model), dtype=torch.bfloat16).eval()
+    assert_greedy_matches_hugging_face(lm, models.load_tokenizer(str(default_model)),
+                                       ["What is the capital of France?", "Write a haiku about rain.",
+                                        "Explain gravity to a child in two sentences.", "hi"], 32)
 
 
 def test_sampling_follows_the_distribution_and_top_p_cuts_its_tail():

@@ -38,22 +38,6 @@ def test_adaptive_kl_controller_moves_towards_the_target():
     assert adaptive.value == pytest.approx(0.102 * 0.98)
 
 
-def test_greedy_generation_matches_hugging_face_token_for_token(tiny_model):
-    tokenizer = models.load_tokenizer(str(tiny_model))
-    lm = models.load_causal_lm(str(tiny_model)).eval()
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False)
-               for text in ("Hi", "Tell me a long story about the sea and its ships, please.")]
-    sampling = Sampling(12, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
-    _, _, ours, mask = generate(lm, prompts, sampling)
-    for row, prompt in enumerate(prompts):
-        reference = lm.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        expected = reference[0, len(prompt):].tolist()
-        assert ours[row, :len(expected)].tolist() == expected
-        assert mask[row].sum().item() == len(expected)
-
-
 def test_each_response_stops_at_its_end_of_turn_token(tiny_model):
     tokenizer = models.load_tokenizer(str(tiny_model))
     lm = models.load_causal_lm(str(tiny_model)).eval()

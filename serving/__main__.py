@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     # HTTP on a thread, generation on the main thread (see Scheduler); Ctrl-C and SIGTERM reach
     # the main thread and end both
     web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # also where the parent ignored SIGINT
+        signal.signal(stop_signal, signal.default_int_handler)
     web.start()
     try:
         scheduler.run()  # returns when the app's shutdown stops the scheduler

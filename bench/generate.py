@@ -60,6 +60,8 @@ def read_bandwidth_gbs() -> float:
 
 def rollout_prompts(tokenizer, count: int) -> list[list[int]]:
     """`count` chat prompts of 80-120 tokens from the alpaca demo set (cycled if too few)."""
+    if not DATA.exists():
+        raise SystemExit(f"error: {DATA} is missing: bench/generate.py reads its prompts from ../shared/data.")
     records = json.loads(DATA.read_text(encoding="utf-8"))
     prompts = []
     for record in records:
@@ -90,7 +92,6 @@ def ours_rollout(model, prompts, new_tokens: int, seed: int = 0) -> tuple[float,
 
 def hf_rollout(model, prompts, new_tokens: int, batch: int, pad_id: int) -> float:
     """Seconds for all prompts through `generate`, `batch` at a time, left-padded."""
-    import torch
     from train.hybrid import pad_left
 
     tic = time.perf_counter()
@@ -105,7 +106,6 @@ def hf_rollout(model, prompts, new_tokens: int, batch: int, pad_id: int) -> floa
 
 def ours_decode_rate(model, prompt, tokens: int) -> float:
     """Batch-1 greedy decode steps per second (prefill excluded)."""
-    import torch
     from train.fastlm import SlotDecoder
 
     decoder = SlotDecoder(model, 1, len(prompt) + tokens + 1)

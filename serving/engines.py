@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from train.models import ModelError, load_tokenizer, resolve_model
+from train.models import ModelError, load_causal_lm, load_tokenizer, resolve_model
 
 ENGINES = ("auto", "mii", "ds-inference", "hf")
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -135,16 +135,9 @@ def serving_dtype(wanted: str = "auto") -> torch.dtype:
 
 def load_weights(path: str, dtype: torch.dtype):
     """(model in eval mode on the serving device, dtype), from safetensors only."""
-    from transformers import AutoModelForCausalLM
-
     from train import ds
 
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as err:
-        raise EngineError(f"could not load {path} ({str(err).splitlines()[0]}): pass a folder "
-                          "with config.json and safetensors weights, or 'default'.") from None
-    return lm.to(ds.device()).eval(), dtype
+    return load_causal_lm(path, dtype, safetensors_only=True).to(ds.device()).eval(), dtype
 
 
 def ds_inference_module(lm, dtype):

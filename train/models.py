@@ -143,14 +143,17 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_causal_lm(path: str, dtype=None):
+def load_causal_lm(path: str, dtype=None, safetensors_only: bool = False):
+    """The model in `dtype` (fp32 by default); `safetensors_only` never unpickles weights."""
     from transformers import AutoModelForCausalLM
 
+    extra = {"use_safetensors": True} if safetensors_only else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    except OSError as err:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **extra)
+    except (OSError, ValueError) as err:
         raise ModelError(f"could not load model {path} ({str(err).splitlines()[0]}): pass a local "
-                         "folder, or check the hub name and network access.") from None
+                         "folder with config.json and safetensors weights, or check the hub name "
+                         "and network access.") from None
 
 
 # ---- LoRA -----------------------------------------------------------------------------------------

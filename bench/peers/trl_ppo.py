@@ -26,17 +26,14 @@ import os
 import time
 
 import torch
+from driver import driver_parser
 
 TRL_VERSION = "1.12.0"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    for name in ("--model", "--data", "--output", "--result"):
-        parser.add_argument(name, required=True)
-    for name in ("--steps", "--rollout-batch-size", "--batch-size", "--ppo-epochs",
-                 "--max-prompt-len", "--max-new-tokens", "--seed", "--threads"):
-        parser.add_argument(name, type=int, required=True)
+    parser = driver_parser("--steps", "--rollout-batch-size", "--batch-size", "--ppo-epochs",
+                           "--max-prompt-len", "--max-new-tokens", "--seed", "--threads")
     parser.add_argument("--temperature", type=float, required=True)
     args = parser.parse_args()
     if args.rollout_batch_size % args.batch_size:

@@ -5,20 +5,15 @@ prompt-completion records from --data, trains --steps optimizer steps on the CPU
 autocast and otherwise TRL's defaults, and writes per-step times and non-padding token counts
 to --result as JSON.
 """
-import argparse
 import json
 import time
 
 import torch
+from driver import driver_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    for name in ("--model", "--data", "--output", "--result"):
-        parser.add_argument(name, required=True)
-    for name in ("--steps", "--batch-size", "--max-seq-len", "--seed", "--threads"):
-        parser.add_argument(name, type=int, required=True)
-    args = parser.parse_args()
+    args = driver_parser("--steps", "--batch-size", "--max-seq-len", "--seed", "--threads").parse_args()
     torch.set_num_threads(args.threads)
 
     import transformers

@@ -1,0 +1,15 @@
+"""What every peer driver in this folder shares: its command line. The drivers run as scripts
+(possibly with another venv's python), so they import this as a sibling module."""
+import argparse
+
+PATHS = ("--model", "--data", "--output", "--result")
+
+
+def driver_parser(*int_options: str) -> argparse.ArgumentParser:
+    """The four paths every driver takes, plus its required integer options."""
+    parser = argparse.ArgumentParser()
+    for name in PATHS:
+        parser.add_argument(name, required=True)
+    for name in int_options:
+        parser.add_argument(name, type=int, required=True)
+    return parser

@@ -25,6 +25,8 @@ from statistics import mean
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `train` imports from any working directory
+import train  # noqa: E402,F401  its memory settings (train/__init__.py) precede torch's first allocation
+
 DATA = ROOT.parent / "shared" / "data" / "llamafactory_alpaca_en_demo.json"
 PEERS = ROOT / "bench" / "requirements-peers.txt"
 PEER_VENV = ROOT / "bench" / ".peer-venv"

@@ -11,3 +11,5 @@
 
 Imports nothing from chat/ or app.py: the app talks to this server over HTTP only.
 """
+
+import train  # noqa: E402,F401  its memory settings (train/__init__.py) precede torch's first allocation

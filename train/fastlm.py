@@ -267,17 +267,20 @@ class SlotDecoder:
             for slot in slot_ids:
                 self._lengths[slot] += 1
             return logits
-        order = self._gather_to_front(slot_ids)  # row of each listed slot, all < n
+        rows = self._gather_to_front(slot_ids)  # row of each listed slot, all < n
         n = len(slot_ids)
-        by_row = torch.empty(n, dtype=torch.long, device=tokens.device)
-        by_row[order] = tokens
+        in_order = rows == list(range(n))  # the usual case: no reordering of (n, V) logits
+        order = torch.tensor(rows)
+        by_row = tokens
+        if not in_order:
+            by_row = torch.empty_like(tokens).index_copy_(0, order.to(tokens.device), tokens)
         pos = torch.tensor([self._lengths[self._slot_of[row]] for row in range(n)])
         logits = self._impl.decode(by_row.to(self._impl.device), pos.to(self._impl.device))
         for slot in slot_ids:
             self._lengths[slot] += 1
-        return logits[order.to(logits.device)]
+        return logits if in_order else logits[order.to(logits.device)]
 
-    def _gather_to_front(self, slot_ids: list[int]) -> torch.Tensor:
+    def _gather_to_front(self, slot_ids: list[int]) -> list[int]:
         """Move the listed slots into cache rows 0..n-1 (swapping out whoever is there)."""
         n = len(slot_ids)
         listed = set(slot_ids)
@@ -285,7 +288,7 @@ class SlotDecoder:
         for slot in slot_ids:
             if self._row_of[slot] >= n:
                 self._swap(self._row_of[slot], free_rows.pop())
-        return torch.tensor([self._row_of[slot] for slot in slot_ids])
+        return [self._row_of[slot] for slot in slot_ids]
 
     def _swap(self, a: int, b: int) -> None:
         slot_a, slot_b = self._slot_of[a], self._slot_of[b]

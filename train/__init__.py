@@ -7,8 +7,9 @@ every step cost more than a second of a 12 s rollout phase.
 - THP_MEM_ALLOC_ENABLE=1: torch's CPU allocator backs buffers of 2 MB and more with huge pages.
 - `keep_freed_memory()`: glibc keeps freed blocks for reuse instead of giving each one over
   128 KB back to the system.
-Minor faults in a 64x128-token rollout went from 490,000-620,000 to 12,000-19,000, and the
-rollout from 12.5-13.6 s to 10-12 s; SFT steps ran 10-20% faster (bench/README.md).
+In a 64x128-token rollout, minor faults fell from 220,000-620,000 to 12,000-19,000 and the
+time by about 9% (means of four interleaved runs, 13.1 -> 11.9 s), with no growth in peak
+memory; SFT steps ran 10-20% faster (bench/README.md).
 RLHF_SYSTEM_MALLOC=1 leaves both as the system has them.
 """
 import ctypes

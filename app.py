@@ -124,9 +124,12 @@ def plot_update(points: tuple[pd.DataFrame, list[str]]) -> dict:
 
 
 def run_view(name: str | None):
-    """The Runs tab's outputs for one run: progress, metrics plot, log, time-split plot, samples."""
+    """The Runs tab's outputs for one run: progress, metrics plot, log, time-split plot, samples.
+    The two PPO views are shown only for a run that has PPO steps."""
     progress, metrics, log, time_split, samples = launch.run_view(RUNS, name)
-    return progress, plot_update(metrics), log, plot_update(time_split), samples
+    ppo = bool(time_split[1])
+    return (progress, plot_update(metrics), log, {**plot_update(time_split), "visible": ppo},
+            gr.update(value=samples, visible=ppo))
 
 
 def build_runs_tab():

@@ -54,6 +54,22 @@ def test_every_step_has_a_form_and_a_command():
 
 def test_run_view_turns_points_into_plot_updates():
     progress, points, log, time_split, samples = app.run_view("no-such-run")
-    assert "No run named" in progress and log == "" and samples.empty
+    assert "No run named" in progress and log == "" and samples["value"].empty
     assert points["value"]["value"].isna().all() and points["colors_in_legend"] == []
     assert time_split["colors_in_legend"] == []
+
+
+def test_run_view_shows_the_ppo_views_only_for_a_ppo_run(tmp_path, monkeypatch):
+    (tmp_path / "sft1").mkdir()
+    (tmp_path / "sft1" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (tmp_path / "ppo1").mkdir()
+    (tmp_path / "ppo1" / "metrics.jsonl").write_text(
+        '{"step": 1, "reward": 0.5, "time_generate_s": 3.0, "time_score_s": 1.0, "time_train_s": 2.0}\n')
+    monkeypatch.setattr(app, "RUNS", str(tmp_path))
+    monkeypatch.setattr(app.launch, "list_runs", lambda root: [{"name": "sft1"}, {"name": "ppo1"}])
+    monkeypatch.setattr(app.launch, "progress_html", lambda row: row["name"])
+    *_, sft_time_split, sft_samples = app.run_view("sft1")
+    *_, ppo_time_split, ppo_samples = app.run_view("ppo1")
+    assert sft_time_split["visible"] is False and sft_samples["visible"] is False
+    assert ppo_time_split["visible"] is True and ppo_samples["visible"] is True
+    assert ppo_time_split["colors_in_legend"] == ["time_generate_s", "time_score_s", "time_train_s"]

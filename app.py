@@ -117,10 +117,10 @@ def build_train_tab(step: str = "sft") -> dict[str, gr.components.Component]:
     return form
 
 
-def plot_update(points: tuple[pd.DataFrame, list[str]]) -> dict:
+def plot_update(points: tuple[pd.DataFrame, list[str]], visible: bool = True) -> dict:
     """A line plot's update from launch.metric_points: its rows, and a legend of the series present."""
     frame, present = points
-    return gr.update(value=frame, colors_in_legend=present)
+    return gr.update(value=frame, colors_in_legend=present, visible=visible)
 
 
 def run_view(name: str | None):
@@ -128,7 +128,7 @@ def run_view(name: str | None):
     The two PPO views are shown only for a run that has PPO steps."""
     progress, metrics, log, time_split, samples = launch.run_view(RUNS, name)
     ppo = bool(time_split[1])
-    return (progress, plot_update(metrics), log, {**plot_update(time_split), "visible": ppo},
+    return (progress, plot_update(metrics), log, plot_update(time_split, visible=ppo),
             gr.update(value=samples, visible=ppo))
 
 

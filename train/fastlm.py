@@ -167,8 +167,9 @@ class _FusedLlama:
         last = h[torch.arange(m, device=self.device), lengths - 1]
         return self._logits(last)
 
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One token for each of cache rows 0..n-1 at positions `pos` (n,); (n, V) logits."""
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """One token for each of cache rows 0..n-1 at positions `pos` (n,); (n, V) logits of rows
+        `order` (the final hidden states are reordered, 576 values a row instead of 49k logits)."""
         n, d = tokens.shape[0], self.head_dim
         width = int(pos.max()) + 1
         rows = torch.arange(n, device=self.device)
@@ -191,7 +192,7 @@ class _FusedLlama:
             attn = torch.bmm(probs, values[:n, :, :width].reshape(n * self.kv_heads, width, d))
             h = layer.o.add_to(attn.view(n, -1).to(self.dtype), h)
             h = self._mlp(layer, h)
-        return self._logits(h)
+        return self._logits(h[order])
 
 
 class _PerSlotHF:
@@ -267,18 +268,15 @@ class SlotDecoder:
             for slot in slot_ids:
                 self._lengths[slot] += 1
             return logits
-        rows = self._gather_to_front(slot_ids)  # row of each listed slot, all < n
+        dev = self._impl.device
         n = len(slot_ids)
-        in_order = rows == list(range(n))  # the usual case: no reordering of (n, V) logits
-        order = torch.tensor(rows)
-        by_row = tokens
-        if not in_order:
-            by_row = torch.empty_like(tokens).index_copy_(0, order.to(tokens.device), tokens)
-        pos = torch.tensor([self._lengths[self._slot_of[row]] for row in range(n)])
-        logits = self._impl.decode(by_row.to(self._impl.device), pos.to(self._impl.device))
+        order = torch.tensor(self._gather_to_front(slot_ids), device=dev)  # row of each listed slot, < n
+        by_row = torch.empty(n, dtype=torch.long, device=dev).index_copy_(0, order, tokens.to(dev))
+        pos = torch.tensor([self._lengths[self._slot_of[row]] for row in range(n)], device=dev)
+        logits = self._impl.decode(by_row, pos, order)
         for slot in slot_ids:
             self._lengths[slot] += 1
-        return logits if in_order else logits[order.to(logits.device)]
+        return logits
 
     def _gather_to_front(self, slot_ids: list[int]) -> list[int]:
         """Move the listed slots into cache rows 0..n-1 (swapping out whoever is there)."""

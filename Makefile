@@ -19,7 +19,7 @@ setup: $(STAMP) model
 
 # The built-in model (SmolLM2-135M-Instruct), converted once into $RLHF_HOME/models.
 model: $(STAMP)
-	$(BIN)/python -m train.models
+	$(BIN)/python -m core.models
 
 # The browser test drives Debian's chromium through the playwright package (requirements.txt;
 # never `playwright install`, which downloads a browser build of its own).

@@ -10,6 +10,8 @@ folders; RLHF_CHAT_ENGINE picks the serving engine, default auto).
 from __future__ import annotations
 
 import dataclasses
+import html
+import json
 import os
 import shlex
 import signal
@@ -21,16 +23,18 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from chat import ratings
 from chat.client import ServerError
 from chat.conversation import (ArenaSession, ChatSession, chat_checkpoints, new_sampling,
                                stream_answer, stream_round)
 from chat.server import ServerPool
+from core import leaderboard, ratings
+from core.options import ConfigError, build
+from core.paths import rlhf_home, runs_dir
+from core.runs import RunInfo, list_runs, read_metrics
 from train import config, data, launch
-from train.paths import rlhf_home
 
 ROOT = Path(__file__).resolve().parent
-RUNS = Path(os.environ.get("RLHF_RUNS_DIR", ROOT / "runs")).resolve()
+RUNS = runs_dir()
 VERDICTS = (("A is better", "A"), ("B is better", "B"), ("Tie", "tie"), ("Both are bad", "both_bad"))
 ARENA_MODES = ("two samples of one checkpoint", "two checkpoints")
 
@@ -61,7 +65,7 @@ def field_component(step: str, f: dataclasses.Field, kind, default):
 
 def config_form(step: str) -> dict[str, gr.components.Component]:
     """One input per option of the step, with the option's default and help text."""
-    cls = config.STEPS[step]
+    cls = config.STAGES[step]
     types = typing.get_type_hints(cls)
     components = {}
     for f in dataclasses.fields(cls):
@@ -72,11 +76,11 @@ def config_form(step: str) -> dict[str, gr.components.Component]:
 
 def form_config(step: str, names: list[str], values: tuple):
     """The config the form describes; bad values raise ConfigError naming the field."""
-    return config.build(config.STEPS[step], dict(zip(names, values)))
+    return build(config.STAGES[step], dict(zip(names, values)))
 
 
 def build_train_tab(step: str = "sft") -> dict[str, gr.components.Component]:
-    cls = config.STEPS[step]
+    cls = config.STAGES[step]
     gr.Markdown(f"### {cls.__doc__.splitlines()[0]}\nFill the form, check the command, start. "
                 "The run appears in the Runs tab.")
     with gr.Row():
@@ -92,7 +96,7 @@ def build_train_tab(step: str = "sft") -> dict[str, gr.components.Component]:
     def on_show(*values):
         try:
             return shlex.join(launch.command(step, form_config(step, names, values))), ""
-        except config.ConfigError as err:
+        except ConfigError as err:
             return "", f"**Cannot build the command:** {err}"
 
     def on_start(*values):
@@ -100,7 +104,7 @@ def build_train_tab(step: str = "sft") -> dict[str, gr.components.Component]:
             cfg = form_config(step, names, values)
             launch.start(step, cfg)
             return shlex.join(launch.command(step, cfg)), f"Started **{cfg.output}**: see the Runs tab."
-        except config.ConfigError as err:
+        except ConfigError as err:
             return "", f"**Not started:** {err}"
 
     def on_preview(*values):
@@ -117,6 +121,85 @@ def build_train_tab(step: str = "sft") -> dict[str, gr.components.Component]:
     return form
 
 
+# ---- the Runs tab's views of a run folder ----------------------------------------------------
+
+PLOTTED = ("loss", "eval_loss", "accuracy", "eval_accuracy", "reward", "eval_reward", "kl",
+           "value_loss", "response_length")
+TIME_SPLIT = ("time_generate_s", "time_score_s", "time_train_s", "time_switch_s")
+
+
+def run_row(run: RunInfo) -> dict:
+    """What the runs table and the progress bar show of one run."""
+    status = run.status
+    return {"name": run.name, "stage": run.stage or "?", "state": run.state,
+            "step": status.get("step", 0) or 0, "total_steps": status.get("total_steps") or 0,
+            "eta_s": status.get("eta_s"), "error": run.error}
+
+
+def runs_table(root: str | Path) -> pd.DataFrame:
+    """One row per run under `root`: name, stage, state, progress (step/total), ETA and error."""
+    rows = [run_row(run) for run in list_runs(root)]
+    for row in rows:
+        total = row["total_steps"]
+        row["progress"] = f"{row['step']}/{total}" if total else "-"
+        row["eta"] = f"{row['eta_s']:.0f} s" if row["state"] == "running" and row["eta_s"] else ""
+    columns = ["name", "stage", "state", "progress", "eta", "error"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def progress_html(row: dict) -> str:
+    """A run's state, step of total, ETA and failure reason over a progress bar (HTML)."""
+    total, step = row["total_steps"], row["step"]
+    share = 100 if row["state"] == "done" else (100 * step / total if total else 0)
+    eta = f", about {row['eta_s']:.0f} s left" if row["state"] == "running" and row["eta_s"] else ""
+    failed = f"<p><b>Failed:</b> {html.escape(row['error'])}</p>" if row["error"] else ""
+    return (f"<div><b>{html.escape(row['name'])}</b>: {row['state']}, step {step} of "
+            f"{total or '?'}{eta}</div>"
+            f"<progress max='100' value='{share:.0f}' style='width:100%'></progress>{failed}")
+
+
+PLOTTED = ("loss", "eval_loss", "accuracy", "eval_accuracy", "reward", "eval_reward", "kl",
+           "value_loss", "response_length")
+TIME_SPLIT = ("time_generate_s", "time_score_s", "time_train_s", "time_switch_s")
+
+
+def metric_points(folder: Path | None, keys) -> tuple[pd.DataFrame, list[str]]:
+    """(step, value, series) rows of a line plot, typed even when empty, and the series present.
+    A plot fixes its colour domain from the first data it draws, so every absent key gets a NaN
+    row (not drawn); the legend should list only the series present."""
+    metrics = read_metrics(folder) if folder else []
+    points = [{"step": m["step"], "value": m[key], "series": key}
+              for m in metrics for key in keys if key in m]
+    present = [key for key in keys if any(key in m for m in metrics)]
+    points += [{"step": 0, "value": float("nan"), "series": key} for key in keys if key not in present]
+    frame = pd.DataFrame(points, columns=["step", "value", "series"])
+    return frame.astype({"step": float, "value": float, "series": str}), present
+
+
+def ppo_samples(folder: Path | None, count: int = 8) -> pd.DataFrame:
+    """The latest PPO rollouts of a run (samples.jsonl), newest last."""
+    rows = []
+    for line in launch.tail(folder / "samples.jsonl", count).splitlines() if folder else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by the tail's window or being written
+            continue
+    return pd.DataFrame(rows, columns=["step", "reward", "prompt", "response"])
+
+
+def runs_view(root: str | Path, name: str | None):
+    """(progress HTML, metric points, log tail, time-split points, PPO samples) of one run;
+    points as metric_points returns them."""
+    empty = metric_points(None, ())
+    run = RunInfo.load(Path(root) / name) if name else None
+    if run is None:
+        message = f"No run named {name}." if name else "Pick a run."
+        return message, empty, "", empty, ppo_samples(None)
+    log = launch.tail(run.path / "train.log") or launch.tail(run.path / "console.log")
+    return (progress_html(run_row(run)), metric_points(run.path, PLOTTED), log,
+            metric_points(run.path, TIME_SPLIT), ppo_samples(run.path))
+
+
 def plot_update(points: tuple[pd.DataFrame, list[str]], visible: bool = True) -> dict:
     """A line plot's update from launch.metric_points: its rows, and a legend of the series present."""
     frame, present = points
@@ -126,16 +209,16 @@ def plot_update(points: tuple[pd.DataFrame, list[str]], visible: bool = True) ->
 def run_view(name: str | None):
     """The Runs tab's outputs for one run: progress, metrics plot, log, time-split plot, samples.
     The two PPO views are shown only for a run that has PPO steps."""
-    progress, metrics, log, time_split, samples = launch.run_view(RUNS, name)
+    progress, metrics, log, time_split, samples = runs_view(RUNS, name)
     ppo = bool(time_split[1])
     return (progress, plot_update(metrics), log, plot_update(time_split, visible=ppo),
             gr.update(value=samples, visible=ppo))
 
 
 def build_runs_tab():
-    table = gr.Dataframe(launch.runs_table(RUNS), label="runs", interactive=False)
+    table = gr.Dataframe(runs_table(RUNS), label="runs", interactive=False)
     with gr.Row():
-        pick = gr.Dropdown([r["name"] for r in launch.list_runs(RUNS)], label="run", scale=3,
+        pick = gr.Dropdown([r.name for r in list_runs(RUNS)], label="run", scale=3,
                            elem_id="runs-pick")
         stop = gr.Button("Stop", scale=1)
         resume = gr.Button("Resume", scale=1)
@@ -149,8 +232,8 @@ def build_runs_tab():
     outputs = [progress, plot, log, time_plot, samples]
 
     def refresh(name):
-        names = [r["name"] for r in launch.list_runs(RUNS)]
-        return (launch.runs_table(RUNS), gr.update(choices=names), *run_view(name))
+        names = [r.name for r in list_runs(RUNS)]
+        return (runs_table(RUNS), gr.update(choices=names), *run_view(name))
 
     def on_stop(name):
         if name and launch.stop(RUNS / name):
@@ -158,10 +241,13 @@ def build_runs_tab():
         return "Nothing to stop."
 
     def on_resume(name):
+        if not name:
+            return "Pick a run to resume."
         try:
-            return launch.resume_run(RUNS, name)
-        except config.ConfigError as err:
+            launch.resume(RUNS / name)
+        except ConfigError as err:
             return f"**Not resumed:** {err}"
+        return f"Resuming **{name}** from its last checkpoint."
 
     gr.Timer(2.0).tick(refresh, pick, [table, pick, *outputs])
     pick.change(run_view, pick, outputs)
@@ -328,9 +414,27 @@ def _voter(on_vote, verdict: str):
     return vote
 
 
+def ratings_overview(path=None, latest: int = 500):
+    """What the app's Ratings tab shows: (a line counting votes by verdict, a table of the latest
+    votes, the leaderboard table of core/leaderboard.py); the tables are pandas DataFrames."""
+    stored = ratings.rows(path)
+    tally = ratings.counts(path)
+    line = (f"{tally['total']} votes: "
+            + ", ".join(f"{tally[v]} {v}" for v in ratings.COMPARISON_VERDICTS + ratings.THUMB_VERDICTS)
+            + f"; {tally['exportable']} exportable preference pairs.")
+    columns = ["id", "time", "verdict", "model A", "model B", "last user turn", "answer A", "answer B"]
+    table = pd.DataFrame([(r["id"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])),
+                           r["verdict"], r["model_a"], r["model_b"] or "",
+                           r["conversation"][-1]["content"][:120], r["answer_a"][:200],
+                           (r["answer_b"] or "")[:200]) for r in stored[:latest]], columns=columns)
+    board = pd.DataFrame(leaderboard.leaderboard(leaderboard.votes_from_ratings(stored)),
+                         columns=["model", "strength", "ci_low", "ci_high", "games", "wins"])
+    return line, table, board.round(3)
+
+
 def safe_ratings_view():
     try:
-        return ratings.overview()
+        return ratings_overview()
     except ratings.RatingsError as err:
         return f"**Cannot read the ratings store:** {err}", None, None
 

@@ -1,4 +1,4 @@
-"""Generation speed: our decoder (train/fastlm.py, what PPO rollouts and the server use) against
+"""Generation speed: our decoder (core/decoder.py, what PPO rollouts and the server use) against
 Hugging Face `generate`, default model, one process, one run.
 
     python bench/generate.py [--prompts 64] [--new-tokens 128] [--hf-batches 16,32,64] [--quick]
@@ -78,8 +78,9 @@ def rollout_prompts(tokenizer, count: int) -> list[list[int]]:
 def ours_rollout(model, prompts, new_tokens: int, seed: int = 0) -> tuple[float, float]:
     """(seconds including the weight layout, of which the layout) for the whole batch."""
     import torch
-    from train.fastlm import SlotDecoder
-    from train.hybrid import Sampling, decode_batch
+    from core.decoder import SlotDecoder
+    from core.sampling import Sampling
+    from train.rollout import decode_batch
 
     sampling = Sampling(new_tokens, 1.0, 1.0, eos_token_id=-1, pad_token_id=0)  # never stops early
     tic = time.perf_counter()
@@ -92,11 +93,11 @@ def ours_rollout(model, prompts, new_tokens: int, seed: int = 0) -> tuple[float,
 
 def hf_rollout(model, prompts, new_tokens: int, batch: int, pad_id: int) -> float:
     """Seconds for all prompts through `generate`, `batch` at a time, left-padded."""
-    from train.hybrid import pad_left
+    from core.sampling import pad
 
     tic = time.perf_counter()
     for start in range(0, len(prompts), batch):
-        ids, mask = pad_left(prompts[start:start + batch], pad_id)
+        ids, mask = pad(prompts[start:start + batch], pad_id, left=True)
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
                              top_k=None, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              pad_token_id=pad_id)
@@ -106,7 +107,7 @@ def hf_rollout(model, prompts, new_tokens: int, batch: int, pad_id: int) -> floa
 
 def ours_decode_rate(model, prompt, tokens: int) -> float:
     """Batch-1 greedy decode steps per second (prefill excluded)."""
-    from train.fastlm import SlotDecoder
+    from core.decoder import SlotDecoder
 
     decoder = SlotDecoder(model, 1, len(prompt) + tokens + 1)
     token = decoder.prefill([0], [prompt]).argmax(-1)
@@ -133,7 +134,7 @@ def main() -> None:
     args = parse_args()
     threads, _ = bench_env()
     import torch
-    from train import models
+    from core import models
 
     torch.set_num_threads(threads)
     path = str(models.resolve_model("default"))

@@ -11,7 +11,7 @@ The issue's full size (64 built-in prompts per step, up to 128 sampled tokens; s
     python bench/ppo.py --steps 3 --rollout-batch-size 64 --batch-size 8 --max-new-tokens 128
 
 Ours and the HF-rollout peer are the normal command line (`python -m train ppo ...
---generation hybrid|hf`); the reward model is the built-in model with a fresh value head (its
+--rollout-engine fused|hf`); the reward model is the built-in model with a fresh value head (its
 scores do not matter for timing). TRL runs through bench/peers/trl_ppo.py (how it is set up is
 said there): one TRL update is one PPO step of ours, with the same rollouts per step, minibatch,
 PPO epochs (our default), prompt length limit, response length, temperature 1.0 and stop at the
@@ -70,14 +70,14 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def run_ours(generation: str, args, folder: Path, env: dict, threads: int) -> dict:
+def run_ours(rollout_engine: str, args, folder: Path, env: dict, threads: int) -> dict:
     cmd = [sys.executable, "-m", "train", "ppo", "--actor", "default", "--reward", "default",
            "--data", PROMPTS, "--output", str(folder), "--overwrite",
            "--max-steps", str(args.steps + 1), "--rollout-batch-size", str(args.rollout_batch_size),
            "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
            "--temperature", "1.0", "--max-eval-samples", "0", "--save-every", "0", "--no-tensorboard",
-           "--generation", generation, "--seed", "7"]
-    others = run(cmd, env, f"python -m train ppo --generation {generation}", threads)
+           f"--rollout-engine={rollout_engine}", "--seed", "7"]
+    others = run(cmd, env, f"python -m train ppo --rollout-engine {rollout_engine}", threads)
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if "reward" in r][1:]  # drop the warm-up step
     result = {key: statistics.fmean(r[key] for r in timed) for key in PHASES}
@@ -143,14 +143,14 @@ def main() -> None:
     args = parse_args()
     threads, env = bench_env()
     import torch
-    from train import models
+    from core import models
 
     machine = (f"{threads} cores, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, "
                f"{platform.processor() or platform.machine()}")
     print(f"machine: {machine}", flush=True)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
-        results["ours (hybrid engine)"] = run_ours("hybrid", args, Path(tmp) / "hybrid", env, threads)
+        results["ours (hybrid engine)"] = run_ours("fused", args, Path(tmp) / "fused", env, threads)
         if "hf" in args.peers:
             results["HF generate rollouts"] = run_ours("hf", args, Path(tmp) / "hf", env, threads)
         if "trl" in args.peers:

@@ -58,7 +58,7 @@ def main() -> None:
     trl_python = peer_python()
 
     import torch
-    from train import models
+    from core import models
 
     model_path = models.resolve_model("default")
     pairs, total = shared_pairs(models.load_tokenizer(model_path), args.max_seq_len)

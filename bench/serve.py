@@ -57,7 +57,7 @@ def baseline_app(model_path: str):
     from fastapi import FastAPI
     from transformers import AutoModelForCausalLM
 
-    from train.models import load_tokenizer
+    from core.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16, use_safetensors=True).eval()
@@ -91,7 +91,7 @@ def serve_baseline() -> None:
     import uvicorn
 
     from serving.api import bind
-    from train.models import resolve_model
+    from core.models import resolve_model
 
     sock = bind("127.0.0.1", 0)
     print(f"baseline on http://127.0.0.1:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
@@ -194,14 +194,14 @@ def static_batch_tokens_per_s(prompts: list[list[dict]], max_tokens: int, batch:
     at end of turn: generated tokens (up to each row's end) per second, after a warm-up. No
     server: the ceiling a static batch of `generate` reaches on the same prompts."""
     import torch
-    from train.hybrid import pad_left
-    from train.models import load_causal_lm, load_tokenizer, resolve_model
+    from core.models import load_causal_lm, load_tokenizer, resolve_model
+    from core.sampling import pad
 
     path = resolve_model("default")
     tokenizer, lm = load_tokenizer(path), load_causal_lm(path, dtype=torch.bfloat16).eval()
     ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
            for p in prompts[:batch]]
-    input_ids, mask = pad_left(ids, tokenizer.pad_token_id)
+    input_ids, mask = pad(ids, tokenizer.pad_token_id, left=True)
     with torch.inference_mode():
         lm.generate(input_ids[:2], attention_mask=mask[:2], max_new_tokens=4, do_sample=False)  # warm-up
         tic = time.perf_counter()

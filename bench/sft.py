@@ -25,7 +25,9 @@ from statistics import mean
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `train` imports from any working directory
-import train  # noqa: E402,F401  its memory settings (train/__init__.py) precede torch's first allocation
+from core.process import tune_process  # noqa: E402
+
+tune_process()  # the memory settings every entry point makes, before torch allocates
 
 DATA = ROOT.parent / "shared" / "data" / "llamafactory_alpaca_en_demo.json"
 PEERS = ROOT / "bench" / "requirements-peers.txt"
@@ -163,7 +165,7 @@ def main() -> None:
     trl_python = peer_python()
 
     import torch
-    from train import models
+    from core import models
 
     model_path = models.resolve_model("default")
     examples, total = shared_examples(models.load_tokenizer(model_path), args.max_seq_len)

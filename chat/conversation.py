@@ -12,23 +12,13 @@ and the next user turn starts a new round. Left out: editing earlier turns, bran
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CHAT_STEPS = ("sft", "ppo")  # steps whose final/ (and ema/) is a chat model; rm's is not
+from core.runs import RunInfo
 
-
-def message_text(content) -> str:
-    """Text of a Gradio message content: a string, or a list of parts with `text`."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)):
-        return "".join(message_text(part) for part in content)
-    if isinstance(content, dict):
-        return str(content.get("text", content.get("content", "")))
-    return "" if content is None else str(content)
+CHAT_STAGES = ("sft", "ppo", "dpo")  # stages whose final/ (and ema/) is a chat model; rm's is not
 
 
 def with_system(system_prompt: str, turns: list[dict]) -> list[dict]:
@@ -145,21 +135,6 @@ class ArenaSession:
                 f"{self.round['B']['sampling']['seed']}).")
 
 
-def _run_step(folder: Path) -> str | None:
-    try:
-        first = (folder / "config.yaml").read_text().splitlines()[0]
-    except (OSError, IndexError):
-        return None
-    return first.removeprefix("# step:").strip() if first.startswith("# step:") else None
-
-
-def _is_done(folder: Path) -> bool:
-    try:
-        return json.loads((folder / "status.json").read_text()).get("state") == "done"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def chat_checkpoints(runs_dir: str | Path, root: str | Path) -> list[str]:
     """`default` and every finished SFT or PPO run's final/ and ema/ (also inside `train all`
     pipeline folders), as paths relative to `root` where they lie under it."""
@@ -167,7 +142,8 @@ def chat_checkpoints(runs_dir: str | Path, root: str | Path) -> list[str]:
     found = []
     for config in sorted(list(runs_dir.glob("*/config.yaml")) + list(runs_dir.glob("*/*/config.yaml"))):
         folder = config.parent
-        if _run_step(folder) not in CHAT_STEPS or not _is_done(folder):
+        run = RunInfo.load(folder)
+        if run is None or run.stage not in CHAT_STAGES or run.state != "done":
             continue
         for kind in ("final", "ema"):
             if (folder / kind / "config.json").is_file():

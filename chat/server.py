@@ -16,7 +16,6 @@ that dies mid-answer (the next lease starts a fresh one).
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import threading
@@ -24,15 +23,11 @@ import time
 from pathlib import Path
 
 from chat.client import ChatClient, ServerError
+from core.distributed import free_port
+from core.paths import rlhf_home
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_COMMAND = (sys.executable, "-m", "serving")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def last_line(path: Path) -> str:
@@ -107,8 +102,6 @@ class ServerPool:
     def __init__(self, engine: str = "auto", size: int = 2, log_dir: str | Path | None = None,
                  startup_timeout: float = 600.0, extra_args: tuple = (),
                  command: tuple = SERVE_COMMAND):
-        from train.paths import rlhf_home
-
         self.engine, self.size, self.startup_timeout = engine, max(1, size), startup_timeout
         self.log_dir = Path(log_dir) if log_dir else rlhf_home() / "serving-logs"
         self.extra_args, self.command = tuple(extra_args), tuple(command)

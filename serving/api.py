@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.scheduler import Params, QueueFull, Request, Scheduler
-from train.models import ModelError
+from core.errors import UserError
 
 MAX_N = 8
 MAX_STOPS = 4
@@ -144,7 +144,7 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
         async with state.load_lock:
             try:
                 engine = await asyncio.to_thread(state.loader, body.model)
-            except ModelError as err:
+            except UserError as err:
                 raise ApiError(400, str(err), code="model_not_loadable", param="model") from None
             await asyncio.to_thread(scheduler.swap, engine)
             state.loaded_at = int(time.time())

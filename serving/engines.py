@@ -1,10 +1,10 @@
 """Engines: a checkpoint loaded for serving, behind one small interface (`Engine`).
 
 An engine is what the scheduler needs and nothing more: the tokenizer, a slot decoder over the
-loaded model (`train.fastlm.SlotDecoder`, the generation core PPO rollouts use too: one
+loaded model (`core.decoder.SlotDecoder`, the generation core PPO rollouts use too: one
 implementation), the end-of-turn token ids, and the names /v1/models and /health report.
 
-- `hf`: the plain transformers model, bf16 where the hardware has it.
+- `hf`: the plain transformers model, in the precision core/hardware.py picks (`--precision`).
 - `ds-inference`: the model wrapped by `deepspeed.init_inference` (without kernel injection,
   see `ds_inference_module`); the slot decoder runs on the wrapped module. Works on a CPU,
   where DeepSpeed-Inference adds nothing to the plain model: the speed is the slot decoder's.
@@ -12,8 +12,7 @@ implementation), the end-of-turn token ids, and the names /v1/models and /health
   decoder's three calls, so the scheduler above it is the same.
 - `auto`: mii on CUDA where DeepSpeed-MII is installed, else ds-inference.
 
-Only safetensors weights are loaded: a folder with only pickled weights (`.bin`, `.pt`) is
-refused, since loading those would unpickle. Left out: tensor parallelism over several ranks
+Only safetensors weights are loaded (core/models.py refuses a folder of pickles). Left out: tensor parallelism over several ranks
 (`--tp` above 1 is refused), quantisation, unmerged LoRA adapters.
 """
 from __future__ import annotations
@@ -25,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from train.models import ModelError, load_causal_lm, load_tokenizer, resolve_model
-
-ENGINES = ("auto", "mii", "ds-inference", "hf")
-PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+from core.distributed import init_distributed
+from core.hardware import device, hardware, resolve_precision, torch_dtype
+from core.models import ModelError, load_causal_lm, load_tokenizer, resolve_model
+from serving.config import ENGINES
 # End-of-turn tokens of common chat templates, besides the tokenizer's own eos token.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
@@ -67,14 +66,13 @@ class Engine:
 def load_engine(model: str, engine: str = "auto", tp: int = 1, slots: int = 16,
                 max_len: int | None = None, dtype: str = "auto") -> Engine:
     """Load `model` ("default", a folder, a .gguf file or a hub name) for serving.
-    `max_len` caps prompt plus answer per slot (never above the model's context); `dtype` is
-    auto (bf16 where the hardware has it, else fp32), bf16 or fp32."""
+    `max_len` caps prompt plus answer per slot (never above the model's context); `dtype` is a
+    precision (auto, bf16, fp16, fp32) as core/hardware.py resolves it."""
     if tp != 1:
         raise EngineError(f"--tp {tp}: tensor-parallel serving is not supported yet; serve with "
                           "--tp 1 (one process, one device).")
     kind = pick_engine(engine)
     path = resolve_model(model)
-    check_safetensors(path)
     tokenizer = load_tokenizer(path)
     if kind == "mii":
         decoder, dtype = mii_decoder(path, slots, max_len)
@@ -91,14 +89,12 @@ def load_engine(model: str, engine: str = "auto", tp: int = 1, slots: int = 16,
 
 def pick_engine(engine: str) -> str:
     """The engine kind that will run for `--engine` (auto resolved), or an EngineError."""
-    from train import ds
-
     if engine not in ENGINES:
         raise EngineError(f"unknown engine {engine!r}: pass one of {', '.join(ENGINES)}.")
     mii_installed = importlib.util.find_spec("mii") is not None
     if engine == "auto":
-        return "mii" if ds.on_cuda() and mii_installed else "ds-inference"
-    if engine == "mii" and not ds.on_cuda():
+        return "mii" if hardware().device == "cuda" and mii_installed else "ds-inference"
+    if engine == "mii" and hardware().device != "cuda":
         raise EngineError("--engine mii needs a CUDA GPU (DeepSpeed-MII has no CPU kernels): "
                           "use --engine ds-inference on this machine.")
     if engine == "mii" and not mii_installed:
@@ -107,46 +103,21 @@ def pick_engine(engine: str) -> str:
     return engine
 
 
-def check_safetensors(path: str) -> None:
-    """Refuse a local folder whose weights are only pickles (loading them would unpickle)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return  # a hub name: from_pretrained(use_safetensors=True) refuses pickles itself
-    if any(folder.glob("*.safetensors")):
-        return
-    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_SUFFIXES)
-    if pickled:
-        raise EngineError(f"{folder} has only pickled weights ({', '.join(pickled[:3])}), which "
-                          "the server never loads: re-save the model with save_pretrained "
-                          "(safetensors) and serve that folder.")
-    raise EngineError(f"{folder} has no model weights (*.safetensors): pass a run's final/ or "
-                      "ema/ folder, a Hugging Face model folder, or 'default'.")
-
-
 def serving_dtype(wanted: str = "auto") -> torch.dtype:
-    from train.hybrid import bf16_supported
-
-    if wanted not in ("auto", "bf16", "fp32"):
-        raise EngineError(f"unknown dtype {wanted!r}: pass auto, bf16 or fp32.")
-    if wanted == "fp32" or (wanted == "auto" and not bf16_supported()):
-        return torch.float32
-    return torch.bfloat16
+    """The weights' dtype for a precision option (auto: bf16 where native, else fp32)."""
+    return torch_dtype(resolve_precision(wanted).name)
 
 
 def load_weights(path: str, dtype: torch.dtype):
     """(model in eval mode on the serving device, dtype), from safetensors only."""
-    from train import ds
-
-    return load_causal_lm(path, dtype, safetensors_only=True).to(ds.device()).eval(), dtype
+    return load_causal_lm(path, dtype).to(device()).eval(), dtype
 
 
 def ds_inference_module(lm, dtype):
     """The model wrapped by DeepSpeed-Inference; returns the module to decode with."""
     import deepspeed
 
-    from train import ds
-
-    ds.init_distributed()  # a group of one when not started by the deepspeed launcher
+    init_distributed()  # a group of one when not started by the deepspeed launcher
     # No kernel injection: DeepSpeed's injected kernels keep one KV cache for one batch of their
     # own and replace the layers the slot decoder reads, so independent slots (continuous
     # batching) cannot run on them. On CUDA the engine that has both is mii.
@@ -156,7 +127,7 @@ def ds_inference_module(lm, dtype):
 
 
 def make_slot_decoder(lm, slots: int, max_len: int):
-    from train.fastlm import SlotDecoder
+    from core.decoder import SlotDecoder
 
     return SlotDecoder(lm, slots=slots, max_len=max_len)
 
@@ -186,9 +157,7 @@ def mii_decoder(path: str, slots: int, max_len: int | None):
     from deepspeed.inference.v2 import RaggedInferenceEngineConfig, build_hf_engine
     from transformers import AutoConfig
 
-    from train import ds
-
-    ds.init_distributed()
+    init_distributed()
     config = RaggedInferenceEngineConfig(tensor_parallel={"tp_size": 1},
                                          state_manager={"max_ragged_sequence_count": slots})
     engine = build_hf_engine(path, config)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from train.hybrid import Sampling, sample_tokens
+from core.sampling import Sampling, sample_tokens
 
 log = logging.getLogger("serving")
 

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from core.process import tune_process
+
+tune_process()  # as every entry point does, before torch allocates (tests import torch next)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -22,7 +26,7 @@ def shared_file(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def default_model() -> Path:
-    from train.models import ensure_default_model
+    from core.models import ensure_default_model
 
     return ensure_default_model()
 

@@ -1,7 +1,9 @@
-"""Command line: python -m train {sft,rm,ppo,all,eval-rm} [options]; `python -m train STEP --help` lists options.
+"""Command line: python -m train {sft,rm,ppo,all,eval-rm} [options]; `python -m train STAGE --help`
+lists options.
 
-Errors a user can cause end in one sentence on stderr and exit code 2; anything else ends in
-one line pointing at the run's train.log, which holds the traceback.
+Errors a user can cause (core.errors.UserError and its kinds) end in one sentence on stderr and
+exit code 2; anything else ends in one line pointing at the run's train.log, which holds the
+traceback.
 """
 from __future__ import annotations
 
@@ -11,33 +13,32 @@ import sys
 import traceback
 from pathlib import Path
 
-USER_ERRORS = ("ConfigError", "DataError", "ModelError")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    from train import config
+    from core.options import add_arguments
+    from train.config import STAGES
 
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
-    # the deepspeed launcher passes --local_rank before the step; LOCAL_RANK says the same
+    # the deepspeed launcher passes --local_rank before the stage; LOCAL_RANK says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    steps = parser.add_subparsers(dest="step", required=True, metavar="STEP")
-    for name, cls in config.STEPS.items():
-        sub = steps.add_parser(name, help=cls.__doc__.splitlines()[0],
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        config.add_arguments(sub, cls)
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, cls in STAGES.items():
+        sub = stages.add_parser(name, help=cls.__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_arguments(sub, cls)
     return parser
 
 
-def runner(step: str):
-    if step == "sft":
+def runner(stage: str):
+    if stage == "sft":
         from train.sft import main
-    elif step == "rm":
+    elif stage == "rm":
         from train.reward import main
-    elif step == "ppo":
+    elif stage == "ppo":
         from train.ppo import main
-    elif step == "all":
+    elif stage == "all":
         from train.pipeline import main
-    elif step == "eval-rm":
+    elif stage == "eval-rm":
         from train.reward import evaluate_main as main
     return main
 
@@ -55,7 +56,8 @@ def quiet_libraries() -> None:
 
 def mark_failed(output: str, message: str, trace: str) -> None:
     """Record the failure in the run folder, but only in a run this process started."""
-    from train.rundir import RunDir, read_status
+    from core.runs import read_status
+    from train.rundir import RunDir
 
     if output and read_status(output).get("pid") == os.getpid():
         run = RunDir(output)
@@ -64,18 +66,23 @@ def mark_failed(output: str, message: str, trace: str) -> None:
 
 
 def main(argv=None) -> int:
+    from core.errors import UserError
+    from core.process import tune_process
+
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
     cfg = None
     try:
-        from train import config
+        tune_process()  # before torch allocates anything
+        from core.options import from_namespace
+        from train.config import STAGES
 
         quiet_libraries()
-        cfg = config.from_namespace(config.STEPS[args.step], args)
-        runner(args.step)(cfg)
+        cfg = from_namespace(STAGES[args.stage], args)
+        runner(args.stage)(cfg)
         return 0
     except Exception as err:  # noqa: BLE001  (the one place that turns errors into messages)
-        user_error = type(err).__name__ in USER_ERRORS
+        user_error = isinstance(err, UserError)
         message = str(err) if user_error else f"{type(err).__name__}: {err}"
         output = getattr(cfg, "output", "")
         mark_failed(output, message, traceback.format_exc())

@@ -1,37 +1,28 @@
-"""Typed configs for every step: the one place where options, defaults and help texts live.
+"""Typed configs of every stage: the one place where options, defaults and help texts live.
 
 The command line (`python -m train sft ...`), YAML files (`--config FILE`) and the app's form
-are all built from these dataclasses. Each field carries its help text and, where it has one,
-its allowed range or choices in `metadata`; `__post_init__` refuses values outside them with a
-message that names the option.
+are all built from these dataclasses (core/options.py turns a field into each). Each field
+carries its help text and, where it has one, its allowed range or choices; `__post_init__`
+refuses values outside them with a message that names the option.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from typing import ClassVar
 
-import yaml
+from core.hardware import PRECISIONS
+from core.options import ConfigError, opt, validate
 
 
-class ConfigError(ValueError):
-    """A user-supplied option is invalid; the message names the option and the fix."""
+
+def precision_option():
+    return opt("auto", "auto: bf16 (fp32 master weights) where the hardware computes it natively, "
+                       "else fp32 (fp16 with loss scaling on a GPU without bf16); or force bf16, "
+                       "fp16 (CUDA) or fp32", choices=PRECISIONS,
+               flags={"--bf16": "bf16", "--fp32": "fp32"})
 
 
-def opt(default, help: str, *, range=None, choices=None, flags=None):
-    """A config field with its help text and validation rules in one place."""
-    meta = {"help": help}
-    if range is not None:
-        meta["range"] = range
-    if choices is not None:
-        meta["choices"] = tuple(choices)
-    if flags is not None:
-        meta["flags"] = flags  # extra spellings, e.g. {"--bf16": "bf16"} for a choice field
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+ROLLOUT_ENGINES = ("auto", "deepspeed", "fused", "hf")
 
 
 @dataclass
@@ -48,8 +39,7 @@ class RunConfig:
     max_eval_samples: int = opt(200, "cap on held-out records evaluated", range=(0, 100_000))
     seed: int = opt(1234, "random seed for data order, splits and initialisation",
                     range=(0, 2**31 - 1))
-    precision: str = opt("bf16", "bf16 (fp32 master weights) or fp32 throughout",
-                         choices=("bf16", "fp32"), flags={"--bf16": "bf16", "--fp32": "fp32"})
+    precision: str = precision_option()
     zero_stage: int = opt(0, "DeepSpeed ZeRO stage", range=(0, 3))
     offload: bool = opt(False, "offload optimizer state (and, with ZeRO-3, parameters) to CPU memory")
     lora_dim: int = opt(0, "LoRA rank; 0 trains all weights. LoRA weights are merged on save",
@@ -87,6 +77,10 @@ class RunConfig:
 
     def __post_init__(self):
         validate(self)
+        if self.data_split:
+            parse_split(self.data_split)
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: pass only one.")
 
 
 @dataclass
@@ -150,10 +144,17 @@ class PPOConfig(RunConfig):
     ema_beta: float = opt(0.992, "EMA decay per actor step", range=(0.0, 1.0))
     ptx_data: list[str] = opt([], "pretraining/SFT sources mixed into the actor loss")
     ptx_coef: float = opt(1.0, "weight of the mixed-in SFT loss (with --ptx-data)", range=(0.0, 1000.0))
-    generation: str = opt("hybrid", "rollout generation: hybrid (the hybrid engine) or hf "
-                                    "(Hugging Face generate, the baseline)", choices=("hybrid", "hf"))
-    hybrid_engine: bool = opt(True, "on CUDA, use DeepSpeed's Hybrid Engine for rollouts where it "
-                                    "supports the architecture (else the project's own path)")
+    rollout_engine: str = opt("auto", "what generates rollouts: deepspeed (DeepSpeed's Hybrid "
+                                      "Engine, CUDA and the architectures it supports), fused (our "
+                                      "slot decoder), hf (Hugging Face generate, the baseline); "
+                                      "auto: deepspeed where it can run, else fused",
+                              choices=ROLLOUT_ENGINES)
+    # replaced by rollout_engine; still read, with a deprecation line, from the command line and
+    # from older runs' config.yaml: old name -> (type, value -> new options)
+    RENAMED: ClassVar[dict] = {
+        "generation": (str, lambda value: {"rollout_engine": "hf" if value == "hf" else "auto"}),
+        "hybrid_engine": (bool, lambda value: {} if value else {"rollout_engine": "fused"}),
+    }
     sample_every: int = opt(1, "PPO steps between rollout samples written to samples.jsonl",
                             range=(1, 100_000))
     max_eval_samples: int = opt(32, "held-out prompts whose reward is measured", range=(0, 100_000))
@@ -174,8 +175,7 @@ class AllConfig:
                           "records it can use")
     data_split: str = opt("2,4,4", "weights cutting every source into disjoint SFT, RM and PPO parts")
     seed: int = opt(1234, "random seed of all three steps", range=(0, 2**31 - 1))
-    precision: str = opt("bf16", "bf16 (fp32 master weights) or fp32 throughout",
-                         choices=("bf16", "fp32"), flags={"--bf16": "bf16", "--fp32": "fp32"})
+    precision: str = precision_option()
     zero_stage: int = opt(0, "DeepSpeed ZeRO stage of all steps", range=(0, 3))
     sft_max_steps: int = opt(0, "SFT optimizer steps; 0: one epoch", range=(0, 10_000_000))
     rm_max_steps: int = opt(0, "reward-model optimizer steps; 0: one epoch", range=(0, 10_000_000))
@@ -187,6 +187,7 @@ class AllConfig:
 
     def __post_init__(self):
         validate(self)
+        parse_split(self.data_split)
 
 
 @dataclass
@@ -200,37 +201,14 @@ class EvalRMConfig:
     max_seq_len: int = opt(512, "longest tokenised sequence (prompt + answer)", range=(16, 32768))
     max_samples: int = opt(0, "score at most this many pairs per source; 0 scores all",
                            range=(0, 10_000_000))
-    precision: str = opt("bf16", "bf16 or fp32 inference", choices=("bf16", "fp32"),
-                         flags={"--bf16": "bf16", "--fp32": "fp32"})
+    precision: str = precision_option()
 
     def __post_init__(self):
         validate(self)
 
 
-STEPS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "all": AllConfig,
-                          "eval-rm": EvalRMConfig}
-
-
-# ---- validation ---------------------------------------------------------------------------
-
-def flag_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def validate(cfg) -> None:
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        lo_hi = f.metadata.get("range")
-        if lo_hi is not None and not (lo_hi[0] <= value <= lo_hi[1]):
-            raise ConfigError(f"{flag_name(f.name)} {value} is out of range: allowed "
-                              f"{lo_hi[0]} to {lo_hi[1]}.")
-        choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            raise ConfigError(f"{flag_name(f.name)} {value!r} is not one of {', '.join(choices)}.")
-    if getattr(cfg, "data_split", ""):
-        parse_split(cfg.data_split)
-    if hasattr(cfg, "resume") and cfg.resume and cfg.overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other: pass only one.")
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "all": AllConfig,
+                           "eval-rm": EvalRMConfig}
 
 
 def parse_split(text: str) -> list[float]:
@@ -242,113 +220,3 @@ def parse_split(text: str) -> list[float]:
         raise ConfigError(f"--data-split {text!r} must be three non-negative weights for SFT, RM "
                           "and PPO, such as 2,4,4.")
     return parts
-
-
-# ---- command line and YAML ------------------------------------------------------------------
-
-def _field_types(cls) -> dict[str, typing.Any]:
-    return typing.get_type_hints(cls)
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add one option per config field; defaults stay in the dataclass (SUPPRESS here)."""
-    types = _field_types(cls)
-    parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file; "
-                        "options given on the command line win")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    for f in dataclasses.fields(cls):
-        kind = types[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default})"
-        if kind is bool:
-            parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        elif kind == list[str]:
-            parser.add_argument(flag_name(f.name), nargs="+", default=argparse.SUPPRESS,
-                                help=help_text)
-        else:
-            parser.add_argument(flag_name(f.name), type=kind, default=argparse.SUPPRESS,
-                                metavar=f.name.upper(), help=help_text)
-        for spelling, value in f.metadata.get("flags", {}).items():
-            parser.add_argument(spelling, dest=f.name, action="store_const", const=value,
-                                default=argparse.SUPPRESS, help=f"same as {flag_name(f.name)} {value}")
-
-
-def load_yaml(path: str | Path, cls) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: pass the path of a YAML file.")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML ({err.__class__.__name__}): "
-                          "fix its syntax.") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of option: value.")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"config file {path} has unknown option(s) {', '.join(unknown)}: "
-                          "see --help for the options of this step.")
-    return values
-
-
-def from_namespace(cls, namespace: argparse.Namespace):
-    """Build a config from parsed args: dataclass defaults < YAML file < explicit flags."""
-    explicit = {k: v for k, v in vars(namespace).items()
-                if k not in ("config", "local_rank", "step")}
-    values = load_yaml(namespace.config, cls) if getattr(namespace, "config", None) else {}
-    values.update(explicit)
-    return build(cls, values)
-
-
-def build(cls, values: dict):
-    """Construct a config from plain values, coercing YAML/form types and naming bad ones."""
-    types = _field_types(cls)
-    coerced = {}
-    for name, value in values.items():
-        kind = types.get(name)
-        if kind is None:
-            raise ConfigError(f"unknown option {flag_name(name)}.")
-        coerced[name] = _coerce(name, kind, value)
-    return cls(**coerced)
-
-
-def _coerce(name, kind, value):
-    try:
-        if kind == list[str]:
-            return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
-        if kind is bool:
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{flag_name(name)} {value!r} is not a valid {kind.__name__}.") from None
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def to_yaml(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def to_argv(step: str, cfg) -> list[str]:
-    """The command-line arguments that reproduce `cfg` (options left at default are omitted)."""
-    defaults = type(cfg)()
-    argv = [step]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value == getattr(defaults, f.name):
-            continue
-        if isinstance(value, bool):
-            argv.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
-        elif isinstance(value, list):
-            argv += [flag_name(f.name), *map(str, value)]
-        else:
-            argv += [flag_name(f.name), str(value)]
-    return argv

@@ -29,12 +29,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import UserError
+
 PHASES = ("sft", "rm", "ppo")
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
          "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source cannot be read; the message names the file, the line and the problem."""
 
 
@@ -138,11 +140,8 @@ def _iter_hub_dataset(spec: str):
 
 
 def _read_ratings(spec: str) -> Loaded:
-    try:
-        from chat.ratings import export_records
-    except ImportError:
-        raise DataError("the ratings store is not available in this version: pass data files "
-                        "instead of ratings:.") from None
+    from core.ratings import export_records
+
     return _normalise_all(((f"ratings, row {i}", r) for i, r in enumerate(export_records())), spec)
 
 

@@ -8,48 +8,28 @@ CPU memory. On CUDA, DeepSpeed builds its own AdamW from the config.
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import deepspeed
 import torch
-from deepspeed.accelerator import get_accelerator
+
+from core.distributed import init_distributed  # noqa: F401  (the steps start their group here)
+from core.hardware import Precision, hardware, resolve_precision
+from core.hardware import device as hardware_device
+
+
+def precision(cfg) -> Precision:
+    """What `cfg.precision` (auto, bf16, fp16, fp32) means on this machine, and why."""
+    return resolve_precision(cfg.precision)
 
 
 def on_cuda() -> bool:
-    return get_accelerator().device_name() == "cuda"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-SOLO_MARKER = "RLHF_SOLO_GROUP_PID"
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join (or, without a launcher, start) the process group; returns (rank, world size)."""
-    # A plain `python -m train ...`: a group of one. The variables we set are inherited by any
-    # process this one starts (a server, a run from the app); the marker tells such a child that
-    # they are its parent's solo group, not a launcher's, so it makes its own (fresh port).
-    inherited_solo = os.environ.get(SOLO_MARKER, str(os.getpid())) != str(os.getpid())
-    if "RANK" not in os.environ or (inherited_solo and os.environ.get("WORLD_SIZE") == "1"):
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()), **{SOLO_MARKER: str(os.getpid())})
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   verbose=False)
-    if on_cuda():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return hardware().device == "cuda"
 
 
 def device() -> torch.device:
-    return torch.device(get_accelerator().current_device_name()) if on_cuda() else torch.device("cpu")
+    return hardware_device()
 
 
 def barrier() -> None:
@@ -76,7 +56,8 @@ def ds_config(cfg, *, train: bool = True, tensorboard_dir: str | None = None,
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "gradient_clipping": 1.0,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "bf16": {"enabled": precision(cfg).name == "bf16"},
+        "fp16": {"enabled": precision(cfg).name == "fp16", "loss_scale": 0},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,

@@ -11,9 +11,11 @@ import json
 import time
 from pathlib import Path
 
+from core.options import ConfigError, build, load_yaml, to_yaml
+from core.runs import MARKER, read_metrics, read_status, write_json_atomic
 from train import config, ppo, reward, sft
 from train.config import AllConfig
-from train.rundir import RunDir, read_metrics, read_status
+from train.rundir import RunDir
 
 STEP_METRICS = {"sft": ("eval_loss", "eval_ppl", "loss"),
                 "rm": ("eval_accuracy", "eval_margin", "accuracy"),
@@ -24,12 +26,12 @@ def step_config(cls, cfg: AllConfig, name: str, extra_yaml: str, **values):
     folder = Path(cfg.output) / name
     state = read_status(folder).get("state")
     has_checkpoint = (folder / "checkpoints" / "latest").is_file()
-    options = config.load_yaml(extra_yaml, cls) if extra_yaml else {}
+    options = load_yaml(extra_yaml, cls) if extra_yaml else {}
     options.update(values, output=str(folder), data=cfg.data, data_split=cfg.data_split, seed=cfg.seed,
                    precision=cfg.precision, zero_stage=cfg.zero_stage,
                    resume=has_checkpoint and state != "done" and not cfg.overwrite,
                    overwrite=cfg.overwrite or (folder.exists() and not has_checkpoint))
-    return config.build(cls, options)
+    return build(cls, options)
 
 
 def final_metrics(folder: Path, keys) -> dict:
@@ -41,10 +43,11 @@ def final_metrics(folder: Path, keys) -> dict:
 
 def main(cfg: AllConfig) -> dict:
     if not cfg.output:
-        raise config.ConfigError("--output is required: name the pipeline folder, e.g. runs/demo.")
+        raise ConfigError("--output is required: name the pipeline folder, e.g. runs/demo.")
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text("# step: all\n" + config.to_yaml(cfg))
+    write_json_atomic(root / MARKER, {"stage": "all", "created_at": time.time()})
+    (root / "config.yaml").write_text(to_yaml(cfg))
     pipeline = RunDir(root)
     plan = [
         ("sft", sft.main, lambda: step_config(config.SFTConfig, cfg, "sft", cfg.sft_config,

@@ -2,7 +2,7 @@
 
 Four models: the actor (trained, from the SFT checkpoint), a frozen reference copy of it, the
 critic (trained, from the reward model) and the frozen reward model. Each PPO step:
-rollout (the hybrid engine samples responses), experience (log-probs of actor and reference,
+rollout (the rollout engine samples responses), experience (log-probs of actor and reference,
 critic values, reward-model scores, per-token KL-penalised rewards, GAE), then PPO epochs over
 minibatches (clipped policy loss, plus the SFT loss of a pretraining mix if asked; clipped
 value loss), then the EMA update. Every constant is an option in `PPOConfig`.
@@ -23,9 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from core.hardware import torch_dtype
+from core.models import ModelError, load_causal_lm, load_tokenizer, resolve_model
+from core.sampling import Sampling
+
 from train import data, ds, loop, losses, models, tokens
 from train.config import PPOConfig, parse_split
-from train.hybrid import HybridEngine, Sampling, ds_hybrid_config, ds_hybrid_reason
+from train.rollout import RolloutEngine, ds_hybrid_config, pick_rollout_engine
 from train.rundir import RunDir
 
 
@@ -49,6 +53,16 @@ class Experience:
 
     def rows(self, index: torch.Tensor) -> "Experience":
         return Experience(**{k: v[index] for k, v in vars(self).items()})
+
+
+@dataclass
+class PPOModels:
+    actor: object            # DeepSpeed training engine of the policy (CausalLMWithLoss)
+    rollout: RolloutEngine   # the actor's generation mode
+    reference: object        # frozen copy of the initial actor
+    critic: object           # DeepSpeed training engine of the value model
+    reward_model: object     # frozen reward model (ValueHeadModel)
+    reward_stats: dict | None  # the reward model's saved mean and std, for normalising scores
 
 
 class KLController:
@@ -110,34 +124,34 @@ def response_values(critic, sequences, attention_mask, prompt_width):
 
 
 @torch.no_grad()
-def score(reward_model, sequences, attention_mask, stats, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def score(reward_model, sequences, attention_mask, reward_stats, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """(raw, normalised-and-clipped) reward-model scores of whole conversations, each (B,)."""
     raw = losses.sequence_rewards(reward_model(input_ids=sequences, attention_mask=attention_mask),
                                   attention_mask)
-    scores = (raw - stats["mean"]) / stats["std"] if stats and cfg.normalize_reward else raw
+    normalise = reward_stats and cfg.normalize_reward
+    scores = (raw - reward_stats["mean"]) / reward_stats["std"] if normalise else raw
     return raw, scores.clamp(-cfg.reward_clip, cfg.reward_clip)
 
 
 @torch.no_grad()
-def make_experience(models4, prompts, sampling, cfg, kl_ctl, stats, timer) -> Experience:
-    actor, hybrid, reference, critic, reward_model = models4
+def make_experience(m: PPOModels, prompts, sampling, cfg, kl_ctl, timer) -> Experience:
     # rollout
     tic = time.time()
-    prompt_ids, prompt_mask, response_ids, action_mask = hybrid.rollout(prompts, sampling)
-    timer["generate"] += time.time() - tic - hybrid.switch_s
-    timer["switch"] += hybrid.switch_s
+    prompt_ids, prompt_mask, response_ids, action_mask = m.rollout.rollout(prompts, sampling)
+    timer["generate"] += time.time() - tic - m.rollout.switch_s
+    timer["switch"] += m.rollout.switch_s
     timer["generated_tokens"] += action_mask.sum().item()
     # score: actor, reference, critic, reward model
     tic = time.time()
     sequences = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
     width = prompt_ids.shape[1]
-    actor.eval()
-    logprobs, _ = response_logprobs(actor, sequences, attention_mask, width)
-    actor.train()
-    ref_logprobs, _ = response_logprobs(reference, sequences, attention_mask, width)
-    values = response_values(critic, sequences, attention_mask, width)
-    raw_scores, scores = score(reward_model, sequences, attention_mask, stats, cfg)
+    m.actor.eval()
+    logprobs, _ = response_logprobs(m.actor, sequences, attention_mask, width)
+    m.actor.train()
+    ref_logprobs, _ = response_logprobs(m.reference, sequences, attention_mask, width)
+    values = response_values(m.critic, sequences, attention_mask, width)
+    raw_scores, scores = score(m.reward_model, sequences, attention_mask, m.reward_stats, cfg)
     mask = action_mask.float()
     # advantages
     rewards = losses.kl_rewards(logprobs, ref_logprobs, scores, mask, kl_ctl.value)
@@ -151,7 +165,7 @@ def make_experience(models4, prompts, sampling, cfg, kl_ctl, stats, timer) -> Ex
 
 # ---- PPO update ------------------------------------------------------------------------------------
 
-def ppo_update(actor, critic, exp: Experience, cfg: PPOConfig, ptx, ema, stats) -> None:
+def ppo_update(actor, critic, exp: Experience, cfg: PPOConfig, ptx, ema, metrics) -> None:
     width = exp.prompt_width
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(len(exp.sequences))
@@ -166,7 +180,7 @@ def ppo_update(actor, critic, exp: Experience, cfg: PPOConfig, ptx, ema, stats) 
                 ptx_sum, ptx_count = actor(**loop.to_device(next(ptx)))
                 ptx_loss = ptx_sum / ptx_count.clamp(min=1)
                 loss = pg_loss + cfg.ptx_coef * ptx_loss
-                stats["ptx_loss"].append(ptx_loss.item())
+                metrics["ptx_loss"].append(ptx_loss.item())
             actor.backward(loss)
             actor.step()
             if ema is not None:
@@ -182,7 +196,7 @@ def ppo_update(actor, critic, exp: Experience, cfg: PPOConfig, ptx, ema, stats) 
             for name, value in (("policy_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
                                 ("value_loss", vf_loss), ("vf_clipfrac", vf_clipfrac),
                                 ("entropy", entropy)):
-                stats[name].append(float(value.detach()) if torch.is_tensor(value) else value)
+                metrics[name].append(float(value.detach()) if torch.is_tensor(value) else value)
 
 
 class EMA:
@@ -212,16 +226,17 @@ def _full_params(module) -> dict:
 
 # ---- evaluation and samples ---------------------------------------------------------------------------
 
-def evaluate(hybrid, reward_model, prompts, cfg, stats, tokenizer) -> dict:
+def evaluate(m: PPOModels, prompts, cfg, tokenizer) -> dict:
     """Mean reward of greedy answers to held-out prompts (the number PPO should raise)."""
     rewards, lengths = [], []
     sampling = Sampling(cfg.max_new_tokens, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id,
                         greedy=True)
     for start in range(0, len(prompts), cfg.rollout_batch_size):
-        prompt_ids, prompt_mask, response_ids, action_mask = hybrid.rollout(
+        prompt_ids, prompt_mask, response_ids, action_mask = m.rollout.rollout(
             prompts[start:start + cfg.rollout_batch_size], sampling)
         sequences = torch.cat([prompt_ids, response_ids], 1)
-        raw, _ = score(reward_model, sequences, torch.cat([prompt_mask, action_mask], 1), stats, cfg)
+        raw, _ = score(m.reward_model, sequences, torch.cat([prompt_mask, action_mask], 1),
+                       m.reward_stats, cfg)
         rewards += raw.tolist()
         lengths += action_mask.sum(1).tolist()
     return {"eval_reward": round(sum(rewards) / len(rewards), 4),
@@ -242,21 +257,20 @@ def write_samples(run, step, exp: Experience, tokenizer, count: int = 2) -> None
 
 # ---- models ------------------------------------------------------------------------------------------
 
-def build_models(cfg: PPOConfig, run, total_steps: int, tokenizer):
-    """Actor and critic engines, frozen reference and reward model, and the hybrid engine."""
-    actor_path = models.resolve_model(cfg.actor)
-    reward_path = models.resolve_model(cfg.reward)
-    critic_path = models.resolve_model(cfg.critic) if cfg.critic else reward_path
-    if models.load_tokenizer(reward_path).get_vocab() != tokenizer.get_vocab():
-        raise models.ModelError(f"the reward model {cfg.reward} uses another tokenizer than the "
+def build_models(cfg: PPOConfig, run, total_steps: int, tokenizer) -> PPOModels:
+    """Actor and critic engines, frozen reference and reward model, and the rollout engine."""
+    actor_path = resolve_model(cfg.actor)
+    reward_path = resolve_model(cfg.reward)
+    critic_path = resolve_model(cfg.critic) if cfg.critic else reward_path
+    if load_tokenizer(reward_path).get_vocab() != tokenizer.get_vocab():
+        raise ModelError(f"the reward model {cfg.reward} uses another tokenizer than the "
                                 f"actor {cfg.actor}: train it from the same base model.")
-    frozen_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    frozen_dtype = torch_dtype(ds.precision(cfg).name)
 
-    lm = models.make_trainable(models.load_causal_lm(actor_path), cfg)
-    reason = ds_hybrid_reason(lm, cfg.hybrid_engine and cfg.generation == "hybrid")
-    run.log("rollouts: DeepSpeed Hybrid Engine" if reason is None else
-            f"rollouts: the project's own generation path ({reason})")
-    extra = {"hybrid_engine": ds_hybrid_config(cfg)} if reason is None else None
+    lm = models.make_trainable(load_causal_lm(actor_path), cfg)
+    engine_kind, why = pick_rollout_engine(cfg.rollout_engine, lm)
+    run.log(f"rollouts: {engine_kind} ({why})")
+    extra = {"hybrid_engine": ds_hybrid_config(cfg)} if engine_kind == "deepspeed" else None
     tb = str(run.path / "tensorboard") if cfg.tensorboard else None
     actor = ds.initialize(models.CausalLMWithLoss(lm), cfg, total_steps, tb, extra=extra)
 
@@ -264,14 +278,14 @@ def build_models(cfg: PPOConfig, run, total_steps: int, tokenizer):
     critic_model.backbone = models.make_trainable(critic_model.backbone, cfg, task="FEATURE_EXTRACTION")
     critic = ds.initialize(critic_model, cfg, total_steps, learning_rate=cfg.critic_learning_rate)
 
-    reference = models.CausalLMWithLoss(models.load_causal_lm(actor_path, frozen_dtype))
+    reference = models.CausalLMWithLoss(load_causal_lm(actor_path, frozen_dtype))
     reward_model = models.load_value_model(reward_path, frozen_dtype)
     if cfg.zero_stage == 3:  # partition the frozen models too
         reference, reward_model = ds.inference_engine(reference, cfg), ds.inference_engine(reward_model, cfg)
     else:
         reference, reward_model = reference.to(ds.device()).eval(), reward_model.to(ds.device()).eval()
-    hybrid = HybridEngine(actor, use_ds_hybrid=reason is None, plain_hf=cfg.generation == "hf")
-    return (actor, hybrid, reference, critic, reward_model), models.reward_stats(reward_path)
+    return PPOModels(actor, RolloutEngine(actor, engine_kind), reference, critic, reward_model,
+                     models.reward_stats(reward_path))
 
 
 def save_checkpoint(run, actor, critic, step, kl_ctl, ema, keep) -> None:
@@ -288,14 +302,14 @@ def save_checkpoint(run, actor, critic, step, kl_ctl, ema, keep) -> None:
 
 def main(cfg: PPOConfig) -> RunDir:
     if not cfg.reward:
-        raise models.ModelError("--reward is required: pass a reward model (an RM run's final/).")
+        raise ModelError("--reward is required: pass a reward model (an RM run's final/).")
     rank, world = ds.init_distributed()
     run = RunDir.prepare(cfg, "ppo", rank)
     run.status("running", step=0)
     torch.manual_seed(cfg.seed + rank)  # ranks sample different rollouts
 
     # data
-    tokenizer = models.load_tokenizer(models.resolve_model(cfg.actor))
+    tokenizer = load_tokenizer(resolve_model(cfg.actor))
     train_prompts, eval_prompts = load_prompts(cfg, tokenizer, run.log)
     per_step = cfg.rollout_batch_size * world
     steps_per_epoch = len(train_prompts) // per_step
@@ -308,9 +322,9 @@ def main(cfg: PPOConfig) -> RunDir:
             f"{total_steps} PPO steps")
 
     # models
-    models4, stats = build_models(cfg, run, optimizer_steps, tokenizer)
-    actor, hybrid, reference, critic, reward_model = models4
-    if stats is None and cfg.normalize_reward:
+    m = build_models(cfg, run, optimizer_steps, tokenizer)
+    actor, critic = m.actor, m.critic
+    if m.reward_stats is None and cfg.normalize_reward:
         run.log("the reward model has no saved statistics: rewards are not normalised")
     kl_ctl = KLController(cfg)
     ema = EMA(actor.module, cfg.ema_beta) if cfg.ema else None
@@ -327,7 +341,7 @@ def main(cfg: PPOConfig) -> RunDir:
         run.log(f"resumed from step {step}")
     first_step = step
     if eval_prompts and step == 0:
-        run.metrics({"step": 0, **evaluate(hybrid, reward_model, eval_prompts, cfg, stats, tokenizer)})
+        run.metrics({"step": 0, **evaluate(m, eval_prompts, cfg, tokenizer)})
 
     stop = loop.StopRequested()
     bar = tqdm(total=total_steps, initial=step, desc="ppo", disable=rank != 0, dynamic_ncols=True)
@@ -340,11 +354,11 @@ def main(cfg: PPOConfig) -> RunDir:
 
         # rollout and experience
         timer = dict.fromkeys(("generate", "switch", "score", "train", "generated_tokens"), 0.0)
-        exp = make_experience(models4, batch, sampling, cfg, kl_ctl, stats, timer)
+        exp = make_experience(m, batch, sampling, cfg, kl_ctl, timer)
 
         # PPO epochs over minibatches
-        tic_train, ppo_stats = time.time(), defaultdict(list)
-        ppo_update(actor, critic, exp, cfg, ptx, ema, ppo_stats)
+        tic_train, ppo_metrics = time.time(), defaultdict(list)
+        ppo_update(actor, critic, exp, cfg, ptx, ema, ppo_metrics)
         timer["train"] = time.time() - tic_train
 
         # metrics
@@ -356,7 +370,7 @@ def main(cfg: PPOConfig) -> RunDir:
                if len(raw) > 1 else 0.0, "score": round(exp.scores.mean().item(), 4), "kl": round(kl, 4),
                "kl_coef": round(kl_ctl.value, 5),
                "response_length": round(exp.action_mask.sum(1).mean().item(), 1),
-               **{k: round(sum(v) / len(v), 5) for k, v in ppo_stats.items() if v},
+               **{k: round(sum(v) / len(v), 5) for k, v in ppo_metrics.items() if v},
                **{f"time_{k}_s": round(timer[k], 3) for k in ("generate", "score", "train", "switch")},
                "gen_tokens_per_s": round(timer["generated_tokens"] / max(timer["generate"], 1e-9), 1),
                "step_time_s": round(time.time() - tic, 3), "lr": actor.get_lr()[0]}
@@ -368,7 +382,7 @@ def main(cfg: PPOConfig) -> RunDir:
         bar.update(1)
         bar.set_postfix(reward=row["reward"], kl=row["kl"])
         if eval_prompts and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            run.metrics({"step": step, **evaluate(hybrid, reward_model, eval_prompts, cfg, stats, tokenizer)})
+            run.metrics({"step": step, **evaluate(m, eval_prompts, cfg, tokenizer)})
         run.progress(step, total_steps, first_step)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save_checkpoint(run, actor, critic, step, kl_ctl, ema, cfg.keep_checkpoints)
@@ -383,7 +397,7 @@ def main(cfg: PPOConfig) -> RunDir:
 
     # final evaluation and save: final/ (actor) and, with --ema, ema/
     if eval_prompts:
-        final = evaluate(hybrid, reward_model, eval_prompts, cfg, stats, tokenizer)
+        final = evaluate(m, eval_prompts, cfg, tokenizer)
         run.metrics({"step": step, **final})
         run.log("held-out: " + ", ".join(f"{k} {v}" for k, v in final.items()))
     loop.save_final(actor, run, cfg, tokenizer)

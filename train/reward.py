@@ -19,6 +19,9 @@ from functools import partial
 
 import torch
 
+from core.hardware import resolve_precision, torch_dtype
+from core.models import ModelError, load_tokenizer, resolve_model
+
 from train import data, ds, loop, models, tokens
 from train.config import EvalRMConfig, RMConfig, parse_split
 from train.losses import pairwise_loss, sequence_rewards
@@ -77,8 +80,8 @@ def main(cfg: RMConfig) -> RunDir:
     torch.manual_seed(cfg.seed)
 
     # data
-    model_path = models.resolve_model(cfg.model)
-    tokenizer = models.load_tokenizer(model_path)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_pairs(cfg, tokenizer, run.log)
     lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in train_set]
     total_steps = loop.total_steps(cfg, loop.steps_per_epoch(lengths, cfg, world))
@@ -134,14 +137,14 @@ def summarise_scores(scores: list[tuple[float, float]]) -> dict:
 
 def evaluate_main(cfg: EvalRMConfig) -> dict:
     if not cfg.reward:
-        raise models.ModelError("--reward is required: pass a reward-model folder (an RM run's final/).")
+        raise ModelError("--reward is required: pass a reward-model folder (an RM run's final/).")
     if not cfg.data:
         raise data.DataError("--data is required: pass preference pairs to score.")
-    path = models.resolve_model(cfg.reward)
+    path = resolve_model(cfg.reward)
     torch.set_grad_enabled(False)
-    model = models.load_value_model(path, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+    model = models.load_value_model(path, torch_dtype(resolve_precision(cfg.precision).name))
     model.eval()
-    tokenizer = models.load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
     log = partial(print, file=sys.stderr)
     by_source = defaultdict(list)
     for spec in cfg.data:

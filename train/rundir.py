@@ -1,5 +1,6 @@
-"""The run folder of DESIGN.md: config.yaml, status.json, metrics.jsonl, train.log, checkpoints/,
-final/. Every step writes through this; the launcher and the app only read it.
+"""Writing the run folder of DESIGN.md: run.json (the marker), config.yaml, status.json,
+metrics.jsonl, train.log, checkpoints/, final/. Every stage writes through this; the launcher
+and the app read it through core/runs.py.
 
 Only rank 0 writes; other ranks get an object whose writes do nothing.
 """
@@ -11,37 +12,9 @@ import shutil
 import time
 from pathlib import Path
 
-from train.config import ConfigError, to_yaml
-
-STATES = ("queued", "running", "done", "failed", "stopped")
-
-
-def read_status(folder: str | Path) -> dict:
-    path = Path(folder) / "status.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def read_metrics(folder: str | Path) -> list[dict]:
-    rows = []
-    try:
-        with open(Path(folder) / "metrics.jsonl") as handle:
-            for line in handle:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line being written right now
-                    break
-    except OSError:
-        pass
-    return rows
-
-
-def write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+from core.hardware import resolve_precision
+from core.options import ConfigError, to_yaml
+from core.runs import MARKER, read_status, write_json_atomic
 
 
 def _barrier() -> None:
@@ -60,10 +33,12 @@ class RunDir:
         self.started = time.time()
 
     @classmethod
-    def prepare(cls, cfg, step: str, rank: int) -> "RunDir":
-        """Check the output folder against --overwrite/--resume; rank 0 creates it."""
+    def prepare(cls, cfg, stage: str, rank: int) -> "RunDir":
+        """Check the output folder against --overwrite/--resume; rank 0 creates it, writes its
+        marker and config, and logs the precision the run uses and why."""
         if not cfg.output:
             raise ConfigError("--output is required: name the run folder, e.g. --output runs/sft1.")
+        precision = resolve_precision(getattr(cfg, "precision", "fp32"))
         run = cls(cfg.output, writer=rank == 0)
         status = read_status(run.path)
         holds_run = (run.path / "config.yaml").is_file()
@@ -81,8 +56,15 @@ class RunDir:
             if cfg.overwrite and run.path.exists():
                 shutil.rmtree(run.path)
             run.path.mkdir(parents=True, exist_ok=True)
-            (run.path / "config.yaml").write_text(f"# step: {step}\n" + to_yaml(cfg))
+            write_json_atomic(run.path / MARKER, {"stage": stage, "created_at": time.time(),
+                                                  "precision": precision.name,
+                                                  "precision_reason": precision.reason})
+            (run.path / "config.yaml").write_text(
+                to_yaml(cfg) + f"# precision {precision.describe()}\n")
         _barrier()
+        run.log(f"precision: {precision.describe()}")
+        if precision.warning:
+            run.log(f"warning: {precision.warning}")
         return run
 
     def status(self, state: str, **fields) -> None:

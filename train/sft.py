@@ -10,6 +10,8 @@ from functools import partial
 
 import torch
 
+from core.models import load_causal_lm, load_tokenizer, resolve_model
+
 from train import data, ds, loop, models, tokens
 from train.config import SFTConfig, parse_split
 from train.rundir import RunDir
@@ -43,8 +45,8 @@ def main(cfg: SFTConfig) -> RunDir:
     torch.manual_seed(cfg.seed)
 
     # data
-    model_path = models.resolve_model(cfg.model)
-    tokenizer = models.load_tokenizer(model_path)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_sft_data(cfg, tokenizer, run.log)
     lengths = [len(e["input_ids"]) for e in train_set]
     total_steps = loop.total_steps(cfg, loop.steps_per_epoch(lengths, cfg, world))
@@ -52,7 +54,7 @@ def main(cfg: SFTConfig) -> RunDir:
             f"{total_steps} steps")
 
     # model and engine
-    lm = models.make_trainable(models.load_causal_lm(model_path), cfg)
+    lm = models.make_trainable(load_causal_lm(model_path), cfg)
     engine = ds.initialize(models.CausalLMWithLoss(lm), cfg, total_steps,
                            str(run.path / "tensorboard") if cfg.tensorboard else None)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+from core.sampling import pad
 from train.data import DataError
 
 
@@ -103,28 +104,15 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
     return batches
 
 
-def pad_right(sequences: list[list[int]], value: int):
-    """(B, T) tensor of right-padded sequences and its (B, T) attention mask."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    padded = torch.full((len(sequences), width), value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        padded[row, :len(sequence)] = torch.tensor(sequence)
-        mask[row, :len(sequence)] = 1
-    return padded, mask
-
-
 def collate(examples: list[dict], pad_id: int):
     """SFT batch: input_ids, attention_mask, labels (-100 on prompt and padding)."""
-    input_ids, attention_mask = pad_right([e["input_ids"] for e in examples], pad_id)
-    labels, _ = pad_right([e["labels"] for e in examples], -100)
+    input_ids, attention_mask = pad([e["input_ids"] for e in examples], pad_id)
+    labels, _ = pad([e["labels"] for e in examples], -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def collate_pairs(examples: list[dict], pad_id: int):
     """Reward-model batch of B pairs as 2B rows: the chosen sequences, then the rejected ones."""
     rows = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-    input_ids, attention_mask = pad_right(rows, pad_id)
+    input_ids, attention_mask = pad(rows, pad_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from chat.client import ServerError
-from chat.conversation import (ArenaSession, ChatSession, chat_checkpoints, message_text,
+from chat.conversation import (ArenaSession, ChatSession, chat_checkpoints,
                                new_sampling, stream_answer, stream_round)
 
 
@@ -30,11 +30,6 @@ class FakePool:
     def lease(self, model):
         self.leased.append(model)
         yield FakeClient(model, self.fail)
-
-
-def test_gradio_message_content_becomes_text():
-    assert message_text([{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]) == "Hi there"
-    assert message_text("plain") == "plain" and message_text(None) == ""
 
 
 def test_sampling_gets_a_seed_unless_one_is_given():

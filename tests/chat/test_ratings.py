@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from chat import ratings
+from core import ratings
 from tests.conftest import ROOT, read_jsonl, run_train
 from train import data
 
@@ -158,15 +158,3 @@ def test_train_rm_runs_on_the_exported_votes(store, tmp_path, tiny_model, monkey
     assert "data ratings:: 12 records" in (out / "train.log").read_text()
     assert (out / "final").is_dir()
     assert json.loads((out / "status.json").read_text())["state"] == "done"
-
-
-def test_overview_counts_votes_and_ranks_checkpoints(store):
-    prompt = [{"role": "user", "content": "Hi"}]
-    for verdict in ("A", "A", "A", "B", "tie"):
-        ratings.add_comparison(prompt, "Hello!", "Go away.", "runs/ppo1/ema", "runs/sft1/final", verdict)
-    ratings.add_thumb(prompt, "Hello!", "runs/ppo1/ema", up=True)
-    line, table, board = ratings.overview()
-    assert line.startswith("6 votes: 3 A, 1 B, 1 tie, 0 both_bad, 1 up, 0 down; 4 exportable")
-    assert len(table) == 6 and table.iloc[0]["verdict"] == "up"
-    assert list(board["model"]) == ["runs/ppo1/ema", "runs/sft1/final"]
-    assert board.iloc[0]["games"] == 5 and board.iloc[0]["wins"] == 3.5

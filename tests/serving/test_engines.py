@@ -7,12 +7,13 @@ import shutil
 import pytest
 import torch
 
+from core.hardware import hardware
+from core.models import ModelError
 from serving.engines import EngineError, end_of_turn_ids, load_engine, pick_engine
-from train import ds
 
 
 def test_auto_picks_ds_inference_without_cuda_and_mii_is_refused_in_one_sentence():
-    if ds.on_cuda():
+    if hardware().device == "cuda":
         pytest.skip("a CPU-only check")
     assert pick_engine("auto") == "ds-inference"
     with pytest.raises(EngineError, match="needs a CUDA GPU.*--engine ds-inference"):
@@ -29,18 +30,8 @@ def test_folder_with_only_pickled_weights_is_refused(tiny_model, tmp_path):
     pickled.mkdir()
     shutil.copy(tiny_model / "config.json", pickled)
     torch.save({"lm_head.weight": torch.zeros(2, 2)}, pickled / "pytorch_model.bin")
-    with pytest.raises(EngineError, match="only pickled weights.*pytorch_model.bin.*safetensors"):
+    with pytest.raises(ModelError, match="only pickled weights.*pytorch_model.bin"):
         load_engine(str(pickled), "hf")
-
-
-def test_hf_and_ds_inference_engines_give_the_same_greedy_logits(tiny_model):
-    hf = load_engine(str(tiny_model), "hf", slots=2, max_len=64, dtype="fp32")
-    wrapped = load_engine(str(tiny_model), "ds-inference", slots=2, max_len=64, dtype="fp32")
-    assert (hf.name, wrapped.name) == ("hf", "ds-inference")
-    prompt = hf.encode_chat([{"role": "user", "content": "Hello"}])
-    first = hf.decoder.prefill([0], [prompt])
-    assert torch.allclose(first, wrapped.decoder.prefill([1], [prompt]), atol=1e-4)
-    assert hf.max_len == 64 and hf.dtype == "float32"
 
 
 def test_end_of_turn_ids_cover_eos_and_the_chat_end_token(tiny_model):

@@ -88,7 +88,8 @@ def test_eight_concurrent_clients_are_all_answered_correctly(client):
 
 def test_greedy_answer_equals_the_ppo_samplers(client, engine):
     """Server and PPO rollouts share one generation core: the same greedy tokens."""
-    from train.hybrid import Sampling, generate
+    from core.sampling import Sampling
+    from train.rollout import generate
 
     conversation = [{"role": "user", "content": "Name three colours of the rainbow."}]
     served = ask(client, conversation, max_tokens=40).choices[0].message.content

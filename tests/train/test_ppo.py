@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, read_jsonl, run_train
-from train import models
+from core import models
 from train.config import PPOConfig
-from train.fastlm import SlotDecoder
-from train.hybrid import Sampling, decode_batch, generate
+from core.decoder import SlotDecoder
+from core.sampling import Sampling
+from train.rollout import decode_batch, generate
 from train.ppo import EMA, KLController
 
 
@@ -141,7 +142,7 @@ def test_real_ppo_raises_held_out_reward_with_bounded_kl(tmp_path, real_reward_m
 
 
 def test_hugging_face_baseline_path_gives_the_same_greedy_rollouts(tiny_model):
-    from train.hybrid import hf_generate
+    from train.rollout import hf_generate
 
     tokenizer = models.load_tokenizer(str(tiny_model))
     lm = models.load_causal_lm(str(tiny_model)).eval()

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from core.models import load_tokenizer
 from tests.conftest import read_jsonl, run_train
 from train import data, losses, models, tokens
 from train.reward import score_pairs
@@ -28,7 +29,7 @@ def test_pairwise_loss_values_and_margin():
 
 
 def test_pair_batch_reads_each_answer_at_its_end_of_turn_token(tiny_model):
-    tokenizer = models.load_tokenizer(str(tiny_model))
+    tokenizer = load_tokenizer(str(tiny_model))
     record = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello there, friend.",
               "rejected": "Go."}
     example, _ = tokens.encode_pair(tokenizer, record, 128)
@@ -40,7 +41,7 @@ def test_pair_batch_reads_each_answer_at_its_end_of_turn_token(tiny_model):
 
 
 def test_saved_reward_model_reloads_to_identical_scores(tmp_path, tiny_model):
-    tokenizer = models.load_tokenizer(str(tiny_model))
+    tokenizer = load_tokenizer(str(tiny_model))
     model = models.load_value_model(str(tiny_model)).eval()
     torch.nn.init.normal_(model.v_head.weight)
     records = data.read_source("prompts/preferences.jsonl").records[:6]

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from core.runs import RunInfo
 from tests.conftest import ROOT, read_jsonl, run_train, shared_file
 
 FAST = ["--batch-size", "4", "--max-seq-len", "64", "--learning-rate", "3e-3", "--eval-fraction",
@@ -35,7 +36,8 @@ def test_tiny_run_trains_evaluates_and_saves_a_loadable_model(tmp_path, tiny_mod
     assert len(train) == 12 and all(r["tokens_per_s"] > 0 for r in rows if "loss" in r)
     assert sum(train[-3:]) / 3 < sum(train[:3]) / 3 - 1.0
     assert len(evals) == 3 and evals[-1] < evals[0]
-    assert "step: sft" in (out / "config.yaml").read_text()
+    assert RunInfo.load(out).stage == "sft"
+    assert "# precision auto (" in (out / "config.yaml").read_text()
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight,

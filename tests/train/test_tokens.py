@@ -4,7 +4,7 @@ from train import tokens
 
 
 def test_labels_cover_the_response_and_its_end_of_turn_token_only(default_model):
-    from train.models import load_tokenizer
+    from core.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(default_model))
     prompt = [{"role": "user", "content": "Name a colour."}]
@@ -19,7 +19,7 @@ def test_labels_cover_the_response_and_its_end_of_turn_token_only(default_model)
 
 
 def test_truncation_never_cuts_a_response(default_model):
-    from train.models import load_tokenizer
+    from core.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(default_model))
     long_prompt = [{"role": "user", "content": "word " * 300}]

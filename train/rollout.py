@@ -1,77 +1,41 @@
-"""Switching the PPO actor between training and generation (the Hybrid Engine of DESIGN.md).
+"""Switching the PPO actor between training and generation: the rollout engine (DESIGN.md's
+hybrid engine).
 
 PPO spends most of its time generating rollouts with the model it is training. Before each
-rollout the actor's training engine switches to generation and back after:
+rollout the actor's training engine switches to generation and back after. `--rollout-engine`
+picks what generates:
 
-- on CUDA, where DeepSpeed's Hybrid Engine supports the architecture and `--hybrid-engine` is
-  on: DeepSpeed's own `hybrid_engine` (inference kernels, ZeRO-3 gather, tensor parallelism);
-- everywhere else (every CPU): the project's own path. Under ZeRO-3 all parameters are gathered
-  once per rollout (not per layer per token); generation runs in bf16 where the hardware has it
-  (the bf16 training weights themselves, or a bf16 copy when training in fp32); prompts are
-  left-padded into one batch; sampling is batched, each sequence stops at its end-of-turn token
-  and the loop ends when all have.
+- `deepspeed`: DeepSpeed's own Hybrid Engine (inference kernels, ZeRO-3 gather, tensor
+  parallelism), on CUDA for the architectures it has inference containers for;
+- `fused`: the project's own path, everywhere: under ZeRO-3 all parameters are gathered once per
+  rollout (not per layer per token); the slot decoder (core/decoder.py) runs the actor with a
+  preallocated KV cache, in bf16 where the hardware computes it natively (a bf16 copy of fp32
+  training weights), with LoRA adapters merged into its copy; sampling is batched and each
+  sequence stops at its end-of-turn token;
+- `hf`: Hugging Face `generate`, the baseline the benchmarks compare against;
+- `auto` (default): deepspeed where it can run, else fused.
 
-The switch's own time (gather, copy, mode change) is measured separately from generation.
+The switch's own time (gather, weight layout, mode change) is measured apart from generation.
 """
 from __future__ import annotations
 
 import copy
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import deepspeed
 import torch
 
+from core.decoder import SlotDecoder, fused_reason
+from core.hardware import hardware
+from core.options import ConfigError
+from core.sampling import Sampling, pad, sample_tokens
 from train import ds
-from train.fastlm import SlotDecoder, fused_reason
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    eos_token_id: int
-    pad_token_id: int
-    greedy: bool = False
-
-
-def pad_left(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) left-padded token ids and their (B, T) attention mask."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, width - len(sequence):] = torch.tensor(sequence)
-        mask[row, width - len(sequence):] = 1
-    return ids, mask
-
-
-def sample_tokens(logits: torch.Tensor, sampling: Sampling, generator=None) -> torch.Tensor:
-    """(B,) next tokens from (B, V) logits: greedy, or temperature and nucleus (top-p) sampling.
-
-    Sampling inverts each row's cumulative distribution at one uniform draw: a cumsum and a
-    binary search, several times cheaper on a CPU than `torch.multinomial` over a 49k vocabulary."""
-    if sampling.greedy:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    order = None
-    if sampling.top_p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True)
-        outside = probs.cumsum(-1) - probs > sampling.top_p  # keep the first token over p
-        probs = probs.masked_fill(outside, 0.0)
-    cdf = probs.cumsum(-1)
-    draw = torch.rand((len(cdf), 1), generator=generator, device=cdf.device) * cdf[:, -1:]
-    # right=True: the first index whose cdf exceeds the draw, so a zero-probability token
-    # (an empty interval) is never picked
-    tokens = torch.searchsorted(cdf, draw, right=True).clamp(max=cdf.shape[-1] - 1)
-    return (tokens if order is None else order.gather(-1, tokens)).squeeze(-1)
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], sampling: Sampling, generator=None, dtype=None):
-    """Batched sampling on a preallocated KV cache (train/fastlm.py); returns (prompt_ids (B, P),
+    """Batched sampling on a preallocated KV cache (core/decoder.py); returns (prompt_ids (B, P),
     prompt_mask (B, P), response_ids (B, R), response_mask (B, R)). A response's mask covers its
     tokens up to and including its end-of-turn token; later positions hold the pad token."""
     decoder = SlotDecoder(model, len(prompts), max(map(len, prompts)) + sampling.max_new_tokens, dtype)
@@ -97,7 +61,7 @@ def decode_batch(decoder: SlotDecoder, prompts: list[list[int]], sampling: Sampl
             break
         logits = decoder.decode(active.tolist(), next_tokens)
     device = next(decoder.model.parameters()).device
-    prompt_ids, prompt_mask = pad_left(prompts, sampling.pad_token_id)
+    prompt_ids, prompt_mask = pad(prompts, sampling.pad_token_id, left=True)
     return (prompt_ids.to(device), prompt_mask.to(device), tokens[:, :steps].to(device),
             alive[:, :steps].to(device))
 
@@ -106,7 +70,7 @@ def decode_batch(decoder: SlotDecoder, prompts: list[list[int]], sampling: Sampl
 def hf_generate(model, prompts: list[list[int]], sampling: Sampling):
     """The same rollout through Hugging Face `generate` (what DeepSpeed-Chat and TRL use on a
     CPU, and what DeepSpeed's Hybrid Engine wraps on CUDA); same return value as `generate`."""
-    prompt_ids, prompt_mask = (t.to(ds.device()) for t in pad_left(prompts, sampling.pad_token_id))
+    prompt_ids, prompt_mask = (t.to(ds.device()) for t in pad(prompts, sampling.pad_token_id, left=True))
     sample_args = {} if sampling.greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p}
     output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                             max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
@@ -130,11 +94,9 @@ def ds_hybrid_config(cfg) -> dict:
             "pin_parameters": True, "tp_gather_partition_size": 8}
 
 
-def ds_hybrid_reason(lm, wanted: bool) -> str | None:
-    """None when DeepSpeed's Hybrid Engine can run this actor, else why not (logged)."""
-    if not wanted:
-        return "switched off by --no-hybrid-engine or --generation hf"
-    if not ds.on_cuda():
+def ds_hybrid_reason(lm) -> str | None:
+    """None when DeepSpeed's Hybrid Engine can run this actor, else why not."""
+    if hardware().device != "cuda":
         return "DeepSpeed's Hybrid Engine needs CUDA"
     architecture = type(lm).__name__
     if architecture not in DS_HYBRID_ARCHITECTURES:
@@ -142,35 +104,40 @@ def ds_hybrid_reason(lm, wanted: bool) -> str | None:
     return None
 
 
-def bf16_supported() -> bool:
-    if ds.on_cuda():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def pick_rollout_engine(asked: str, lm) -> tuple[str, str]:
+    """(engine that runs: deepspeed, fused or hf; a line saying why) for --rollout-engine."""
+    reason = ds_hybrid_reason(lm)
+    if asked == "deepspeed" and reason is not None:
+        raise ConfigError(f"--rollout-engine deepspeed cannot run here ({reason}): use auto or fused.")
+    if asked == "auto":
+        asked = "deepspeed" if reason is None else "fused"
+        why = "auto" if reason is None else f"auto: {reason}"
+    else:
+        why = "asked for"
+    if asked == "fused":
+        fused = fused_reason(lm)
+        why += "; " + ("our fused decoder" if fused is None else f"the model's own forward ({fused})")
+    return asked, why
 
 
-class HybridEngine:
+class RolloutEngine:
     """The actor engine's generation mode. `rollout(prompts, sampling)` switches the engine to
     generation, samples, and switches back; `switch_s` holds the last switch's own time."""
 
-    def __init__(self, engine, use_ds_hybrid: bool, plain_hf: bool = False):
+    def __init__(self, engine, kind: str):
         self.engine = engine
-        self.use_ds_hybrid = use_ds_hybrid
-        self.plain_hf = plain_hf  # Hugging Face `generate` (the baseline the benchmarks compare)
+        self.kind = kind  # deepspeed, fused or hf (pick_rollout_engine)
         self.switch_s = 0.0
 
     def rollout(self, prompts: list[list[int]], sampling: Sampling, generator=None):
-        """Same return value as `generate`, whichever path runs."""
-        if self.use_ds_hybrid:
+        """Same return value as `generate`, whichever engine runs."""
+        if self.kind == "deepspeed":
             return self._ds_rollout(prompts, sampling)
         with self.generation() as model:
-            if self.plain_hf:
+            if self.kind == "hf":
                 return hf_generate(model, prompts, sampling)
             tic = time.time()
-            dtype = torch.bfloat16 if bf16_supported() else None  # fp32 training, bf16 rollouts
+            dtype = torch.bfloat16 if hardware().native_bf16 else None  # fp32 training, bf16 rollouts
             decoder = SlotDecoder(model, len(prompts), max(map(len, prompts)) + sampling.max_new_tokens,
                                   dtype)
             self.switch_s += time.time() - tic  # laying out the weights is part of the switch
@@ -197,8 +164,8 @@ class HybridEngine:
         gather = deepspeed.zero.GatheredParameters(list(lm.parameters())) if zero3 else nullcontext()
         with gather:
             model = lm
-            plain = self.plain_hf or fused_reason(lm) is not None
-            if plain and next(lm.parameters()).dtype == torch.float32 and bf16_supported():
+            plain = self.kind == "hf" or fused_reason(lm) is not None
+            if plain and next(lm.parameters()).dtype == torch.float32 and hardware().native_bf16:
                 model = copy.deepcopy(lm).to(torch.bfloat16)  # fp32 training, bf16 rollouts
             model.eval()
             self.switch_s = time.time() - tic

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from chat.leaderboard import fit_strengths, leaderboard, votes_from_ratings, win_matrix
+from core.leaderboard import fit_strengths, leaderboard, votes_from_ratings, win_matrix
 
 
 def votes(model_a: str, model_b: str, a_wins: int, b_wins: int, ties: int = 0):

@@ -1,4 +1,5 @@
-"""Fast decoding on a preallocated KV cache of independent slots: PPO rollouts and the server.
+"""The slot decoder: fast decoding on a preallocated KV cache of independent slots, shared by PPO
+rollouts (train/rollout.py) and the server (serving/scheduler.py).
 
 `SlotDecoder(model, slots, max_len)` holds a causal LM and a KV cache of `slots` rows, each up to
 `max_len` positions. `prefill(slot_ids, prompts)` (re)starts slots with their prompts and
@@ -22,14 +23,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from core.hardware import bf16_packing
+
 FUSED_ARCHITECTURES = {"LlamaForCausalLM"}
 PREFILL_TOKENS = 4096  # rows x padded length of one prefill forward
 SMALL_BATCH = 16  # up to this many slots the cache and attention are kept in fp32
 
 
 def _packable(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and bf16_packing()
 
 
 class Linear:

@@ -1,0 +1,235 @@
+"""The ratings store: every vote cast in the app, with its provenance, in SQLite (WAL mode).
+
+The database lives at `$RLHF_HOME/ratings.db`. One row per vote:
+
+- a comparison (the arena): the conversation so far (messages ending with the user turn), the
+  two answers, the model or checkpoint and the sampling settings of each, the verdict
+  (`A`, `B`, `tie` or `both_bad`), the browser session and the time;
+- a thumb: one answer with its model and sampling, verdict `up` or `down`.
+
+Every write opens its own connection inside one transaction, so several browser tabs (threads
+of the app) and several processes can vote at once: WAL lets readers run beside the writer and
+`busy_timeout` makes a second writer wait instead of failing.
+
+Export (`export_records`, `export`; on the command line `python -m chat.ratings export --out FILE`) turns votes into
+the project's preference records (`prompt`, `chosen`, `rejected`) plus provenance fields, the
+format `python -m train rm --data ratings:` reads. What is left out, and why:
+
+- `tie` and `both_bad` comparisons: neither answer is preferred, and train/data.py reads only
+  `prompt`/`chosen`/`rejected` (it drops `verdict`), so exporting them would teach a false order;
+- thumbs that cannot be paired: a thumb rates one answer, so a pair is formed only from an
+  `up` and a `down` answer to the same conversation (the oldest unpaired up with the oldest
+  unpaired down; each thumb is used once). Lone thumbs stay in the store for later.
+
+Left out on purpose: editing or deleting votes, user accounts, and deduplicating the same vote
+cast twice (each click is a vote).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from core.errors import UserError
+from core.paths import rlhf_home
+
+COMPARISON_VERDICTS = ("A", "B", "tie", "both_bad")
+THUMB_VERDICTS = ("up", "down")
+ROLES = ("system", "user", "assistant")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ratings (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind        TEXT NOT NULL,          -- comparison | thumb
+    created_at  REAL NOT NULL,          -- seconds since the epoch
+    session     TEXT NOT NULL DEFAULT '',
+    conversation TEXT NOT NULL,         -- JSON list of messages, ending with the user turn
+    answer_a    TEXT NOT NULL,
+    answer_b    TEXT,                   -- NULL for a thumb
+    model_a     TEXT NOT NULL,
+    model_b     TEXT,
+    sampling_a  TEXT NOT NULL DEFAULT '{}',   -- JSON: temperature, top_p, max_tokens, seed ...
+    sampling_b  TEXT,
+    verdict     TEXT NOT NULL
+);
+"""
+
+
+class RatingsError(UserError, ValueError):
+    """A vote cannot be stored or read; the message names the cause and the fix."""
+
+
+def db_path() -> Path:
+    return rlhf_home() / "ratings.db"
+
+
+def connect(path: str | Path | None = None) -> sqlite3.Connection:
+    """A connection to the store (created on first use), in WAL mode with a busy timeout."""
+    path = Path(path) if path else db_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30.0)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(SCHEMA)
+    except (OSError, sqlite3.Error) as err:
+        raise RatingsError(f"the ratings store {path} cannot be opened ({err}): check that "
+                           "$RLHF_HOME is a writable folder.") from None
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def check_conversation(conversation) -> list[dict]:
+    """The conversation as plain messages; it must end with the user turn both answers reply to."""
+    if not isinstance(conversation, list) or not conversation:
+        raise RatingsError("a vote needs the conversation so far: a non-empty list of messages.")
+    messages = []
+    for turn in conversation:
+        role, content = (turn.get("role"), turn.get("content")) if isinstance(turn, dict) else (None, None)
+        if role not in ROLES or not isinstance(content, str):
+            raise RatingsError(f"a vote's conversation has a malformed message {turn!r}: each "
+                               "needs a role (system, user or assistant) and text content.")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "user":
+        raise RatingsError("a vote's conversation must end with the user turn the answers reply to.")
+    return messages
+
+
+def _insert(row: dict, path) -> int:
+    conn = connect(path)
+    try:
+        with conn:  # one transaction: committed, or rolled back on error
+            cursor = conn.execute(
+                f"INSERT INTO ratings ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()))
+        return cursor.lastrowid
+    except sqlite3.Error as err:
+        raise RatingsError(f"the vote could not be stored ({err}): try again.") from None
+    finally:
+        conn.close()
+
+
+def add_comparison(conversation, answer_a: str, answer_b: str, model_a: str, model_b: str,
+                   verdict: str, sampling_a: dict | None = None, sampling_b: dict | None = None,
+                   session: str = "", path=None) -> int:
+    """Store an A/B vote; returns its id. `verdict` is A, B, tie or both_bad."""
+    if verdict not in COMPARISON_VERDICTS:
+        raise RatingsError(f"verdict {verdict!r} is not one of {', '.join(COMPARISON_VERDICTS)}.")
+    row = {"kind": "comparison", "created_at": time.time(), "session": session,
+           "conversation": json.dumps(check_conversation(conversation)),
+           "answer_a": str(answer_a), "answer_b": str(answer_b), "model_a": str(model_a),
+           "model_b": str(model_b), "sampling_a": json.dumps(sampling_a or {}),
+           "sampling_b": json.dumps(sampling_b or {}), "verdict": verdict}
+    return _insert(row, path)
+
+
+def add_thumb(conversation, answer: str, model: str, up: bool, sampling: dict | None = None,
+              session: str = "", path=None) -> int:
+    """Store a thumbs-up or thumbs-down on one answer; returns its id."""
+    row = {"kind": "thumb", "created_at": time.time(), "session": session,
+           "conversation": json.dumps(check_conversation(conversation)), "answer_a": str(answer),
+           "model_a": str(model), "sampling_a": json.dumps(sampling or {}),
+           "verdict": "up" if up else "down"}
+    return _insert(row, path)
+
+
+def _decode(row: sqlite3.Row) -> dict:
+    record = dict(row)
+    for key in ("conversation", "sampling_a", "sampling_b"):
+        record[key] = json.loads(record[key]) if record[key] else None
+    return record
+
+
+def rows(path=None, limit: int | None = None) -> list[dict]:
+    """Every vote, newest first, with its JSON fields decoded."""
+    conn = connect(path)
+    try:
+        query = "SELECT * FROM ratings ORDER BY id DESC" + (" LIMIT ?" if limit else "")
+        return [_decode(r) for r in conn.execute(query, (limit,) if limit else ())]
+    finally:
+        conn.close()
+
+
+def counts(path=None) -> dict:
+    """Votes by verdict, the total, and how many preference records an export would write."""
+    conn = connect(path)
+    try:
+        by_verdict = dict(conn.execute("SELECT verdict, COUNT(*) FROM ratings GROUP BY verdict"))
+    finally:
+        conn.close()
+    by_verdict = {v: by_verdict.get(v, 0) for v in COMPARISON_VERDICTS + THUMB_VERDICTS}
+    return {**by_verdict, "total": sum(by_verdict.values()),
+            "exportable": len(export_records(path))}
+
+
+def _pair_record(rating_id: str, conversation, chosen: dict, rejected: dict, verdict: str,
+                 created_at: float) -> dict:
+    return {"id": rating_id, "source": "ratings", "prompt": conversation,
+            "chosen": chosen["answer"], "rejected": rejected["answer"], "verdict": verdict,
+            "chosen_model": chosen["model"], "rejected_model": rejected["model"],
+            "chosen_sampling": chosen["sampling"], "rejected_sampling": rejected["sampling"],
+            "created_at": created_at}
+
+
+def _comparison_record(rating: dict) -> dict | None:
+    if rating["verdict"] not in ("A", "B"):
+        return None
+    side_a = {"answer": rating["answer_a"], "model": rating["model_a"], "sampling": rating["sampling_a"]}
+    side_b = {"answer": rating["answer_b"], "model": rating["model_b"], "sampling": rating["sampling_b"]}
+    chosen, rejected = (side_a, side_b) if rating["verdict"] == "A" else (side_b, side_a)
+    return _pair_record(f"ratings-{rating['id']}", rating["conversation"], chosen, rejected,
+                        rating["verdict"], rating["created_at"])
+
+
+def _thumb_records(thumbs: list[dict]) -> list[dict]:
+    """Pairs of an up and a down answer to the same conversation, oldest first, each used once."""
+    by_conversation = defaultdict(lambda: {"up": [], "down": []})
+    for rating in sorted(thumbs, key=lambda r: r["id"]):
+        key = json.dumps(rating["conversation"], sort_keys=True)
+        by_conversation[key][rating["verdict"]].append(rating)
+    records = []
+    for side in by_conversation.values():
+        for up, down in zip(side["up"], side["down"]):
+            chosen = {"answer": up["answer_a"], "model": up["model_a"], "sampling": up["sampling_a"]}
+            rejected = {"answer": down["answer_a"], "model": down["model_a"],
+                        "sampling": down["sampling_a"]}
+            records.append(_pair_record(f"ratings-{up['id']}-{down['id']}", up["conversation"],
+                                        chosen, rejected, "thumbs", max(up["created_at"],
+                                                                        down["created_at"])))
+    return records
+
+
+def export_records(path=None) -> list[dict]:
+    """The store as preference records (see the module docstring for what is left out)."""
+    ratings = sorted(rows(path), key=lambda r: r["id"])
+    records = [r for r in map(_comparison_record, (x for x in ratings if x["kind"] == "comparison"))
+               if r is not None]
+    records += _thumb_records([r for r in ratings if r["kind"] == "thumb"])
+    return records
+
+
+def left_out(path=None) -> Counter:
+    """Why votes are not exported: ties, both-bad, and thumbs without a partner."""
+    ratings = rows(path)
+    reasons = Counter(r["verdict"] for r in ratings if r["verdict"] in ("tie", "both_bad"))
+    thumbs = sum(1 for r in ratings if r["kind"] == "thumb")
+    unpaired = thumbs - 2 * len(_thumb_records([r for r in ratings if r["kind"] == "thumb"]))
+    if unpaired:
+        reasons["unpaired thumbs"] = unpaired
+    return reasons
+
+
+def export(out: str | Path, path=None) -> int:
+    """Write the preference records as JSONL to `out`; returns how many were written."""
+    records = export_records(path)
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except OSError as err:
+        raise RatingsError(f"cannot write {out} ({err.strerror}): choose a writable path.") from None
+    return len(records)

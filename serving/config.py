@@ -1,0 +1,40 @@
+"""The server's options, declared like every stage's (core/options.py): one definition gives the
+command-line flag, its default, help text and allowed range."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from core.hardware import PRECISIONS
+from core.options import opt, validate
+
+ENGINES = ("auto", "mii", "ds-inference", "hf")
+
+
+@dataclass
+class ServeConfig:
+    """Serve a checkpoint behind the OpenAI Chat Completions API."""
+
+    model: str = opt("default", "checkpoint to serve: a folder (a run's final/ or ema/), a .gguf "
+                                "file, a hub name, or 'default' (SmolLM2-135M-Instruct)")
+    engine: str = opt("auto", "auto: DeepSpeed-MII on CUDA where installed, else ds-inference",
+                      choices=ENGINES)
+    host: str = opt("127.0.0.1", "address to bind")
+    port: int = opt(8000, "port to bind (0: any free port)", range=(0, 65535))
+    api_key: str = opt("", "require 'Authorization: Bearer KEY' on every /v1 route")
+    tp: int = opt(1, "tensor-parallel degree (only 1 for now)", range=(1, 1024))
+    precision: str = opt("auto", "weights' precision; auto: bf16 where the hardware computes it "
+                                 "natively, else fp32", choices=PRECISIONS)
+    slots: int = opt(16, "answers generated at once (continuous batching); n=k takes k",
+                     range=(1, 1024))
+    max_queue: int = opt(64, "requests that may wait for a slot; beyond that: 429", range=(0, 100_000))
+    max_tokens_limit: int = opt(1024, "the largest max_tokens a request may ask for",
+                                range=(1, 1_000_000))
+    max_prompt_tokens: int = opt(2048, "the longest conversation accepted (after the chat "
+                                       "template), also capped by the model's context",
+                                 range=(1, 1_000_000))
+    # renamed: old name -> (type, value -> new options)
+    RENAMED: ClassVar[dict] = {"dtype": (str, lambda value: {"precision": value})}
+
+    def __post_init__(self):
+        validate(self)

@@ -20,14 +20,16 @@ def main(argv=None) -> int:
     parser.add_argument("--db", help="ratings database (default: $RLHF_HOME/ratings.db)")
     commands = parser.add_subparsers(dest="command", required=True)
     export_cmd = commands.add_parser("export", help="write preference records as JSONL")
-    export_cmd.add_argument("--out", required=True, help="JSONL file to write")
+    export_cmd.add_argument("--out", required=True, help="JSONL file to write (a new file, unless "
+                            "--overwrite)")
+    export_cmd.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     commands.add_parser("counts", help="print the number of votes by verdict as JSON")
     args = parser.parse_args(argv)
     try:
         if args.command == "counts":
             print(json.dumps(counts(args.db)))
             return 0
-        written = export(args.out, args.db)
+        written = export(args.out, args.db, overwrite=args.overwrite)
         skipped = left_out(args.db)
         note = f" (left out: {', '.join(f'{n} {why}' for why, n in skipped.items())})" if skipped else ""
         print(f"wrote {written} preference records to {args.out}{note}")

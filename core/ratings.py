@@ -27,9 +27,11 @@ cast twice (each click is a vote).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections import Counter, defaultdict
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from core.errors import UserError
@@ -65,18 +67,41 @@ def db_path() -> Path:
     return rlhf_home() / "ratings.db"
 
 
+def store_error(path: Path, err: Exception) -> RatingsError:
+    """One sentence for what went wrong with the store file, with the fix that fits."""
+    text = str(err)
+    if "not a database" in text:
+        return RatingsError(f"{path} is not a ratings database (not SQLite): move it aside or point "
+                            "--db (or $RLHF_HOME) at the right file; nothing was changed.")
+    if "malformed" in text or isinstance(err, sqlite3.DatabaseError) and "corrupt" in text:
+        return RatingsError(f"the ratings store {path} is damaged ({text}): copy it aside, recover "
+                            f"what it holds with `sqlite3 {path} .recover > votes.sql`, then move "
+                            "it away to start a new store; nothing was changed.")
+    if isinstance(err, sqlite3.OperationalError) and "locked" in text:
+        return RatingsError(f"the ratings store {path} is busy (another process holds a write lock "
+                            "for over 30 s): try again in a moment.")
+    return RatingsError(f"the ratings store {path} cannot be used ({text}): check that its folder "
+                        "($RLHF_HOME) is writable and the file is readable.")
+
+
+@contextmanager
+def _reading(path):
+    """Store errors raised inside become one RatingsError sentence."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as err:
+        raise store_error(Path(path) if path else db_path(), err) from None
+
+
 def connect(path: str | Path | None = None) -> sqlite3.Connection:
     """A connection to the store (created on first use), in WAL mode with a busy timeout."""
     path = Path(path) if path else db_path()
-    try:
+    with _reading(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=30.0)
         conn.execute("PRAGMA busy_timeout = 30000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.executescript(SCHEMA)
-    except (OSError, sqlite3.Error) as err:
-        raise RatingsError(f"the ratings store {path} cannot be opened ({err}): check that "
-                           "$RLHF_HOME is a writable folder.") from None
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -106,7 +131,7 @@ def _insert(row: dict, path) -> int:
                 list(row.values()))
         return cursor.lastrowid
     except sqlite3.Error as err:
-        raise RatingsError(f"the vote could not be stored ({err}): try again.") from None
+        raise store_error(Path(path) if path else db_path(), err) from None
     finally:
         conn.close()
 
@@ -135,28 +160,44 @@ def add_thumb(conversation, answer: str, model: str, up: bool, sampling: dict | 
     return _insert(row, path)
 
 
-def _decode(row: sqlite3.Row) -> dict:
+def _decode(row: sqlite3.Row) -> dict | None:
+    """A stored vote with its JSON fields decoded, or None when the row is malformed (written by
+    another tool, or damaged): such rows are skipped and counted, never fatal."""
     record = dict(row)
-    for key in ("conversation", "sampling_a", "sampling_b"):
-        record[key] = json.loads(record[key]) if record[key] else None
+    try:
+        for key in ("conversation", "sampling_a", "sampling_b"):
+            record[key] = json.loads(record[key]) if record[key] else None
+        check_conversation(record["conversation"])
+    except (TypeError, ValueError, RatingsError):
+        return None
     return record
 
 
-def rows(path=None, limit: int | None = None) -> list[dict]:
-    """Every vote, newest first, with its JSON fields decoded."""
+def read(path=None, limit: int | None = None) -> tuple[list[dict], int]:
+    """(every well-formed vote, newest first, with its JSON fields decoded; how many rows were
+    malformed and skipped)."""
     conn = connect(path)
     try:
-        query = "SELECT * FROM ratings ORDER BY id DESC" + (" LIMIT ?" if limit else "")
-        return [_decode(r) for r in conn.execute(query, (limit,) if limit else ())]
+        with _reading(path):
+            query = "SELECT * FROM ratings ORDER BY id DESC" + (" LIMIT ?" if limit else "")
+            decoded = [_decode(r) for r in conn.execute(query, (limit,) if limit else ())]
     finally:
         conn.close()
+    good = [r for r in decoded if r is not None]
+    return good, len(decoded) - len(good)
+
+
+def rows(path=None, limit: int | None = None) -> list[dict]:
+    """Every well-formed vote, newest first (malformed rows are skipped: see `read`)."""
+    return read(path, limit)[0]
 
 
 def counts(path=None) -> dict:
     """Votes by verdict, the total, and how many preference records an export would write."""
     conn = connect(path)
     try:
-        by_verdict = dict(conn.execute("SELECT verdict, COUNT(*) FROM ratings GROUP BY verdict"))
+        with _reading(path):
+            by_verdict = dict(conn.execute("SELECT verdict, COUNT(*) FROM ratings GROUP BY verdict"))
     finally:
         conn.close()
     by_verdict = {v: by_verdict.get(v, 0) for v in COMPARISON_VERDICTS + THUMB_VERDICTS}
@@ -211,9 +252,11 @@ def export_records(path=None) -> list[dict]:
 
 
 def left_out(path=None) -> Counter:
-    """Why votes are not exported: ties, both-bad, and thumbs without a partner."""
-    ratings = rows(path)
+    """Why votes are not exported: ties, both-bad, thumbs without a partner, malformed rows."""
+    ratings, malformed = read(path)
     reasons = Counter(r["verdict"] for r in ratings if r["verdict"] in ("tie", "both_bad"))
+    if malformed:
+        reasons["malformed rows"] = malformed
     thumbs = sum(1 for r in ratings if r["kind"] == "thumb")
     unpaired = thumbs - 2 * len(_thumb_records([r for r in ratings if r["kind"] == "thumb"]))
     if unpaired:
@@ -221,15 +264,28 @@ def left_out(path=None) -> Counter:
     return reasons
 
 
-def export(out: str | Path, path=None) -> int:
-    """Write the preference records as JSONL to `out`; returns how many were written."""
+def export(out: str | Path, path=None, overwrite: bool = False) -> int:
+    """Write the preference records as JSONL to `out`; returns how many were written.
+
+    Never onto the store itself (or its WAL files); an existing file only with `overwrite`.
+    The file appears whole or not at all (written beside it, then renamed over it)."""
+    out, store = Path(out).expanduser(), Path(path) if path else db_path()
+    if out.resolve() in {Path(f"{store}{suffix}").resolve() for suffix in ("", "-wal", "-shm")}:
+        raise RatingsError(f"{out} is the ratings store itself: export to another file, such as "
+                           "prefs.jsonl.")
+    if out.exists() and not overwrite:
+        raise RatingsError(f"{out} already exists: choose a new file name, or pass --overwrite to "
+                           "replace it.")
     records = export_records(path)
-    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", encoding="utf-8") as handle:
+        with open(tmp, "w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
     except OSError as err:
+        with suppress(OSError):
+            tmp.unlink()
         raise RatingsError(f"cannot write {out} ({err.strerror}): choose a writable path.") from None
     return len(records)

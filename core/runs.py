@@ -141,10 +141,11 @@ class RunInfo:
 
 def is_run_folder(folder: Path) -> bool:
     """A folder one of our runs made: its marker, or (older runs) config.yaml with a stage line
-    or a launch record."""
+    or beside status.json, or the app's launch record."""
     folder = Path(folder)
     return (folder / MARKER).is_file() or stage_of(folder) is not None \
-        or (folder / "launch.json").is_file()
+        or (folder / "launch.json").is_file() \
+        or ((folder / "config.yaml").is_file() and (folder / "status.json").is_file())
 
 
 def list_runs(root: str | Path) -> list[RunInfo]:

@@ -55,14 +55,23 @@ def quiet_libraries() -> None:
 
 
 def mark_failed(output: str, message: str, trace: str) -> None:
-    """Record the failure in the run folder, but only in a run this process started."""
-    from core.runs import read_status
+    """Record the failure in the run folder: a run this process started, or a folder the app's
+    launcher made for it that holds no run yet (a failure before the run began). Any other
+    folder, an earlier run in it included, is left as it was."""
+    from core.runs import read_status, write_json_atomic
     from train.rundir import RunDir
 
-    if output and read_status(output).get("pid") == os.getpid():
-        run = RunDir(output)
+    folder = Path(output) if output else None
+    if folder is None or not folder.is_dir():
+        return
+    status = read_status(folder)
+    if status.get("pid") == os.getpid():
+        run = RunDir(folder)
         run.log(trace, echo=False)
         run.status("failed", error=message)
+    elif not status and (folder / "launch.json").is_file():
+        write_json_atomic(folder / "status.json", {"state": "failed", "error": message,
+                                                   "pid": os.getpid()})
 
 
 def main(argv=None) -> int:

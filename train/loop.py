@@ -17,7 +17,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from core.decoder import prefill_groups
 from train import data, ds, models, tokens
+
+
+EVAL_TOKENS = 1024  # padded tokens per evaluation forward (~3 s on a 2-core CPU in fp32): a stop
+# request is seen between two of them
 
 
 @dataclass
@@ -25,18 +30,49 @@ class Objective:
     collate: Callable[[list[dict]], dict]            # examples -> batch of tensors
     forward: Callable[[object, dict], tuple]         # (engine, batch) -> (loss, {stat: sum})
     summarise: Callable[[dict], dict]                # {stat: sum over batches} -> metrics
+    length: Callable[[dict], int] | None = None      # an example's tokens in a batch (all rows)
+
+
+class Stopping(Exception):
+    """Raised by `StopRequested.check` between the batches of a long pass (an evaluation, the
+    reward statistics, a PPO rollout) so that a stop request is honoured within seconds."""
 
 
 class StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and ends the run as `stopped`."""
+    """SIGTERM/SIGINT (the app's Stop, Ctrl-C) set a flag. Training loops look at it after each
+    optimizer step; passes without optimizer steps call `check()` between batches. Either way
+    the stage saves a resumable checkpoint and ends the run as `stopped`."""
 
     def __init__(self):
         self.requested = False
+
+    def install(self) -> "StopRequested":
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        return self
 
     def _handle(self, *_):
         self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (collective: every rank must call it)."""
+        self.requested = ds.all_reduce_sum(self.requested) > 0
+        return self.requested
+
+    def check(self, collective: bool = True) -> None:
+        """Raise `Stopping` if a stop was requested. `collective`: every rank calls this at the
+        same points, so the ranks agree; otherwise (a rank's own rollout, whose length differs
+        between ranks) only a single process stops here, and ranks wait for the next agreement."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if collective and world > 1:
+            self.agreed()
+        elif world > 1:
+            return
+        if self.requested:
+            raise Stopping()
+
+
+STOP = StopRequested()  # one per process: a stage calls STOP.install() when it starts
 
 
 def rank_batches(lengths: list[int], cfg, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -59,13 +95,23 @@ def to_device(batch: dict) -> dict:
     return {k: v.to(ds.device()) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def eval_batches(examples: list[dict], objective: Objective, batch_size: int) -> list[list[int]]:
+    """Held-out examples grouped by length so each forward holds about EVAL_TOKENS padded tokens
+    (sums over examples do not depend on the grouping; short groups also mean little padding)."""
+    if objective.length is None:
+        return [list(range(i, min(i + batch_size, len(examples))))
+                for i in range(0, len(examples), batch_size)]
+    return prefill_groups([objective.length(e) for e in examples], EVAL_TOKENS)
+
+
 @torch.no_grad()
 def evaluate(engine, examples: list[dict], objective: Objective, batch_size: int) -> dict:
     """Metrics over held-out examples, prefixed `eval_` (every rank runs it: ZeRO-3 needs all)."""
     engine.eval()
     sums = Counter()
-    for start in range(0, len(examples), batch_size):
-        _, stats = objective.forward(engine, to_device(objective.collate(examples[start:start + batch_size])))
+    for group in eval_batches(examples, objective, batch_size):
+        STOP.check()
+        _, stats = objective.forward(engine, to_device(objective.collate([examples[i] for i in group])))
         sums.update(stats)
     engine.train()
     return {f"eval_{k}": v for k, v in objective.summarise(sums).items()}
@@ -77,22 +123,49 @@ def _reduce(sums: Counter) -> Counter:
 
 def fit(engine, run, cfg, objective: Objective, train_set: list[dict], eval_set: list[dict],
         lengths: list[int], total_steps: int, name: str) -> tuple[int, bool]:
-    """Train until `total_steps` or a stop request; returns (last step, whether it stopped early)."""
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    stop = StopRequested()
-    per_epoch = steps_per_epoch(lengths, cfg, world)
+    """Train until `total_steps` or a stop request; returns (last step, whether it stopped early).
+    A stop during an evaluation ends it between batches; the checkpoint is of the last step."""
+    STOP.install()
     step = 0
     if cfg.resume:
         step = ds.load_checkpoint(engine, run.checkpoints)["step"]
         run.log(f"resumed from step {step}")
-    first_step = step
-    if step == 0 and eval_set:
-        run.metrics({"step": 0, **evaluate(engine, eval_set, objective, cfg.batch_size)})
+    progress = {"step": step}  # the last finished optimizer step, also when a pass is cut short
+    try:
+        if step == 0 and eval_set:
+            run.log(f"evaluating the starting model on {len(eval_set)} held-out examples")
+            run.metrics({"step": 0, **evaluate(engine, eval_set, objective, cfg.batch_size)})
+        step = _train(engine, run, cfg, objective, train_set, eval_set, lengths, total_steps, name,
+                      progress)
+        if not STOP.requested and eval_set:
+            final = evaluate(engine, eval_set, objective, cfg.batch_size)
+            run.metrics({"step": step, **final})
+            run.log("held-out: " + ", ".join(f"{k} {v}" for k, v in final.items()))
+    except Stopping:
+        step = progress["step"]
+    if STOP.requested:
+        save_stopped(engine, run, cfg, step, total_steps)
+        return step, True
+    return step, False
 
+
+def save_stopped(engine, run, cfg, step: int, total_steps: int) -> None:
+    """A stop request was honoured: a resumable checkpoint of `step`, and the run `stopped`."""
+    ds.save_checkpoint(engine, run.checkpoints, step, {"step": step}, cfg.keep_checkpoints)
+    run.log(f"stopped at step {step}; continue with --resume")
+    run.status("stopped", step=step, total_steps=total_steps)
+
+
+def _train(engine, run, cfg, objective, train_set, eval_set, lengths, total_steps, name,
+           progress: dict) -> int:
+    """Optimizer steps from progress["step"] to `total_steps` (or a stop); returns the last."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    per_epoch = steps_per_epoch(lengths, cfg, world)
+    step = first_step = progress["step"]
     accum = cfg.gradient_accumulation_steps
     bar = tqdm(total=total_steps, initial=step, desc=name, disable=rank != 0, dynamic_ncols=True)
     sums, tic = Counter(), time.time()
-    while step < total_steps and not stop.requested:
+    while step < total_steps and not STOP.requested:
         epoch, skip = divmod(step, per_epoch)
         batches = rank_batches(lengths, cfg, epoch, rank, world)
         for micro, indices in enumerate(batches[skip * accum:], start=skip * accum):
@@ -103,7 +176,7 @@ def fit(engine, run, cfg, objective: Objective, train_set: list[dict], eval_set:
             sums.update(stats)
             if (micro + 1) % accum:
                 continue
-            step += 1
+            step = progress["step"] = step + 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
                 totals, elapsed = _reduce(sums), time.time() - tic
@@ -124,21 +197,10 @@ def fit(engine, run, cfg, objective: Objective, train_set: list[dict], eval_set:
             if step % cfg.log_every == 0:
                 tic = time.time()  # throughput counts training only, not evaluation or saving
             # every rank must stop at the same step: the checkpoint save is collective
-            stop.requested = ds.all_reduce_sum(stop.requested) > 0
-            if step >= total_steps or stop.requested:
+            if STOP.agreed() or step >= total_steps:
                 break
     bar.close()
-
-    if stop.requested and step < total_steps:
-        ds.save_checkpoint(engine, run.checkpoints, step, {"step": step}, cfg.keep_checkpoints)
-        run.log(f"stopped at step {step}; continue with --resume")
-        run.status("stopped", step=step, total_steps=total_steps)
-        return step, True
-    if eval_set:
-        final = evaluate(engine, eval_set, objective, cfg.batch_size)
-        run.metrics({"step": step, **final})
-        run.log("held-out: " + ", ".join(f"{k} {v}" for k, v in final.items()))
-    return step, False
+    return step
 
 
 def total_steps(cfg, per_epoch: int) -> int:

@@ -305,7 +305,6 @@ def main(cfg: PPOConfig) -> RunDir:
         raise ModelError("--reward is required: pass a reward model (an RM run's final/).")
     rank, world = ds.init_distributed()
     run = RunDir.prepare(cfg, "ppo", rank)
-    run.status("running", step=0)
     torch.manual_seed(cfg.seed + rank)  # ranks sample different rollouts
 
     # data
@@ -320,6 +319,9 @@ def main(cfg: PPOConfig) -> RunDir:
     optimizer_steps = total_steps * cfg.ppo_epochs * -(-cfg.rollout_batch_size // cfg.batch_size)
     run.log(f"ppo: {len(train_prompts)} train / {len(eval_prompts)} eval prompts, {world} process(es), "
             f"{total_steps} PPO steps")
+    for path in filter(None, (cfg.reward, cfg.critic)):
+        resolve_model(path)  # checked before anything is written
+    run.start()  # inputs validated: only now is the run folder written
 
     # models
     m = build_models(cfg, run, optimizer_steps, tokenizer)

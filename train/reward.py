@@ -19,6 +19,7 @@ from functools import partial
 
 import torch
 
+from core.decoder import prefill_groups
 from core.hardware import resolve_precision, torch_dtype
 from core.models import ModelError, load_tokenizer, resolve_model
 
@@ -44,6 +45,11 @@ def pair_rewards(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return rewards.chunk(2)
 
 
+def pair_length(example: dict) -> int:
+    """Tokens a pair takes in a batch: two rows (chosen, rejected) as long as the longer."""
+    return 2 * max(len(example["chosen_ids"]), len(example["rejected_ids"]))
+
+
 def rm_forward(engine, batch, margin: float):
     chosen, rejected = pair_rewards(engine, batch)
     losses = pairwise_loss(chosen, rejected, margin)
@@ -62,12 +68,13 @@ def rm_summary(sums) -> dict:
 
 
 @torch.no_grad()
-def reward_statistics(engine, examples: list[dict], pad_id: int, batch_size: int) -> dict:
+def reward_statistics(engine, examples: list[dict], pad_id: int) -> dict:
     """Mean and std of rewards over both answers of `examples` (PPO normalises with them)."""
     engine.eval()
     rewards = []
-    for start in range(0, len(examples), batch_size):
-        batch = loop.to_device(tokens.collate_pairs(examples[start:start + batch_size], pad_id))
+    for group in prefill_groups([pair_length(e) for e in examples], loop.EVAL_TOKENS):
+        loop.STOP.check()
+        batch = loop.to_device(tokens.collate_pairs([examples[i] for i in group], pad_id))
         rewards += torch.cat(pair_rewards(engine, batch)).tolist()
     return {"mean": statistics.fmean(rewards), "std": statistics.pstdev(rewards) or 1.0,
             "count": len(rewards)}
@@ -76,7 +83,6 @@ def reward_statistics(engine, examples: list[dict], pad_id: int, batch_size: int
 def main(cfg: RMConfig) -> RunDir:
     rank, world = ds.init_distributed()
     run = RunDir.prepare(cfg, "rm", rank)
-    run.status("running", step=0)
     torch.manual_seed(cfg.seed)
 
     # data
@@ -87,6 +93,7 @@ def main(cfg: RMConfig) -> RunDir:
     total_steps = loop.total_steps(cfg, loop.steps_per_epoch(lengths, cfg, world))
     run.log(f"rm: {len(train_set)} train / {len(eval_set)} eval pairs, {world} process(es), "
             f"{total_steps} steps")
+    run.start()  # inputs validated: only now is the run folder written
 
     # model and engine
     model = models.load_value_model(model_path)
@@ -96,15 +103,19 @@ def main(cfg: RMConfig) -> RunDir:
 
     # training
     objective = loop.Objective(collate=partial(tokens.collate_pairs, pad_id=tokenizer.pad_token_id),
-                               forward=partial(rm_forward, margin=cfg.margin), summarise=rm_summary)
+                               forward=partial(rm_forward, margin=cfg.margin), summarise=rm_summary,
+                               length=pair_length)
     step, stopped = loop.fit(engine, run, cfg, objective, train_set, eval_set, lengths,
                              total_steps, "rm")
     if stopped:
         return run
 
     # reward statistics, then the final save (backbone folder + value head + statistics)
-    stats = reward_statistics(engine, train_set[:cfg.stats_samples], tokenizer.pad_token_id,
-                              cfg.batch_size)
+    try:
+        stats = reward_statistics(engine, train_set[:cfg.stats_samples], tokenizer.pad_token_id)
+    except loop.Stopping:
+        loop.save_stopped(engine, run, cfg, step, total_steps)
+        return run
     run.log(f"reward statistics on {stats['count']} training answers: mean {stats['mean']:.4f}, "
             f"std {stats['std']:.4f}")
     loop.save_final(engine, run, cfg, tokenizer,

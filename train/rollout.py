@@ -31,6 +31,7 @@ from core.hardware import hardware
 from core.options import ConfigError
 from core.sampling import Sampling, pad, sample_tokens
 from train import ds
+from train.loop import STOP
 
 
 @torch.no_grad()
@@ -59,6 +60,7 @@ def decode_batch(decoder: SlotDecoder, prompts: list[list[int]], sampling: Sampl
         active, next_tokens = active[going], next_tokens[going]
         if len(active) == 0 or steps == sampling.max_new_tokens:
             break
+        STOP.check(collective=False)  # a stop request ends a long rollout within a step
         logits = decoder.decode(active.tolist(), next_tokens)
     device = next(decoder.model.parameters()).device
     prompt_ids, prompt_mask = pad(prompts, sampling.pad_token_id, left=True)

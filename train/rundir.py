@@ -1,6 +1,7 @@
 """Writing the run folder of DESIGN.md: run.json (the marker), config.yaml, status.json,
 metrics.jsonl, train.log, checkpoints/, final/. Every stage writes through this; the launcher
-and the app read it through core/runs.py.
+and the app read it through core/runs.py. --overwrite never empties a folder that is not a run
+of ours, and removes only what a run writes, after the new run's inputs have been validated.
 
 Only rank 0 writes; other ranks get an object whose writes do nothing.
 """
@@ -14,7 +15,19 @@ from pathlib import Path
 
 from core.hardware import resolve_precision
 from core.options import ConfigError, to_yaml
-from core.runs import MARKER, read_status, write_json_atomic
+from core.runs import MARKER, RunInfo, pid_alive, read_status, write_json_atomic
+
+
+def _ancestry() -> set[int]:
+    """This process and every process above it (a rank's launchers)."""
+    pids, pid = {os.getpid()}, os.getppid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
 
 
 def _barrier() -> None:
@@ -24,48 +37,78 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# What a run writes, and so all that --overwrite removes: nothing else in the folder is touched.
+RUN_FILES = (MARKER, "config.yaml", "status.json", "metrics.jsonl", "train.log", "samples.jsonl",
+             "summary.json", "report.json", "report.md")
+RUN_FOLDERS = ("checkpoints", "final", "ema", "tensorboard", "final.tmp", "ema.tmp")
+
+
 class RunDir:
+    """A run folder being written. `prepare` only checks; nothing is written or removed until
+    `start`, which a stage calls once its data and model have been validated, so a run that
+    fails validation leaves the folder (and any earlier run in it) as it was. Lines logged before
+    `start` are kept and written by it."""
+
     def __init__(self, folder: str | Path, writer: bool = True):
         self.path = Path(folder)
         self.writer = writer
         self.checkpoints = self.path / "checkpoints"
         self.final = self.path / "final"
         self.started = time.time()
+        self._pending: list[str] | None = None  # log lines before start()
+        self._plan: tuple | None = None          # (cfg, stage, precision) until start()
 
     @classmethod
     def prepare(cls, cfg, stage: str, rank: int) -> "RunDir":
-        """Check the output folder against --overwrite/--resume; rank 0 creates it, writes its
-        marker and config, and logs the precision the run uses and why."""
+        """Check the output folder against --overwrite/--resume and any live run in it."""
         if not cfg.output:
             raise ConfigError("--output is required: name the run folder, e.g. --output runs/sft1.")
-        precision = resolve_precision(getattr(cfg, "precision", "fp32"))
         run = cls(cfg.output, writer=rank == 0)
-        status = read_status(run.path)
-        holds_run = (run.path / "config.yaml").is_file()
+        existing = RunInfo.load(run.path)
+        ours = _ancestry()  # this rank and the launchers above it
+        if existing is not None and any(pid_alive(p) for p in existing.pids if int(p) not in ours):
+            raise ConfigError(f"{run.path} is in use by a run that is still going: stop it first, "
+                              "or choose another --output.")
         if cfg.resume:
             if not (run.checkpoints / "latest").is_file():
                 raise ConfigError(f"{run.path} has no checkpoint to resume from: start it again "
                                   "without --resume.")
-        elif holds_run and not cfg.overwrite:
-            state = status.get("state", "unknown")
+        elif existing is not None and existing.status and not cfg.overwrite:
+            state = existing.state
             what = "a finished run" if state == "done" else f"a run (state: {state})"
             raise ConfigError(f"{run.path} already holds {what}: pass --overwrite to replace it, "
                               "--resume to continue it, or choose another --output.")
-        _barrier()  # every rank has checked the folder before rank 0 changes it
-        if run.writer:
-            if cfg.overwrite and run.path.exists():
-                shutil.rmtree(run.path)
-            run.path.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(run.path / MARKER, {"stage": stage, "created_at": time.time(),
-                                                  "precision": precision.name,
-                                                  "precision_reason": precision.reason})
-            (run.path / "config.yaml").write_text(
+        elif cfg.overwrite and existing is None and run.path.is_dir() and any(run.path.iterdir()):
+            raise ConfigError(f"{run.path} is not a run folder (no {MARKER}), so --overwrite will "
+                              "not empty it: choose another --output, or clear it yourself.")
+        run._pending, run._plan = [], (cfg, stage, resolve_precision(getattr(cfg, "precision", "fp32")))
+        return run
+
+    def start(self) -> None:
+        """Write the run: on --overwrite remove what the earlier run wrote (only that), then the
+        marker, config.yaml (with the precision and why), the held log lines, status running."""
+        cfg, stage, precision = self._plan
+        _barrier()  # every rank has validated before rank 0 changes the folder
+        if self.writer:
+            if cfg.overwrite:
+                for name in RUN_FILES:
+                    (self.path / name).unlink(missing_ok=True)
+                for name in RUN_FOLDERS:
+                    shutil.rmtree(self.path / name, ignore_errors=True)
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path / MARKER, {"stage": stage, "created_at": time.time(),
+                                                   "precision": precision.name,
+                                                   "precision_reason": precision.reason})
+            (self.path / "config.yaml").write_text(
                 to_yaml(cfg) + f"# precision {precision.describe()}\n")
         _barrier()
-        run.log(f"precision: {precision.describe()}")
+        pending, self._pending = self._pending or [], None
+        for line in pending:
+            self._write_log(line)
+        self.log(f"precision: {precision.describe()}")
         if precision.warning:
-            run.log(f"warning: {precision.warning}")
-        return run
+            self.log(f"warning: {precision.warning}")
+        self.status("running", step=0)
 
     def status(self, state: str, **fields) -> None:
         if not self.writer:
@@ -90,7 +133,13 @@ class RunDir:
         if not self.writer:
             return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
-        with open(self.path / "train.log", "a") as handle:
-            handle.write(line + "\n")
+        if self._pending is not None:
+            self._pending.append(line)
+        else:
+            self._write_log(line)
         if echo:
             print(text, flush=True)
+
+    def _write_log(self, line: str) -> None:
+        with open(self.path / "train.log", "a") as handle:
+            handle.write(line + "\n")

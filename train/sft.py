@@ -41,7 +41,6 @@ def sft_summary(sums) -> dict:
 def main(cfg: SFTConfig) -> RunDir:
     rank, world = ds.init_distributed()
     run = RunDir.prepare(cfg, "sft", rank)
-    run.status("running", step=0)
     torch.manual_seed(cfg.seed)
 
     # data
@@ -52,6 +51,7 @@ def main(cfg: SFTConfig) -> RunDir:
     total_steps = loop.total_steps(cfg, loop.steps_per_epoch(lengths, cfg, world))
     run.log(f"sft: {len(train_set)} train / {len(eval_set)} eval examples, {world} process(es), "
             f"{total_steps} steps")
+    run.start()  # inputs validated: only now is the run folder written
 
     # model and engine
     lm = models.make_trainable(load_causal_lm(model_path), cfg)
@@ -60,7 +60,8 @@ def main(cfg: SFTConfig) -> RunDir:
 
     # training
     objective = loop.Objective(collate=partial(tokens.collate, pad_id=tokenizer.pad_token_id),
-                               forward=sft_forward, summarise=sft_summary)
+                               forward=sft_forward, summarise=sft_summary,
+                               length=lambda example: len(example["input_ids"]))
     step, stopped = loop.fit(engine, run, cfg, objective, train_set, eval_set, lengths,
                              total_steps, "sft")
     if stopped:

@@ -158,3 +158,61 @@ def test_train_rm_runs_on_the_exported_votes(store, tmp_path, tiny_model, monkey
     assert "data ratings:: 12 records" in (out / "train.log").read_text()
     assert (out / "final").is_dir()
     assert json.loads((out / "status.json").read_text())["state"] == "done"
+
+
+def export_cli(*args, db=None):
+    argv = [sys.executable, "-m", "chat.ratings", *(["--db", str(db)] if db else []), "export", *args]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_export_never_writes_onto_the_store_or_an_existing_file(tmp_path):
+    """Issue 14, item 4: `export --out` naming the database lost every vote."""
+    db = tmp_path / "x.db"
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A", path=db)
+    done = export_cli("--out", str(db), db=db)
+    assert done.returncode == 2 and "is the ratings store itself" in done.stderr
+    assert "Traceback" not in done.stderr and len(ratings.rows(db)) == 1
+    existing = tmp_path / "prefs.jsonl"
+    existing.write_text("keep me\n")
+    done = export_cli("--out", str(existing), db=db)
+    assert done.returncode == 2 and "already exists" in done.stderr
+    assert existing.read_text() == "keep me\n"
+    done = export_cli("--out", str(existing), "--overwrite", db=db)
+    assert done.returncode == 0 and read_jsonl(existing)[0]["chosen"] == "Ada."
+    assert not list(tmp_path.glob(".*.tmp"))  # written beside, then renamed
+
+
+def test_a_damaged_store_is_one_sentence_naming_the_file_and_the_fix(tmp_path):
+    """Issue 14, item 10: a valid header over corrupt pages, and random bytes."""
+    db = tmp_path / "damaged.db"
+    for i in range(300):  # several pages
+        ratings.add_thumb([{"role": "user", "content": f"question {i} " * 20}], "answer " * 30, "m",
+                          up=True, path=db)
+    raw = bytearray(db.read_bytes())
+    raw[4096:len(raw) - 4096] = bytes(range(256)) * ((len(raw) - 8192) // 256) + \
+        bytes((len(raw) - 8192) % 256)
+    db.write_bytes(bytes(raw))
+    done = export_cli("--out", str(tmp_path / "out.jsonl"), db=db)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"the ratings store {db} is damaged" in done.stderr and ".recover" in done.stderr
+    noise = tmp_path / "noise.db"
+    noise.write_bytes(bytes(range(256)) * 64)
+    done = export_cli("--out", str(tmp_path / "out.jsonl"), db=noise)
+    assert done.returncode == 2 and "is not a ratings database" in done.stderr
+    assert noise.read_bytes() == bytes(range(256)) * 64  # nothing was changed
+
+
+def test_a_malformed_row_is_skipped_and_counted_on_export(tmp_path):
+    db = tmp_path / "x.db"
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A", path=db)
+    conn = ratings.connect(db)
+    with conn:
+        conn.execute("INSERT INTO ratings (kind, created_at, conversation, answer_a, answer_b, "
+                     "model_a, model_b, verdict) VALUES ('comparison', 0, 'not json', 'a', 'b', "
+                     "'m1', 'm2', 'A')")
+    conn.close()
+    out = tmp_path / "prefs.jsonl"
+    done = export_cli("--out", str(out), db=db)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 1 preference records" in done.stdout and "1 malformed rows" in done.stdout
+    assert len(read_jsonl(out)) == 1

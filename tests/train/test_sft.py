@@ -175,3 +175,86 @@ def test_real_sft_on_the_default_model_learns_and_changes_its_answers(tmp_path, 
         generated = model.generate(**prompt, max_new_tokens=40, do_sample=False)
         answers.append(tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True))
     assert answers[1].strip() and answers[0] != answers[1]
+
+
+def test_overwrite_never_empties_a_folder_that_is_not_a_run(tmp_path, tiny_model, sft_file):
+    """Issue 14, item 2: `--overwrite` emptied any folder before anything was validated."""
+    folder = tmp_path / "some" / "folder"
+    folder.mkdir(parents=True)
+    (folder / "thesis.tex").write_text("years of work")
+    done = run_train("sft", "--model", str(tiny_model), "--data", str(sft_file), "--output",
+                     str(folder), "--overwrite", "--max-steps", "1", *FAST)
+    assert done.returncode == 2 and "is not a run folder" in done.stderr.splitlines()[-1]
+    assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
+
+
+def test_overwrite_validates_first_and_removes_only_what_a_run_writes(tmp_path, tiny_model, sft_file):
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_model), "--output", str(out), "--max-steps", "2", *FAST]
+    assert run_train("sft", *args, "--data", str(sft_file)).returncode == 0
+    (out / "my-notes.txt").write_text("keep")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    failed = run_train("sft", *args, "--data", str(empty), "--overwrite")
+    assert failed.returncode == 2 and "holds no usable records" in failed.stderr
+    assert (out / "final" / "config.json").is_file()  # the finished run is still whole
+    assert json.loads((out / "status.json").read_text())["state"] == "done"
+    again = run_train("sft", *args, "--data", str(sft_file), "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert (out / "my-notes.txt").read_text() == "keep"
+    assert len(losses(out)) == 2  # the earlier run's metrics were replaced, not appended to
+
+
+def test_a_live_run_is_not_resumed_or_overwritten_by_a_second_process(tmp_path, tiny_model, sft_file):
+    """Issue 14, item 13 (command line): two processes on one run folder."""
+    out = tmp_path / "live"
+    common = ["--model", str(tiny_model), "--data", str(sft_file), "--output", str(out), *FAST]
+    proc = subprocess.Popen([sys.executable, "-m", "train", "sft", *common, "--max-steps", "400"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        second = run_train("sft", *common, "--overwrite", "--max-steps", "2")
+        assert second.returncode == 2 and "still going" in second.stderr.splitlines()[-1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
+def test_a_model_folder_of_pickles_is_one_sentence(tmp_path, tiny_model, sft_file):
+    """Issue 14, item 12: no multi-line UnpicklingError suggesting weights_only=False."""
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model / "config.json").read_text())
+    torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+    done = run_train("sft", "--model", str(folder), "--data", str(sft_file), "--output",
+                     str(tmp_path / "o"), "--max-steps", "1", *FAST)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "only pickled weights" in done.stderr.splitlines()[-1]
+    assert "weights_only" not in done.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_stop_during_a_default_size_evaluation_ends_the_run_within_10_s(tmp_path):
+    """Issue 13, item 5: the stop is honoured between evaluation batches, not after the pass."""
+    out = tmp_path / "stop-in-eval"
+    data = shared_file("llamafactory_alpaca_en_demo.json")
+    proc = subprocess.Popen([sys.executable, "-m", "train", "sft", "--model", "default", "--data",
+                             str(data), "--output", str(out), "--max-steps", "5", "--eval-fraction",
+                             "0.2", "--no-tensorboard"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    log = out / "train.log"
+    while time.time() < deadline and "evaluating the starting model" not in (
+            log.read_text() if log.exists() else ""):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    time.sleep(2)  # well inside the evaluation of 199 examples
+    asked = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert time.time() - asked < 10
+    status = json.loads((out / "status.json").read_text())
+    assert (status["state"], status["step"]) == ("stopped", 0)
+    assert (out / "checkpoints" / "latest").is_file() and not (out / "metrics.jsonl").exists()

@@ -5,17 +5,22 @@ chat with a server in another process (or on another machine). Routes used:
 `POST /v1/chat/completions` (with `stream: true`: server-sent `chat.completion.chunk` events
 ending with `data: [DONE]`), `GET /v1/models`, `GET /health` and `POST /v1/models/load`.
 
-Every failure (server down, an error answer such as 400 or 429, a broken stream) is raised as
-`ServerError` with one sentence for the user. Left out: retries, tool calls, logprobs.
+Every failure (server down, an error answer such as 400 or 429, a broken stream, an error event
+inside a stream) is raised as `ServerError` with one sentence for the user. The API key is the
+one given, else the environment variable RLHF_API_KEY (the one `python -m serving` reads), so a
+server the app starts with that variable set is reachable. Left out: retries, tool calls,
+logprobs.
 """
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 
 import httpx
 
 SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "stop", "seed", "n")
+API_KEY_VARIABLE = "RLHF_API_KEY"
 
 
 class ServerError(RuntimeError):
@@ -37,6 +42,7 @@ class ChatClient:
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 300.0):
         self.base_url = base_url.rstrip("/")
+        api_key = api_key or os.environ.get(API_KEY_VARIABLE, "").strip() or None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.base_url, headers=headers,
                                  timeout=httpx.Timeout(timeout, connect=5.0))

@@ -2,7 +2,16 @@
 
 Binds 127.0.0.1 unless --host says otherwise; the port is taken before the model loads, so a
 port in use fails at once. Errors a user can cause (a missing model folder, pickled weights, a
-port in use, an engine this machine cannot run) end in one `error:` line and exit code 2.
+port in use, an engine this machine cannot run, an unreadable key file) end in one `error:`
+line and exit code 2.
+
+The API key comes from --api-key, --api-key-file or the environment variable RLHF_API_KEY (in
+that order; the flag is visible to every user in `ps`, the other two are not).
+
+SIGTERM or Ctrl-C shut down gracefully: new requests get 503, waiting ones end with a 503
+error, running answers may finish for --shutdown-grace seconds, then end with an error event
+and `data: [DONE]` (streams) or a 503 (plain requests); the process exits 0. A second signal
+ends the running answers at once.
 """
 from __future__ import annotations
 
@@ -12,8 +21,10 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+API_KEY_VARIABLE = "RLHF_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +45,26 @@ def quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+def read_api_key(cfg, environ) -> str | None:
+    """The API key from --api-key, --api-key-file or RLHF_API_KEY; None when there is none."""
+    from core.options import ConfigError
+
+    if cfg.api_key and cfg.api_key_file:
+        raise ConfigError("--api-key and --api-key-file are both given: pass only one.")
+    if not cfg.api_key_file:
+        return cfg.api_key or environ.get(API_KEY_VARIABLE, "").strip() or None
+    path = Path(cfg.api_key_file).expanduser()
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--api-key-file {path} cannot be read "
+                          f"({getattr(err, 'strerror', None) or type(err).__name__}): pass a "
+                          "readable text file whose first line is the key.") from None
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"--api-key-file {path} has no key on its first line: write the key there.")
+    return lines[0].strip()
+
+
 def main(argv=None) -> int:
     from core.errors import UserError
     from core.options import from_namespace
@@ -44,6 +75,7 @@ def main(argv=None) -> int:
     tune_process()  # before torch allocates anything
     try:
         cfg = from_namespace(ServeConfig, args)
+        api_key = read_api_key(cfg, os.environ)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -61,11 +93,11 @@ def main(argv=None) -> int:
     quiet_libraries()
     max_len = cfg.max_prompt_tokens + cfg.max_tokens_limit
 
-    def loader(model: str):
-        return load_engine(model, cfg.engine, cfg.tp, cfg.slots, max_len, cfg.precision)
+    def loader(model: str, offline: bool = True):  # /v1/models/load never downloads
+        return load_engine(model, cfg.engine, cfg.tp, cfg.slots, max_len, cfg.precision, offline)
 
     try:
-        engine = loader(cfg.model)
+        engine = loader(cfg.model, offline=False)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -73,26 +105,45 @@ def main(argv=None) -> int:
     print(f"serving {cfg.model} ({engine.name}, {engine.dtype}, {cfg.slots} slots, up to "
           f"{engine.max_len} tokens per conversation) on http://{cfg.host}:{port}/v1",
           file=sys.stderr, flush=True)
-    if cfg.host not in LOOPBACK and not cfg.api_key:
-        print(f"warning: listening on {host} without --api-key: anyone who can reach this port "
+    if cfg.api_key:
+        print("warning: --api-key is visible to every user of this machine in `ps`: pass "
+              f"--api-key-file or set {API_KEY_VARIABLE} instead.", file=sys.stderr, flush=True)
+    if cfg.host not in LOOPBACK and not api_key:
+        print(f"warning: listening on {host} without an API key: anyone who can reach this port "
               "can use the model and switch it.", file=sys.stderr, flush=True)
     limits = Limits(max_tokens=cfg.max_tokens_limit, max_prompt_tokens=cfg.max_prompt_tokens)
     scheduler = Scheduler(engine, cfg.max_queue, own_thread=False)
-    server = uvicorn_server(create_app(scheduler, loader, limits, cfg.api_key or None))
-    # HTTP on a thread, generation on the main thread (see Scheduler); Ctrl-C and SIGTERM reach
-    # the main thread and end both
+    app = create_app(scheduler, loader, limits, api_key, max_body_bytes=int(cfg.max_body_mb * 2**20))
+    server = uvicorn_server(app)
+    # HTTP on a thread, generation on the main thread (see Scheduler); SIGINT and SIGTERM reach
+    # the main thread and start the graceful shutdown (also where the parent ignored SIGINT)
     web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # also where the parent ignored SIGINT
-        signal.signal(stop_signal, signal.default_int_handler)
+    install_shutdown_handlers(scheduler, cfg.shutdown_grace)
     web.start()
     try:
-        scheduler.run()  # returns when the app's shutdown stops the scheduler
-    except KeyboardInterrupt:
-        pass
+        scheduler.run()  # returns once shut down (or when the app's shutdown stops it)
     finally:
-        server.should_exit = True
-        web.join(timeout=10)
+        server.should_exit = True  # uvicorn sends the last events, then closes
+        web.join(timeout=30)
     return 0
+
+
+def install_shutdown_handlers(scheduler, grace_s: float) -> None:
+    """SIGINT and SIGTERM shut `scheduler` down with `grace_s` seconds; a second one with none."""
+    signals_seen = []
+
+    def on_signal(signum, _frame):
+        grace = grace_s if not signals_seen else 0.0
+        signals_seen.append(signum)
+        print(f"{signal.Signals(signum).name}: shutting down, admitting no new requests; running "
+              f"answers may finish for {grace:g} s (a second signal ends them now).",
+              file=sys.stderr, flush=True)
+        # from a thread of its own: the handler runs on the main thread, possibly in the middle
+        # of the scheduler's own step
+        threading.Thread(target=scheduler.shutdown, args=(grace,), daemon=True).start()
+
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, on_signal)
 
 
 if __name__ == "__main__":

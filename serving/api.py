@@ -8,10 +8,17 @@ Routes:
     GET  /health                {"status", "model", "engine", "active", "queued"}
 
 Errors are JSON in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a
-malformed request (FastAPI's 422 becomes 400), 401 for a missing or wrong API key, 429 with
-Retry-After when the queue is full. With an API key every /v1 route needs `Authorization:
-Bearer KEY`, as OpenAI's do; /health stays open for supervisors. The `model` field of a chat
-request is accepted and ignored: the server serves the one loaded checkpoint.
+malformed request (serving/validation.py; FastAPI's 422 becomes 400), 401 for a missing or
+wrong API key, 413 for a body over the limit (refused before it is read), 429 with Retry-After
+when the queue is full, 503 while shutting down. An error inside one request answers that
+request alone (500 before a stream starts, else an error event and `data: [DONE]`) and leaves
+the connection usable. With an API key every /v1 route and /openapi.json need `Authorization:
+Bearer KEY`, as OpenAI's do; /docs and /redoc are then off; /health stays open for
+supervisors. A model that cannot be loaded gets one sentence whatever the reason (missing, not
+a model, pickled weights, a hub name not cached: hub names are never downloaded here), so a
+client cannot probe the server's files; the server's log has the reason. Prompts are
+tokenised on worker threads, never on the event loop. The `model` field of a chat request is
+accepted and ignored: the server serves the one loaded checkpoint.
 
 Left out: tools and function calling, logprobs, response_format, penalties (other fields are
 accepted and ignored, as many OpenAI-compatible servers do), the legacy /v1/completions route.
@@ -19,87 +26,51 @@ accepted and ignored, as many OpenAI-compatible servers do), the legacy /v1/comp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import secrets
 import socket
 import time
 import uuid
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 from fastapi import Depends, FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from serving.scheduler import Params, QueueFull, Request, Scheduler
-from core.errors import UserError
+from serving.request import Failure, Request
+from serving.scheduler import QueueFull, Scheduler, ShuttingDown
+from serving.validation import (BODY_HINT, ApiError, ChatRequest, Limits, LoadRequest,
+                                answer_room, check_request, encode, error_response,
+                                validation_message)
 
-MAX_N = 8
-MAX_STOPS = 4
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.code, self.param, self.headers = code, param, headers
+__all__ = ["Limits", "bind", "create_app", "uvicorn_server"]
+log = logging.getLogger("serving")
+MAX_BODY_BYTES = 4 * 2**20
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": error.type, "param": error.param,
-                      "code": error.code}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down: send the request again once it is back.",
+                    type="server_error", code="server_shutting_down")
 
 
-# ---- request bodies -------------------------------------------------------------------------------
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+def failure_error(failure: Failure) -> ApiError:
+    kind = "server_error" if failure.status >= 500 else "invalid_request_error"
+    return ApiError(failure.status, failure.message, type=kind, code=failure.code)
 
 
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def plain(self) -> dict:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": content}
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    model: str | None = None
-    messages: list[Message] = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-
-class LoadRequest(BaseModel):
-    model: str = Field(min_length=1)
+def load_refused(name: str) -> ApiError:
+    return ApiError(400, f"model {name!r} was not found or is not a model this server can load: "
+                         "pass a run's final/ or ema/ folder, a Hugging Face model folder with "
+                         "safetensors weights, a .gguf file or 'default' (the server's log says "
+                         "why).", code="model_not_loadable", param="model")
 
 
 # ---- the app --------------------------------------------------------------------------------------
-
-@dataclass
-class Limits:
-    max_tokens: int = 1024         # the most tokens one answer may ask for
-    max_prompt_tokens: int = 2048  # the longest conversation (after the chat template) accepted
-
 
 @dataclass
 class ServerState:
@@ -112,28 +83,36 @@ class ServerState:
 
 
 def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Limits | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app around a (not yet started) scheduler; starts and stops it with the app."""
     state = ServerState(scheduler, limits or Limits(), api_key, loader, int(time.time()))
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(_app):
         state.load_lock = asyncio.Lock()
         scheduler.start()
         yield
         scheduler.stop()
 
-    app = FastAPI(title="RLHF Studio inference server", lifespan=lifespan)
+    docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="RLHF Studio inference server", lifespan=lifespan, **docs)
     app.state.server = state
+    app.add_middleware(Guard, max_body_bytes=max_body_bytes)
     add_error_handlers(app)
     key_required = [Depends(api_key_checker(api_key))]
+
+    if api_key is not None:
+        @app.get("/openapi.json", dependencies=key_required, include_in_schema=False)
+        async def openapi():
+            return app.openapi()
 
     @app.get("/health")
     async def health():
         active, queued = scheduler.counts()
         engine = scheduler.engine
-        return {"status": "ok", "model": engine.model_name, "engine": engine.name,
-                "active": active, "queued": queued}
+        body = {"status": "shutting down" if scheduler.closing else "ok", "model": engine.model_name,
+                "engine": engine.name, "active": active, "queued": queued}
+        return JSONResponse(body, status_code=503 if scheduler.closing else 200)
 
     @app.get("/v1/models", dependencies=key_required)
     async def list_models():
@@ -141,19 +120,27 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
 
     @app.post("/v1/models/load", dependencies=key_required)
     async def load_model(body: LoadRequest):
+        if scheduler.closing:
+            raise shutting_down()
         async with state.load_lock:
             try:
                 engine = await asyncio.to_thread(state.loader, body.model)
-            except UserError as err:
-                raise ApiError(400, str(err), code="model_not_loadable", param="model") from None
-            await asyncio.to_thread(scheduler.swap, engine)
+            except Exception as err:  # noqa: BLE001  (the same answer for every reason: see above)
+                log.warning("cannot load model %r: %s: %s", body.model, type(err).__name__, err)
+                raise load_refused(body.model) from None
+            if not await asyncio.to_thread(scheduler.swap, engine):
+                raise shutting_down()
             state.loaded_at = int(time.time())
         return model_entry(state)
 
     @app.post("/v1/chat/completions", dependencies=key_required)
     async def chat_completions(body: ChatRequest, http_request: HttpRequest):
+        if scheduler.closing:
+            raise shutting_down()
         engine = scheduler.engine
-        prompt_ids, params = validate(body, engine, state.limits, scheduler)
+        messages, params, requested = check_request(body, state.limits, engine)
+        prompt_ids = await asyncio.to_thread(encode, engine, messages)
+        params.max_tokens = answer_room(prompt_ids, requested, engine, state.limits)
         request = Request(prompt_ids, params, asyncio.get_running_loop(), stream=body.stream)
         try:
             scheduler.submit(request)
@@ -161,6 +148,8 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
             raise ApiError(429, "the server is busy: every slot is in use and the queue is full; "
                                 "retry in a moment.", type="server_busy", code="queue_full",
                            headers={"Retry-After": "1"}) from None
+        except ShuttingDown:
+            raise shutting_down() from None
         reply = Reply(engine.model_name, request)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -200,61 +189,81 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, err: StarletteHTTPException):
+        if err.status_code == 400:  # FastAPI could not parse the body (e.g. JSON nested too deep)
+            return error_response(ApiError(400, f"the request body could not be read as JSON: "
+                                                f"{BODY_HINT}."))
         return error_response(ApiError(err.status_code, str(err.detail), type="http_error"))
 
-    @app.exception_handler(Exception)
-    async def server_error(_request, err: Exception):  # uvicorn logs the traceback as well
-        return error_response(ApiError(500, f"the server failed ({type(err).__name__}: {err}); "
-                                            "its log has the details.", type="server_error"))
 
+class Guard:
+    """The app's outer layer (pure ASGI). A body over `max_body_bytes` is answered 413 before it
+    is read: at once by its Content-Length, or as soon as a chunked one grows past the limit.
+    An error no handler took becomes a 500 in OpenAI's shape here, logged once, instead of
+    reaching uvicorn, which would print an ASGI traceback and drop the connection."""
 
-def validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """One sentence for the first problem pydantic found, and the parameter it concerns."""
-    error = errors[0]
-    parts = [str(p) for p in error["loc"] if p != "body"]
-    param = ".".join(parts).replace(".[", "[") or None
-    if error["type"] == "json_invalid":
-        return ("the request body is not valid JSON: send a JSON object with 'messages' "
-                f"({error.get('ctx', {}).get('error', 'parse error')})."), None
-    if error["type"] == "missing":
-        return f"'{param}' is required.", param
-    where = f"'{param}'" if param else "the request body"
-    return f"{where}: {error['msg'].rstrip('.')}.", param
+    def __init__(self, app, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
 
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is None:
+            receive = await self._buffered(receive)
+        if receive is None or (length is not None and int(length) > self.max_body_bytes):
+            return await self._send_error(send, ApiError(
+                413, f"the request body is over this server's limit of {self.max_body_bytes} "
+                     "bytes: send a shorter conversation (the server's --max-body-mb sets it).",
+                code="request_too_large"))
+        started = False
 
-def validate(body: ChatRequest, engine, limits: Limits, scheduler: Scheduler) -> tuple[list[int], Params]:
-    """(prompt token ids, generation settings), or a 400 ApiError naming what to change."""
-    requested = body.max_completion_tokens or body.max_tokens
-    if requested is not None and requested > limits.max_tokens:
-        raise ApiError(400, f"max_tokens {requested} is over this server's limit of "
-                            f"{limits.max_tokens}: ask for fewer tokens.", param="max_tokens")
-    slots = scheduler.engine.decoder.slots
-    if body.n > slots:
-        raise ApiError(400, f"n={body.n} needs {body.n} slots but the server has {slots}: ask for "
-                            "fewer choices.", param="n")
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > MAX_STOPS:
-        raise ApiError(400, f"{len(stops)} stop sequences given: pass at most {MAX_STOPS}.", param="stop")
-    try:
-        prompt_ids = engine.encode_chat([m.plain() for m in body.messages])
-    except Exception as err:  # noqa: BLE001  (chat templates raise their own errors)
-        raise ApiError(400, f"the model's chat template rejected these messages ({err}): "
-                            "check the order of roles.", param="messages") from None
-    prompt_limit = min(limits.max_prompt_tokens, engine.max_len - 1)
-    if len(prompt_ids) > prompt_limit:
-        raise ApiError(400, f"the conversation is {len(prompt_ids)} tokens, over this server's "
-                            f"limit of {prompt_limit}: shorten it or drop early turns.",
-                       param="messages", code="context_length_exceeded")
-    room = engine.max_len - len(prompt_ids)
-    max_tokens = requested or min(limits.max_tokens, room)
-    if max_tokens > room:
-        raise ApiError(400, f"the conversation ({len(prompt_ids)} tokens) plus max_tokens "
-                            f"({max_tokens}) exceeds the model's {engine.max_len}-token context: "
-                            f"ask for at most {room} tokens.", param="max_tokens",
-                       code="context_length_exceeded")
-    params = Params(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                    n=body.n, stop=[s for s in stops if s], seed=body.seed)
-    return prompt_ids, params
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except ClientDisconnect:
+            pass  # nobody to answer
+        except Exception:  # noqa: BLE001  (a bug answers its own request, not the connection)
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            if not started:
+                await self._send_error(send, ApiError(500, "the server failed on this request: "
+                                                           "its log has the details.", type="server_error"))
+            else:  # a stream already under way: end it, if the client is still there
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _buffered(self, receive):
+        """A chunked body read up to the limit and replayed, or None once it is over."""
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive  # the client left; the app sees it on its first receive
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body_bytes:
+                return None
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        return replay
+
+    @staticmethod
+    async def _send_error(send, error: ApiError) -> None:
+        body = json.dumps(error.body()).encode()
+        await send({"type": "http.response.start", "status": error.status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 # ---- replies --------------------------------------------------------------------------------------
@@ -266,7 +275,7 @@ class Reply:
         self.request = request
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
-        self.model = model_name
+        self.model = model_name  # replaced by the checkpoint that admits it (after a swap: the new one)
         self.checked = time.monotonic()  # when the client's connection was last checked
 
     async def whole(self, http_request: HttpRequest) -> JSONResponse:
@@ -275,9 +284,11 @@ class Reply:
                 event = await self._next_event(http_request)
                 if event is None:  # the client went away: its slots are freed
                     return JSONResponse({}, status_code=499)
-                if event[0] == "error":
-                    raise ApiError(500, event[1], type="server_error")
-                if event[0] == "done":
+                if event[0] == "start":
+                    self.model = event[1]
+                elif event[0] == "error":
+                    return error_response(failure_error(event[1]))
+                elif event[0] == "done":
                     break
         finally:
             self.request.cancelled = True  # a no-op once done; frees the slots otherwise
@@ -307,22 +318,25 @@ class Reply:
         return f"data: {json.dumps(chunk)}\n\n"
 
     async def sse(self, include_usage: bool):
-        """Server-sent events: a role chunk per choice, content deltas, a finish chunk per
-        choice, the usage chunk when asked for, then `data: [DONE]`. Starlette cancels this
-        generator when the client disconnects; `finally` then frees the request's slots."""
+        """Server-sent events: a role chunk per choice once admitted, content deltas, a finish
+        chunk per choice, the usage chunk when asked for, then `data: [DONE]`; an error ends
+        the stream with an error event and `data: [DONE]`. Starlette cancels this generator
+        when the client disconnects; `finally` then frees the request's slots."""
         try:
-            for choice in self.request.choices:
-                yield self._chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
-                                    "finish_reason": None}])
             while True:
                 event = await self.request.events.get()
-                if event[0] == "delta":
+                if event[0] == "start":
+                    self.model = event[1]
+                    for choice in self.request.choices:
+                        yield self._chunk([{"index": choice.index, "finish_reason": None,
+                                            "delta": {"role": "assistant", "content": ""}}])
+                elif event[0] == "delta":
                     yield self._chunk([{"index": event[1], "delta": {"content": event[2]},
                                         "finish_reason": None}])
                 elif event[0] == "finish":
                     yield self._chunk([{"index": event[1], "delta": {}, "finish_reason": event[2]}])
                 elif event[0] == "error":
-                    yield f"data: {json.dumps({'error': {'message': event[1], 'type': 'server_error'}})}\n\n"
+                    yield f"data: {json.dumps(failure_error(event[1]).body())}\n\n"
                     break
                 elif event[0] == "done":
                     if include_usage:

@@ -1,5 +1,6 @@
 """The server's options, declared like every stage's (core/options.py): one definition gives the
-command-line flag, its default, help text and allowed range."""
+command-line flag, its default, help text and allowed range. The API key may also come from
+the environment variable RLHF_API_KEY (read by __main__.py, as the flag would be)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,12 +17,15 @@ class ServeConfig:
     """Serve a checkpoint behind the OpenAI Chat Completions API."""
 
     model: str = opt("default", "checkpoint to serve: a folder (a run's final/ or ema/), a .gguf "
-                                "file, a hub name, or 'default' (SmolLM2-135M-Instruct)")
+                                "file, a hub name, or 'default' (SmolLM2-135M-Instruct); "
+                                "/v1/models/load takes hub names from the local cache only")
     engine: str = opt("auto", "auto: DeepSpeed-MII on CUDA where installed, else ds-inference",
                       choices=ENGINES)
     host: str = opt("127.0.0.1", "address to bind")
     port: int = opt(8000, "port to bind (0: any free port)", range=(0, 65535))
-    api_key: str = opt("", "require 'Authorization: Bearer KEY' on every /v1 route")
+    api_key: str = opt("", "require 'Authorization: Bearer KEY' on every /v1 route (a flag shows "
+                           "in `ps`: prefer --api-key-file or the RLHF_API_KEY variable)")
+    api_key_file: str = opt("", "read the API key from this file (its first line)")
     tp: int = opt(1, "tensor-parallel degree (only 1 for now)", range=(1, 1024))
     precision: str = opt("auto", "weights' precision; auto: bf16 where the hardware computes it "
                                  "natively, else fp32", choices=PRECISIONS)
@@ -33,6 +37,10 @@ class ServeConfig:
     max_prompt_tokens: int = opt(2048, "the longest conversation accepted (after the chat "
                                        "template), also capped by the model's context",
                                  range=(1, 1_000_000))
+    max_body_mb: float = opt(4.0, "the largest request body accepted, in MiB; larger ones get 413 "
+                                  "before they are read", range=(0.01, 1024))
+    shutdown_grace: float = opt(30.0, "seconds running answers may take to finish after SIGTERM "
+                                      "or Ctrl-C; then they end with an error", range=(0, 3600))
     # renamed: old name -> (type, value -> new options)
     RENAMED: ClassVar[dict] = {"dtype": (str, lambda value: {"precision": value})}
 

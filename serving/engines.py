@@ -12,11 +12,18 @@ implementation), the end-of-turn token ids, and the names /v1/models and /health
   decoder's three calls, so the scheduler above it is the same.
 - `auto`: mii on CUDA where DeepSpeed-MII is installed, else ds-inference.
 
-Only safetensors weights are loaded (core/models.py refuses a folder of pickles). Left out: tensor parallelism over several ranks
-(`--tp` above 1 is refused), quantisation, unmerged LoRA adapters.
+Only safetensors weights are loaded (core/models.py refuses a folder of pickles). With
+`offline=True` (what /v1/models/load uses) a hub name is taken from the local hub cache only:
+no download, so an unknown name fails at once instead of after a minute of retries.
+
+Left out: tensor parallelism over several ranks (`--tp` above 1 is refused), quantisation,
+unmerged LoRA adapters.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import importlib.util
 import threading
 from dataclasses import dataclass, field
@@ -41,38 +48,57 @@ class Engine:
     name: str               # the engine kind that runs: hf, ds-inference or mii
     model_name: str         # the checkpoint as given (a folder or "default"): /v1/models' id
     path: str               # the folder it was loaded from
-    tokenizer: object
+    tokenizer: object       # encodes prompts, on the API's worker threads
     decoder: object         # SlotDecoder (or the mii adapter): prefill, decode, length, slots, max_len
     end_token_ids: set[int] = field(default_factory=set)
     dtype: str = "float32"
-    # the API's thread encodes while the scheduler's decodes: one tokenizer call at a time
+    # the scheduler's own copy for turning answers into text: the decode thread shares nothing
+    # with the threads tokenising prompts (a long prompt takes seconds)
+    detokenizer: object = None
+    # a fast (Rust) tokenizer encodes on several threads at once, so one long prompt delays no
+    # other; a Python one encodes one prompt at a time
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        if self.detokenizer is None:
+            self.detokenizer = copy.deepcopy(self.tokenizer)
+        # the first encode may reset truncation or padding a tokenizer.json set (a write to the
+        # Rust tokenizer that concurrent encodes must not meet): do it now, alone; a template
+        # that fails here fails each request with its own message
+        with contextlib.suppress(Exception):
+            self.encode_chat([{"role": "user", "content": "Hi"}])
 
     @property
     def max_len(self) -> int:
         return self.decoder.max_len
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token of the vocabulary stands for (an upper bound: a
+        byte-level or SentencePiece token's spelling is never shorter than its text)."""
+        return max(len(token.encode()) for token in self.tokenizer.get_vocab())
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Prompt token ids of a conversation through the model's chat template."""
-        with self.tokenizer_lock:
+        fast = getattr(self.tokenizer, "is_fast", False)
+        with contextlib.nullcontext() if fast else self.tokenizer_lock:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                       tokenize=True, return_dict=False)
 
-    def decode(self, token_ids: list[int]) -> str:
-        with self.tokenizer_lock:
-            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
 
 def load_engine(model: str, engine: str = "auto", tp: int = 1, slots: int = 16,
-                max_len: int | None = None, dtype: str = "auto") -> Engine:
+                max_len: int | None = None, dtype: str = "auto", offline: bool = False) -> Engine:
     """Load `model` ("default", a folder, a .gguf file or a hub name) for serving.
     `max_len` caps prompt plus answer per slot (never above the model's context); `dtype` is a
-    precision (auto, bf16, fp16, fp32) as core/hardware.py resolves it."""
+    precision (auto, bf16, fp16, fp32) as core/hardware.py resolves it. `offline`: a hub name
+    is taken from the local hub cache only (no network, so no retries to wait for)."""
     if tp != 1:
         raise EngineError(f"--tp {tp}: tensor-parallel serving is not supported yet; serve with "
                           "--tp 1 (one process, one device).")
     kind = pick_engine(engine)
     path = resolve_model(model)
+    if offline and not Path(path).exists():
+        path = cached_hub_model(path)
     tokenizer = load_tokenizer(path)
     if kind == "mii":
         decoder, dtype = mii_decoder(path, slots, max_len)
@@ -85,6 +111,17 @@ def load_engine(model: str, engine: str = "auto", tp: int = 1, slots: int = 16,
         generation_config = getattr(lm, "generation_config", None)
     end_ids = end_of_turn_ids(tokenizer, generation_config)
     return Engine(kind, model, path, tokenizer, decoder, end_ids, str(dtype).replace("torch.", ""))
+
+
+def cached_hub_model(name: str) -> str:
+    """The local folder of hub model `name` from the hub cache, without the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # noqa: BLE001  (not cached, or not a valid repository name)
+        raise ModelError(f"model {name!r} is not in the local hub cache and this server does not "
+                         "download: pass a local model folder, or download it first.") from None
 
 
 def pick_engine(engine: str) -> str:

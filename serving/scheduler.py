@@ -6,13 +6,24 @@ with its own request's settings (greedy at temperature 0, else temperature and t
 request's own seeded generator). New requests thus join between the decode steps of those
 already running; a choice that ends (end-of-turn token, max_tokens, a stop string) or whose
 client went away frees its slot at once. Text goes to each request's asyncio queue through
-`loop.call_soon_threadsafe`, decoded incrementally: the whole answer so far is decoded and only
-its stable new suffix is sent (never half a multi-byte character, never the start of a stop
-string that may still complete).
+`loop.call_soon_threadsafe`, decoded incrementally (serving/detokenizer.py: never half a
+multi-byte character, never the start of a stop string that may still complete).
 
-A bounded queue: a request that would wait behind more than `max_queue` others is refused
-(`QueueFull`). Switching checkpoints (`swap`) stops admitting, lets the running requests
-finish, then swaps between steps; waiting requests run on the new model.
+Admission is fair to small requests: a request that does not fit the free slots (say n=8
+with 3 free) lets the smaller ones behind it in, but only `overtake_limit` of them (default:
+the number of slots); after that nobody passes it, so the slots drain to it and it cannot
+starve. A bounded queue: a request that would wait behind more than `max_queue` others is
+refused (`QueueFull`).
+
+Requests are isolated: an error while sampling or decoding the text of one request ends that
+request alone (an "error" event); a prefill that fails is retried request by request, so only
+the request that caused it fails. Only a failed decode step (the model itself) ends every
+request in it.
+
+Switching checkpoints (`swap`) stops admitting, lets the running requests finish, then swaps
+between steps; waiting requests run on the new model. `shutdown(grace_s)` stops admitting
+(`ShuttingDown`), ends the waiting requests, lets the running ones finish for up to `grace_s`
+seconds, ends the rest with an error and returns from `run`.
 
 Left out: prefix caching, chunked prefill (a long prompt's prefill delays the running decodes
 by its own duration), preemption and priorities, re-tokenising queued prompts after a swap to a
@@ -20,15 +31,16 @@ model with another tokenizer.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
+import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 
-from core.sampling import Sampling, sample_tokens
+from core.sampling import sample_tokens
+from serving.detokenizer import AnswerText
+from serving.request import SHUTDOWN_FAILURE, Failure, Request, failure_of
 
 log = logging.getLogger("serving")
 
@@ -37,97 +49,42 @@ class QueueFull(Exception):
     """Every slot is busy and the waiting queue is at its limit."""
 
 
-@dataclass
-class Params:
-    """One request's generation settings (validated by the API)."""
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+class ShuttingDown(Exception):
+    """The server is shutting down and admits no new request."""
 
 
-@dataclass
-class Choice:
-    index: int
-    slot: int | None = None
-    token_ids: list[int] = field(default_factory=list)  # generated, end-of-turn token excluded
-    text: str = ""                                        # decoded, trimmed at a stop string
-    sent: int = 0                                         # characters of `text` already pushed
-    finish_reason: str | None = None                      # "stop" or "length" once done
-
-
-class Request:
-    """A chat completion in flight. The scheduler pushes events to `events`, in order:
-    ("delta", index, text) (streamed requests only) and ("finish", index, reason) per choice,
-    then ("done", usage); or ("error", message) when generation failed."""
-
-    def __init__(self, prompt_ids: list[int], params: Params, loop: asyncio.AbstractEventLoop,
-                 stream: bool = True):
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.loop = loop
-        self.stream = stream  # False: no "delta" events (the text is read from `choices` at the end)
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = False  # set by the API when the client goes away
-        self.choices = [Choice(i) for i in range(params.n)]
-        self._generator: torch.Generator | None = None
-
-    def push(self, *event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the client's event loop is gone
-            self.cancelled = True
-
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The request's own random stream (seeded from `seed` when given); None for greedy."""
-        if self.params.temperature == 0:
-            return None
-        if self._generator is None:
-            self._generator = torch.Generator(device=device)
-            if self.params.seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(self.params.seed)
-        return self._generator
-
-    def sampling(self, end_token: int) -> Sampling:
-        p = self.params
-        return Sampling(max_new_tokens=p.max_tokens, temperature=p.temperature or 1.0,
-                        top_p=p.top_p, eos_token_id=end_token, pad_token_id=end_token,
-                        greedy=p.temperature == 0)
-
-    def usage(self) -> dict:
-        completion = sum(len(c.token_ids) for c in self.choices)
-        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": completion,
-                "total_tokens": len(self.prompt_ids) + completion}
-
-
-def stable_length(text: str, stops: list[str]) -> int:
-    """How much of a growing answer can be sent now: not a trailing partial character (decoded
-    as U+FFFD) and not a tail that could be the start of a stop string."""
-    end = len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for k in range(min(len(stop) - 1, end), 0, -1):
-            if text[:end].endswith(stop[:k]):
-                end -= k
-                break
-    return end
+def pick_admissible(waiting, free: int, overtake_limit: int) -> list[Request]:
+    """The waiting requests to admit into `free` slots, in queue order: each one that fits,
+    except that nobody passes a request already overtaken `overtake_limit` times."""
+    taken = []
+    for request in waiting:
+        if free == 0:
+            break
+        if request.cancelled:
+            continue
+        if request.params.n <= free:
+            taken.append(request)
+            free -= request.params.n
+        elif request.overtaken >= overtake_limit:
+            break  # the slots drain to it: it cannot starve
+    return taken
 
 
 class Scheduler:
     """Owns the engine's slot decoder on one thread; `submit` requests from the event loop."""
 
-    def __init__(self, engine, max_queue: int = 64, own_thread: bool = True):
+    def __init__(self, engine, max_queue: int = 64, own_thread: bool = True,
+                 overtake_limit: int | None = None):
         self.engine = engine
         self.max_queue = max_queue
+        self.overtake_limit = engine.decoder.slots if overtake_limit is None else overtake_limit
         self.cond = threading.Condition()
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         self.free_slots = list(range(engine.decoder.slots))
         self.pending_swap: tuple | None = None  # (engine, threading.Event) until swapped
         self.stopping = False
+        self.deadline: float | None = None  # set by `shutdown`: running requests end by then
         self.device: torch.device | None = None
         # the command line runs the loop on the main thread instead (`run`): decoding on another
         # thread was twice as slow here (a second OpenMP team beside the main thread's)
@@ -147,68 +104,115 @@ class Scheduler:
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
-        if self.thread is not None:
+        if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout=30)
 
-    def submit(self, request: Request) -> None:
-        """Queue a request; raises QueueFull when it would wait behind `max_queue` others."""
+    @property
+    def closing(self) -> bool:
+        return self.stopping or self.deadline is not None
+
+    def shutdown(self, grace_s: float) -> None:
+        """Admit nothing more, end the waiting requests, give the running ones `grace_s`
+        seconds to finish (a second call can only shorten it); `run` returns once none is left."""
         with self.cond:
+            deadline = time.monotonic() + grace_s
+            self.deadline = deadline if self.deadline is None else min(self.deadline, deadline)
+            for request in self.waiting:
+                request.push("error", SHUTDOWN_FAILURE)
+            self.waiting.clear()
+            self.cond.notify_all()
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises QueueFull when it would wait behind `max_queue` others,
+        ShuttingDown once `shutdown` was called."""
+        with self.cond:
+            if self.closing:
+                raise ShuttingDown()
             if self._waiting_beyond_slots(request) > self.max_queue:
                 raise QueueFull()
             self.waiting.append(request)
             self.cond.notify_all()
 
-    def swap(self, engine) -> None:
-        """Serve `engine` from now on, once the running requests are done (blocks until then)."""
+    def swap(self, engine) -> bool:
+        """Serve `engine` from now on, once the running requests are done (blocks until then);
+        False when the server shuts down first."""
         done = threading.Event()
         with self.cond:
+            if self.closing:
+                return False
             self.pending_swap = (engine, done)
             self.cond.notify_all()
         done.wait()
+        return self.engine is engine
 
     def counts(self) -> tuple[int, int]:
         """(requests generating, requests waiting)."""
         with self.cond:
             return len(self.active), sum(not r.cancelled for r in self.waiting)
 
+    def _admissible(self, waiting) -> list[Request]:
+        if self.pending_swap is not None or self.closing:
+            return []
+        return pick_admissible(waiting, len(self.free_slots), self.overtake_limit)
+
     def _waiting_beyond_slots(self, newcomer: Request) -> int:
-        """How many queued requests (newcomer included) would find no free slot (FIFO order)."""
-        free, beyond = len(self.free_slots), 0
-        for request in [*self.waiting, newcomer]:
-            if request.cancelled:
-                continue
-            if beyond == 0 and request.params.n <= free and self.pending_swap is None:
-                free -= request.params.n
-            else:
-                beyond += 1
-        return beyond
+        """How many queued requests (newcomer included) would find no free slot now."""
+        queue = [r for r in [*self.waiting, newcomer] if not r.cancelled]
+        return len(queue) - len(self._admissible(queue))
 
     # ---- the scheduler thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not self._has_work():
-                    self.cond.wait()
-                if self.stopping:
-                    return
-                self._swap_if_idle()
-                newcomers = self._take_admissible()
-            try:
-                if newcomers:
-                    self._prefill(newcomers)
-                self._drop_cancelled()
-                if self.active:
-                    self._decode_step()
-            except Exception as err:  # noqa: BLE001  (one bad step must not end the server)
-                log.exception("generation failed")
-                self._fail_active(f"generation failed on the server ({type(err).__name__}: {err}).")
+        try:
+            while self._step():
+                pass
+        finally:
+            self._end_all(SHUTDOWN_FAILURE)
+
+    def _step(self) -> bool:
+        """Admit, prefill and decode once; False once the loop should end."""
+        with self.cond:
+            while not self._has_work():
+                self.cond.wait()
+            if self.stopping or self._drained():
+                return False
+            self._swap_if_idle()
+            newcomers = self._take_admissible()
+        try:
+            if newcomers:
+                self._prefill_isolated(newcomers)
+            self._drop_cancelled()
+            if self.active:
+                self._decode_step()
+        except Exception as err:  # noqa: BLE001  (a bug must not end the server: fail and go on)
+            log.exception("scheduler step failed")
+            for request in list(self.active):
+                self._fail(request, failure_of(err))
+        return True
 
     def _has_work(self) -> bool:
-        admissible = (self.waiting and self.pending_swap is None
-                      and (self.waiting[0].cancelled or self.waiting[0].params.n <= len(self.free_slots)))
-        return bool(self.stopping or self.active or admissible
-                     or (self.pending_swap is not None and not self.active))
+        return bool(self.stopping or self.active or self.deadline is not None
+                    or any(r.cancelled for r in self.waiting) or self._admissible(self.waiting)
+                    or (self.pending_swap is not None and not self.active))
+
+    def _drained(self) -> bool:
+        """Shutting down and nothing left to run (requests past the deadline are ended here)."""
+        if self.deadline is None:
+            return False
+        if self.active and time.monotonic() >= self.deadline:
+            for request in list(self.active):
+                self._fail(request, SHUTDOWN_FAILURE)
+        return not self.active
+
+    def _end_all(self, failure: Failure) -> None:
+        """The loop ends: every request still here ends with `failure`; a pending swap gives up."""
+        with self.cond:
+            for request in [*self.active, *self.waiting]:
+                self._fail(request, failure)
+            self.waiting.clear()
+            if self.pending_swap is not None:
+                self.pending_swap[1].set()
+                self.pending_swap = None
 
     def _swap_if_idle(self) -> None:
         if self.pending_swap is None or self.active:
@@ -219,23 +223,51 @@ class Scheduler:
         done.set()
 
     def _take_admissible(self) -> list[Request]:
-        """Pop the requests at the head of the queue that fit in free slots; assign slots."""
+        """Pop the requests that fit in free slots (see `pick_admissible`); assign slots."""
+        slots = self.engine.decoder.slots
+        for request in [r for r in self.waiting if r.params.n > slots and not r.cancelled]:
+            request.cancelled = True  # a smaller model was loaded since it was accepted
+            request.push("error", Failure(f"n={request.params.n} needs more slots than the "
+                                          f"model now loaded has ({slots}): ask for fewer "
+                                          "choices.", 400, "too_many_choices"))
         self.waiting = deque(r for r in self.waiting if not r.cancelled)
-        taken = []
-        while (self.waiting and self.pending_swap is None
-               and self.waiting[0].params.n <= len(self.free_slots)):
-            request = self.waiting.popleft()
+        taken = self._admissible(self.waiting)
+        taken_set, passed = set(taken), 0
+        for request in reversed(self.waiting):  # count who was admitted from behind whom
+            if request in taken_set:
+                passed += 1
+            else:
+                request.overtaken += passed
+        self.waiting = deque(r for r in self.waiting if r not in taken_set)
+        for request in taken:
+            request.model_name = self.engine.model_name
+            request.push("start", request.model_name)
             for choice in request.choices:
                 choice.slot = self.free_slots.pop()
-            taken.append(request)
+                choice.answer = AnswerText(self.engine.detokenizer, request.params.stop)
         return taken
+
+    def _prefill_isolated(self, newcomers: list[Request]) -> None:
+        """One prefill for every newcomer; if it fails, one per request, so that only the
+        request that makes it fail gets the error."""
+        try:
+            return self._prefill(newcomers)
+        except Exception as err:  # noqa: BLE001  (a request's prompt must not fail the others)
+            if len(newcomers) == 1:
+                log.exception("prefill failed")
+                return self._fail(newcomers[0], failure_of(err))
+        for request in newcomers:
+            if request in self.active:
+                self.active.remove(request)  # restarted from its prompt below
+            self._prefill_isolated([request])
 
     def _prefill(self, newcomers: list[Request]) -> None:
         rows, slot_ids, prompts = [], [], []
         for request in newcomers:
             if len(request.prompt_ids) + request.params.max_tokens > self.engine.max_len:
-                self._fail(request, "the prompt plus max_tokens no longer fits the model now "
-                                    "loaded: send a shorter conversation or lower max_tokens.")
+                self._fail(request, Failure("the prompt plus max_tokens no longer fits the model "
+                                            "now loaded: send a shorter conversation or lower "
+                                            "max_tokens.", 400, "context_length_exceeded"))
                 continue
             for choice in request.choices:
                 rows.append((request, choice))
@@ -254,45 +286,52 @@ class Scheduler:
             return
         slot_ids = [choice.slot for _, choice in rows]
         tokens = torch.tensor([choice.token_ids[-1] for _, choice in rows], device=self.device)
-        logits = self.engine.decoder.decode(slot_ids, tokens)
+        try:
+            logits = self.engine.decoder.decode(slot_ids, tokens)
+        except Exception as err:  # noqa: BLE001  (the model failed: every request in the step ends)
+            log.exception("decode step failed")
+            for request in dict.fromkeys(r for r, _ in rows):
+                self._fail(request, failure_of(err))
+            return
         self._sample_and_advance(rows, logits)
 
     def _sample_and_advance(self, rows: list[tuple[Request, Choice]], logits: torch.Tensor) -> None:
-        """Sample every row with its request's settings; rows of one request in one call."""
+        """Sample every row with its request's settings; rows of one request in one call; an
+        error ends that request alone."""
         by_request: dict[Request, list[int]] = {}
         for index, (request, _) in enumerate(rows):
             by_request.setdefault(request, []).append(index)
         end_token = min(self.engine.end_token_ids)
         for request, indices in by_request.items():
-            picked = torch.tensor(indices, device=logits.device)
-            tokens = sample_tokens(logits.index_select(0, picked), request.sampling(end_token),
-                                   request.generator(logits.device))
-            for index, token in zip(indices, tokens.tolist()):
-                self._advance(request, rows[index][1], token)
+            try:
+                picked = torch.tensor(indices, device=logits.device)
+                tokens = sample_tokens(logits.index_select(0, picked), request.sampling(end_token),
+                                       request.generator(logits.device))
+                for index, token in zip(indices, tokens.tolist()):
+                    self._advance(request, rows[index][1], token)
+            except Exception as err:  # noqa: BLE001  (one request's settings must not fail the others)
+                log.exception("sampling failed for one request")
+                self._fail(request, failure_of(err))
 
     def _advance(self, request: Request, choice: Choice, token: int) -> None:
-        """Take one sampled token into a choice: end it, or extend its text and send what is stable."""
+        """Take one sampled token into a choice: end it, or extend its text and send what is final."""
         if token in self.engine.end_token_ids:
             return self._finish(request, choice, "stop")
         choice.token_ids.append(token)
-        with_token = self.engine.decode(choice.token_ids)
-        stops = request.params.stop
-        hits = [with_token.find(stop) for stop in stops if stop in with_token]
-        if hits:
-            choice.text = with_token[:min(hits)]
+        text, stopped = choice.answer.add(token)
+        self._send(request, choice, text)
+        if stopped:
             return self._finish(request, choice, "stop")
-        choice.text = with_token
         if len(choice.token_ids) >= request.params.max_tokens:
             return self._finish(request, choice, "length")
-        self._send(request, choice, stable_length(choice.text, stops))
 
-    def _send(self, request: Request, choice: Choice, upto: int) -> None:
-        if request.stream and upto > choice.sent:
-            request.push("delta", choice.index, choice.text[choice.sent:upto])
-            choice.sent = upto
+    def _send(self, request: Request, choice: Choice, text: str) -> None:
+        if request.stream and text:
+            request.push("delta", choice.index, text)
 
     def _finish(self, request: Request, choice: Choice, reason: str) -> None:
-        self._send(request, choice, len(choice.text))
+        if not choice.answer.stopped:
+            self._send(request, choice, choice.answer.finish())
         choice.finish_reason = reason
         self._release([choice])
         request.push("finish", choice.index, reason)
@@ -312,12 +351,10 @@ class Scheduler:
             self._release(request.choices)
             self.active.remove(request)
 
-    def _fail(self, request: Request, message: str) -> None:
+    def _fail(self, request: Request, failure: Failure) -> None:
         self._release(request.choices)
         if request in self.active:
             self.active.remove(request)
-        request.push("error", message)
-
-    def _fail_active(self, message: str) -> None:
-        for request in list(self.active):
-            self._fail(request, message)
+        for choice in request.choices:
+            choice.finish_reason = choice.finish_reason or "error"
+        request.push("error", failure)

@@ -1,13 +1,18 @@
-"""The HTTP chat client and the server pool, against a stand-in that speaks serving/'s contract.
+"""The HTTP chat client against the real server, and the server pool.
 
-The stand-in (a small FastAPI app below) answers the routes chat/ relies on in their documented
-shape, so the client's parsing, streaming and error handling are tested without model weights.
-Run as `python -m tests.chat.test_client --model M --port P` it is a server the pool can start.
+The client's tests run serving/'s own app (an in-process uvicorn over the tiny model, as
+tests/serving does), so they check the client against what the server really sends: streamed
+chunks, OpenAI-shaped errors, error events inside a stream, the API key, model switching.
+
+The pool's tests manage processes (start, switch, stop, a server that cannot start), which
+would take a model load per process with the real server; they run a stand-in with serving/'s
+command line and routes instead (`python -m tests.chat.test_client --model M --port P`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import threading
 import time
@@ -16,14 +21,109 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+import serving.scheduler
 from chat.client import ChatClient, ServerError
 from chat.server import ServerPool, free_port
+from serving.api import Limits
+from serving.engines import load_engine
+from tests.serving import running_server
 
-FAKE_COMMAND = (sys.executable, "-m", "tests.chat.test_client")
+STAND_IN_COMMAND = (sys.executable, "-m", "tests.chat.test_client")
+CONVERSATION = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "My name is Ada."},
+                {"role": "assistant", "content": "Hello Ada."},
+                {"role": "user", "content": "What is my name?"}]
+SAMPLED = {"temperature": 1.0, "seed": 7, "max_tokens": 24}
 
 
-def make_fake_app(model: str, api_key: str | None = None):
-    """OpenAI-shaped answers: "<model> heard: <last user turn>" (one word per stream chunk)."""
+# ---- the client against the real server -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return load_engine(str(tiny_model), "hf", slots=4, max_len=1024, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def server(engine, tiny_model, tmp_path_factory):
+    """The real server with an API key; /v1/models/load switches between copies of the tiny model."""
+    copy = tmp_path_factory.mktemp("copy") / "tiny-copy"
+    shutil.copytree(tiny_model, copy)
+
+    def loader(name):
+        return load_engine(name, "hf", slots=4, max_len=1024, dtype="fp32", offline=True)
+
+    with running_server(engine, loader, api_key="k", limits=Limits(max_tokens=100)) as url:
+        yield url, str(copy)
+
+
+def test_streamed_answer_arrives_in_pieces_and_equals_the_whole(server):
+    client = ChatClient(server[0], api_key="k")
+    pieces = list(client.stream(CONVERSATION, top_p=None, **SAMPLED))
+    assert len(pieces) > 3 and all(pieces)
+    [whole] = client.complete(CONVERSATION, **SAMPLED)
+    assert whole == "".join(pieces)
+
+
+def test_n_answers_come_back_in_order(server):
+    client = ChatClient(server[0], api_key="k")
+    answers = client.complete(CONVERSATION, n=3, **SAMPLED)
+    assert len(answers) == 3 and len(set(answers)) == 3
+    assert client.complete(CONVERSATION, n=3, **SAMPLED) == answers  # same seed, same order
+
+
+def test_server_errors_become_one_sentence_with_the_servers_message(server):
+    client = ChatClient(server[0], api_key="k")
+    with pytest.raises(ServerError, match=r"\(400\): max_tokens 500 is over this server's limit"):
+        client.complete(CONVERSATION, max_tokens=500)
+    with pytest.raises(ServerError, match=r"\(400\): the conversation ends with an assistant message"):
+        list(client.stream(CONVERSATION[:3]))
+    with pytest.raises(ServerError, match=r"\(401\): missing or wrong API key"):
+        ChatClient(server[0], api_key="wrong").complete(CONVERSATION)
+
+
+def test_an_error_inside_a_stream_becomes_one_sentence(server, monkeypatch):
+    sample_tokens = serving.scheduler.sample_tokens
+
+    def faulty(logits, sampling, generator=None):  # an injected fault for top_p=0.5
+        if sampling.top_p == 0.5:
+            raise RuntimeError("injected sampling fault")
+        return sample_tokens(logits, sampling, generator)
+
+    monkeypatch.setattr(serving.scheduler, "sample_tokens", faulty)
+    with pytest.raises(ServerError, match="stopped the answer: generation failed.*injected"):
+        list(ChatClient(server[0], api_key="k").stream(CONVERSATION, top_p=0.5))
+
+
+def test_switching_checkpoints_needs_the_api_key_which_may_come_from_the_environment(
+        server, tiny_model, monkeypatch):
+    url, copy = server
+    with pytest.raises(ServerError, match="401"):
+        ChatClient(url).load(copy)
+    monkeypatch.setenv("RLHF_API_KEY", "k")
+    client = ChatClient(url)  # the key from RLHF_API_KEY, as `python -m serving` takes it
+    try:
+        client.load(copy)
+        assert client.models() == [copy] and client.health()["model"] == copy
+        with pytest.raises(ServerError, match="not found or is not a model"):
+            client.load(str(tiny_model / "nowhere"))
+        assert client.models() == [copy]
+    finally:
+        client.load(str(tiny_model))
+
+
+def test_unreachable_server_is_one_sentence():
+    client = ChatClient(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ServerError, match="is not reachable"):
+        client.health()
+    with pytest.raises(ServerError, match="broke off"):
+        list(client.stream(CONVERSATION))
+
+
+# ---- the pool, over stand-in processes ----------------------------------------------------------
+
+def make_stand_in_app(model: str, api_key: str | None = None):
+    """A stand-in with serving/'s routes for the pool's tests: "<model> heard: <last user turn>"
+    (one word per stream chunk)."""
     app = FastAPI()
     state = {"model": model}
 
@@ -81,70 +181,9 @@ def make_fake_app(model: str, api_key: str | None = None):
 
 
 @pytest.fixture
-def fake_server():
-    """A stand-in server in a background thread; yields its base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(make_fake_app("runs/sft1/final", api_key="k"),
-                                           host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
-CONVERSATION = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "My name is Ada."},
-                {"role": "assistant", "content": "Hello Ada."},
-                {"role": "user", "content": "What is my name?"}]
-
-
-def test_streamed_answer_arrives_in_pieces_and_equals_the_whole(fake_server):
-    client = ChatClient(fake_server, api_key="k")
-    pieces = list(client.stream(CONVERSATION, temperature=0.5, top_p=None))
-    assert len(pieces) > 3
-    assert "".join(pieces) == "runs/sft1/final heard: What is my name? (t=0.5)"
-    [whole] = client.complete(CONVERSATION, temperature=0.5)
-    assert whole == "".join(pieces) + " #0"
-
-
-def test_n_answers_come_back_in_order(fake_server):
-    answers = ChatClient(fake_server).complete(CONVERSATION, n=2)
-    assert [a[-2:] for a in answers] == ["#0", "#1"]
-
-
-def test_server_errors_become_one_sentence_with_the_servers_message(fake_server):
-    client = ChatClient(fake_server)
-    with pytest.raises(ServerError, match=r"\(400\): max_tokens 500 is over the limit"):
-        client.complete(CONVERSATION, max_tokens=500)
-    with pytest.raises(ServerError, match=r"\(400\): messages must be a non-empty list"):
-        list(client.stream([]))
-
-
-def test_switching_checkpoints_needs_the_api_key(fake_server):
-    with pytest.raises(ServerError, match="401"):
-        ChatClient(fake_server).load("runs/ppo1/ema")
-    client = ChatClient(fake_server, api_key="k")
-    client.load("runs/ppo1/ema")
-    assert client.models() == ["runs/ppo1/ema"] and client.health()["model"] == "runs/ppo1/ema"
-
-
-def test_unreachable_server_is_one_sentence():
-    client = ChatClient(f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(ServerError, match="is not reachable"):
-        client.health()
-    with pytest.raises(ServerError, match="broke off"):
-        list(client.stream(CONVERSATION))
-
-
-@pytest.fixture
 def pool(tmp_path):
     pool = ServerPool(engine="hf", size=1, log_dir=tmp_path, startup_timeout=120,
-                      command=FAKE_COMMAND)
+                      command=STAND_IN_COMMAND)
     yield pool
     pool.stop_all()
 
@@ -183,7 +222,7 @@ def test_a_leased_server_is_not_switched_under_a_running_answer(pool):
 
 def test_a_pool_of_two_keeps_two_checkpoints_loaded_for_the_arena(tmp_path):
     pool = ServerPool(engine="hf", size=2, log_dir=tmp_path, startup_timeout=120,
-                      command=FAKE_COMMAND)
+                      command=STAND_IN_COMMAND)
     try:
         for _ in range(2):  # A then B, twice: no switching, no restarting
             for model in ("runs/a/final", "runs/b/ema"):
@@ -226,7 +265,7 @@ def main(argv=None) -> int:
         print("error: model folder nowhere does not exist: pass a run's final/ folder.",
               file=sys.stderr)
         return 2
-    uvicorn.run(make_fake_app(args.model), host="127.0.0.1", port=args.port, log_level="error")
+    uvicorn.run(make_stand_in_app(args.model), host="127.0.0.1", port=args.port, log_level="error")
     return 0
 
 

@@ -3,6 +3,7 @@ answer and stream shapes, usage, n, seeds, stop sequences, 400s, the bounded que
 hanging up mid-answer. The tiny model's text is noise; these tests check mechanics."""
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -134,12 +135,25 @@ BAD_REQUESTS = {
     "top_p zero": {"messages": HELLO, "top_p": 0},
     "prompt too long": {"messages": [{"role": "user", "content": "word " * 300}]},
     "messages not a list": {"messages": "hello"},
+    "seed over 2**63-1": {"messages": HELLO, "seed": 2**64},
+    "negative seed": {"messages": HELLO, "seed": -1},
+    "NaN temperature": {"messages": HELLO, "temperature": float("nan")},
+    "infinite top_p": {"messages": HELLO, "top_p": float("inf")},
+    "max_tokens zero": {"messages": HELLO, "max_tokens": 0},
+    "five stop strings": {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]},
+    "stop string too long": {"messages": HELLO, "stop": "x" * 201},
+    "stop not text": {"messages": HELLO, "stop": [1, 2]},
+    "only a system message": {"messages": [{"role": "system", "content": "Be brief."}]},
+    "assistant message last": {"messages": HELLO + [{"role": "assistant", "content": "Hi"}]},
+    "image part": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+    "message without content": {"messages": [{"role": "user"}]},
 }
 
 
 @pytest.mark.parametrize("body", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
 def test_malformed_request_gets_400_with_a_message_and_the_server_keeps_serving(url, client, body):
-    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    response = httpx.post(f"{url}/v1/chat/completions", content=json.dumps(body), timeout=60,
+                          headers={"content-type": "application/json"})  # NaN as JSON writes it
     assert response.status_code == 400, response.text
     message = response.json()["error"]["message"]
     assert message.endswith(".") and len(message) > 10
@@ -225,24 +239,64 @@ def test_api_key_guards_v1_routes_and_load_switches_checkpoints(tiny_model, tmp_
         assert ask(keyed, max_tokens=6).choices[0].message.content == before  # same weights
 
 
-def test_switch_waits_for_running_answers_and_serves_the_queue_with_the_new_model(tiny_model, tmp_path):
-    """A load during an answer lets it finish whole; later requests get the new checkpoint."""
-    import shutil
+def greedy(url: str, messages, max_tokens: int) -> tuple[int, str, str]:
+    """(status, model, text) of a plain greedy answer."""
+    response = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+    if response.status_code != 200:
+        return response.status_code, "", response.text
+    body = response.json()
+    return 200, body["model"], body["choices"][0]["message"]["content"]
 
-    second = tmp_path / "second"
-    shutil.copytree(tiny_model, second)
 
-    def loader(name):
-        return slowed(load_engine(name, "hf", slots=2, max_len=1024, dtype="fp32"))
+def test_switch_under_load_finishes_running_answers_on_the_old_model_and_the_queue_on_the_new(
+        tiny_model, untied_model):
+    """2 slots: 2 answers running, 4 waiting, then a switch: the running ones finish whole on
+    the old checkpoint, the waiting ones run on the new one, none fails."""
+    questions = [[{"role": "user", "content": f"Question {i}"}] for i in range(6)]
+    # loaded beforehand, so the switch is pending while the first two still run
+    engines = {str(folder): slowed(load_engine(str(folder), "hf", slots=2, max_len=1024, dtype="fp32"))
+               for folder in (tiny_model, untied_model)}
 
-    with running_server(loader(str(tiny_model)), loader, limits=LIMITS) as url:
-        client = openai_client(url)
-        with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(ask, client, max_tokens=60)  # >= 1.2 s at 20 ms a step
-            time.sleep(0.3)
-            switched = httpx.post(f"{url}/v1/models/load", json={"model": str(second)}, timeout=120)
-            answer = running.result()
-        assert switched.status_code == 200 and switched.json()["id"] == str(second)
-        assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 60
-        assert answer.model == str(tiny_model)
-        assert ask(client, max_tokens=2).model == str(second)
+    with running_server(engines[str(tiny_model)], engines.get, max_queue=8, limits=LIMITS) as url:
+        old = [greedy(url, q, 60 if i < 2 else 10) for i, q in enumerate(questions)]
+        with ThreadPoolExecutor(6) as pool:
+            running = [pool.submit(greedy, url, q, 60) for q in questions[:2]]  # >= 1.2 s
+            assert wait_for_counts(url, active=2, queued=0, timeout_s=10)["active"] == 2
+            waiting = [pool.submit(greedy, url, q, 10) for q in questions[2:]]
+            assert wait_for_counts(url, active=2, queued=4, timeout_s=10)["queued"] == 4
+            switched = httpx.post(f"{url}/v1/models/load", json={"model": str(untied_model)}, timeout=120)
+            answers = [future.result() for future in running + waiting]
+        assert switched.status_code == 200 and switched.json()["id"] == str(untied_model)
+        assert answers[:2] == old[:2]
+        new = [greedy(url, q, 10) for q in questions[2:]]
+        assert answers[2:] == new and all(model == str(untied_model) for _, model, _ in new)
+        assert [text for _, _, text in new] != [text for _, _, text in old[2:]]  # told apart
+
+
+def test_a_large_request_does_not_block_smaller_ones_behind_it(tiny_model):
+    """4 slots, 3 held by long streams: an n=4 request waits for them, while n=1 requests sent
+    after it are answered in the free slot (strict FIFO kept them behind it for the 16 s the
+    long streams need); once the long streams end, the n=4 request runs."""
+    engine = slowed(load_engine(str(tiny_model), "hf", slots=4, max_len=1024, dtype="fp32"))
+    long_body = {"messages": HELLO, "max_tokens": 800, "stream": True}
+    with running_server(engine, limits=LIMITS) as url, httpx.Client(timeout=60) as http, \
+            ThreadPoolExecutor(1) as pool:
+        streams = [http.stream("POST", f"{url}/v1/chat/completions", json=long_body) for _ in range(3)]
+        try:
+            for stream in streams:
+                assert stream.__enter__().status_code == 200
+            assert wait_for_counts(url, active=3, queued=0, timeout_s=10)["active"] == 3
+            large = pool.submit(httpx.post, f"{url}/v1/chat/completions", timeout=120,
+                                json={"messages": HELLO, "n": 4, "max_tokens": 5})
+            assert wait_for_counts(url, active=3, queued=1, timeout_s=10)["queued"] == 1
+            for _ in range(2):
+                status, _, text = greedy(url, HELLO, 5)
+                assert status == 200 and text
+            health = httpx.get(f"{url}/health").json()
+            assert (health["active"], health["queued"]) == (3, 1) and not large.done()
+        finally:
+            for stream in streams:
+                stream.__exit__(None, None, None)  # hang up: the slots drain to the n=4 request
+        answer = large.result()
+        assert answer.status_code == 200 and len(answer.json()["choices"]) == 4

@@ -1,29 +1,54 @@
-"""`python -m serving` as a user runs it: it serves over HTTP, and the errors a user can cause
-end in one `error:` line and exit code 2."""
+"""`python -m serving` as a user runs it: it serves over HTTP with the API key from a file or the
+environment, shuts down gracefully on SIGTERM, and the errors a user can cause end in one
+`error:` line and exit code 2."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from serving.api import bind
 from tests.conftest import ROOT
 from tests.serving import openai_client
 
 
-def user_env() -> dict:
+def user_env(**variables) -> dict:
     # as inherited: DeepSpeed variables this process set are the child's to replace (train/ds.py)
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    environ = {k: v for k, v in os.environ.items() if k != "RLHF_API_KEY"}
+    return {**environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **variables}
 
 
-def serve(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "serving", *args], cwd=ROOT, env=user_env(),
+def serve(*args: str, **variables) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "serving", *args], cwd=ROOT, env=user_env(**variables),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until_serving(server: subprocess.Popen) -> str:
+    """The base URL once the server answers /health (its output so far must name the address)."""
+    banner, seen = "", []
+    while "http://" not in banner:  # this line names the address it serves
+        banner = server.stdout.readline()
+        seen.append(banner)
+        assert banner or server.poll() is None, f"the server exited: {''.join(seen)}"
+    url = re.search(r"(http://[\d.:]+)/v1", banner).group(1)
+    deadline = time.time() + 60
+    while True:
+        try:
+            httpx.get(f"{url}/health")
+            return url
+        except httpx.ConnectError:
+            assert time.time() < deadline, "no /health answer within 60 s"
+            time.sleep(0.2)
 
 
 def run_to_end(*args: str) -> subprocess.CompletedProcess:
@@ -38,31 +63,26 @@ def assert_one_error_line(done: subprocess.CompletedProcess, *words: str) -> Non
     assert all(word in lines[-1] for word in words), lines[-1]
 
 
-def test_serves_a_chat_over_http_on_loopback(tiny_model):
-    server = serve("--model", str(tiny_model), "--port", "0", "--slots", "2")
+def test_serves_a_chat_over_http_on_loopback_with_the_key_from_a_file(tiny_model, tmp_path):
+    """The key file wins over RLHF_API_KEY; the key never needs to be on the command line."""
+    key_file = tmp_path / "key"
+    key_file.write_text("from-the-file\n")
+    server = serve("--model", str(tiny_model), "--port", "0", "--slots", "2",
+                   "--api-key-file", str(key_file), RLHF_API_KEY="from-the-environment")
     try:
-        banner, seen = "", []
-        while "http://" not in banner:  # this line names the address it serves
-            banner = server.stdout.readline()
-            seen.append(banner)
-            assert banner or server.poll() is None, f"the server exited: {''.join(seen)}"
-        url = re.search(r"(http://[\d.:]+)/v1", banner).group(1)
+        url = wait_until_serving(server)
         assert url.startswith("http://127.0.0.1:")
-        deadline = time.time() + 60
-        while True:
-            try:
-                health = httpx.get(f"{url}/health").json()
-                break
-            except httpx.ConnectError:
-                assert time.time() < deadline, "no /health answer within 60 s"
-                time.sleep(0.2)
+        health = httpx.get(f"{url}/health").json()
         assert health["engine"] == "ds-inference" and health["model"] == str(tiny_model)
-        reply = openai_client(url).chat.completions.create(
+        for key in (None, "from-the-environment"):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            assert httpx.get(f"{url}/v1/models", headers=headers).status_code == 401
+        reply = openai_client(url, api_key="from-the-file").chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert reply.choices[0].finish_reason in ("stop", "length")
     finally:
         server.send_signal(signal.SIGINT)
-        server.wait(timeout=60)
+        assert server.wait(timeout=60) == 0
 
 
 def test_missing_model_folder_is_one_error_line(tmp_path):
@@ -79,3 +99,83 @@ def test_port_in_use_is_one_error_line(tiny_model):
                               "cannot listen", port, "--port")
     finally:
         taken.close()
+
+
+def test_unreadable_or_doubled_api_key_is_one_error_line(tmp_path):
+    assert_one_error_line(run_to_end("--api-key-file", str(tmp_path / "no-key")),
+                          "--api-key-file", "no-key", "cannot be read")
+    key_file = tmp_path / "key"
+    key_file.write_text("k\n")
+    assert_one_error_line(run_to_end("--api-key", "k", "--api-key-file", str(key_file)),
+                          "--api-key", "only one")
+
+
+@pytest.fixture(scope="module")
+def long_context_model(tiny_model, tmp_path_factory):
+    """The tiny model with room for 32k-token answers (rotary positions: only the config
+    changes), so an answer outlasts a short grace period on any machine."""
+    folder = tmp_path_factory.mktemp("long-context")
+    for path in tiny_model.iterdir():
+        shutil.copy(path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768}))
+    return folder
+
+
+def sse(url: str, key: str, max_tokens: int, started: threading.Event) -> list[str]:
+    """The event lines of a greedy stream; sets `started` at its first content."""
+    body = {"messages": [{"role": "user", "content": "Tell me everything"}], "stream": True,
+            "max_tokens": max_tokens, "temperature": 0}
+    lines = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {key}"}) as response:
+        for line in response.iter_lines():
+            lines.append(line)
+            if '"content": "' in line and '"content": ""' not in line:
+                started.set()
+    return [line for line in lines if line]
+
+
+def test_sigterm_lets_running_answers_finish_then_ends_the_rest_cleanly(long_context_model):
+    """SIGTERM with 3 answers running (2 of 32k tokens, 1 of 50) and 1 more sent: new requests
+    get 503; the short answer finishes; after the 3 s grace the long stream ends with an error
+    event and [DONE], the long plain requests with a 503 in OpenAI's shape; exit code 0 and no
+    traceback. The key comes from RLHF_API_KEY."""
+    server = serve("--model", str(long_context_model), "--port", "0", "--slots", "3",
+                   "--max-tokens-limit", "32000", "--max-prompt-tokens", "64",
+                   "--shutdown-grace", "3", RLHF_API_KEY="env-key")
+    auth = {"Authorization": "Bearer env-key"}
+    try:
+        url = wait_until_serving(server)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        chat = f"{url}/v1/chat/completions"
+        plain = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32000, "temperature": 0}
+        with ThreadPoolExecutor(4) as pool:
+            long_started, short_started = threading.Event(), threading.Event()
+            long_stream = pool.submit(sse, url, "env-key", 32000, long_started)
+            long_plain = pool.submit(httpx.post, chat, json=plain, headers=auth, timeout=120)
+            assert long_started.wait(timeout=60)
+            short_stream = pool.submit(sse, url, "env-key", 50, short_started)
+            assert short_started.wait(timeout=60)
+            late = pool.submit(httpx.post, chat, json=plain, headers=auth, timeout=120)  # queued, or
+            time.sleep(0.2)                                  # in the short one's slot if it is done
+            server.send_signal(signal.SIGTERM)
+            deadline = time.time() + 10
+            while httpx.get(f"{url}/health").status_code != 503:  # the long answers keep it up
+                assert time.time() < deadline, "the server did not start shutting down"
+                time.sleep(0.05)
+            refused = httpx.post(chat, json=plain, headers=auth, timeout=30)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
+            short = short_stream.result()
+            assert '"finish_reason": "length"' in short[-2] and short[-1] == "data: [DONE]"
+            cut = long_stream.result()
+            assert "shutting down" in cut[-2] and '"error"' in cut[-2] and cut[-1] == "data: [DONE]"
+            for answer in (long_plain.result(), late.result()):
+                assert answer.status_code == 503 and "shutting down" in answer.json()["error"]["message"]
+        assert server.wait(timeout=60) == 0
+        output = server.stdout.read()
+        assert "Traceback" not in output and "ERROR" not in output, output
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

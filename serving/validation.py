@@ -1,0 +1,187 @@
+"""What a chat request may ask for, checked before it joins the batch; errors in OpenAI's shape.
+
+Every sampling parameter is held to the range the sampler really handles, so a request that
+passes can never fail inside a decode step shared with others:
+- `seed`: 0 to 2**63-1 (the generator's range; 2**64 once failed every request in flight);
+- `temperature`: 0 to 2, finite; below `MIN_TEMPERATURE` (0.01) the answer is greedy, as at 0
+  (dividing logits by 1e-45 overflows to inf and the sample is noise);
+- `top_p`: above 0 up to 1, finite; `n`: 1 to `MAX_N` and at most the server's slots;
+- `max_tokens` (or `max_completion_tokens`): 1 to the server's limit and the room the model's
+  context leaves after the prompt;
+- `stop`: at most `MAX_STOPS` strings of at most `MAX_STOP_CHARS` characters;
+- `messages`: system, user and assistant turns (text, or a list of text parts), ending with a
+  user turn (an empty list, only a system prompt or an assistant turn last is refused); a
+  conversation longer than the prompt limit is refused, by a byte bound before tokenising when
+  it is far too long, else by its token count.
+Other OpenAI fields are accepted and ignored. JSON's NaN and Infinity are refused everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.request import Params
+
+MAX_N = 8
+MAX_STOPS = 4
+MAX_STOP_CHARS = 200
+MAX_SEED = 2**63 - 1
+MIN_TEMPERATURE = 0.01
+BODY_HINT = "send a JSON object with 'messages', a list of chat messages ending with a user turn"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.code, self.param, self.headers = code, param, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+@dataclass
+class Limits:
+    max_tokens: int = 1024         # the most tokens one answer may ask for
+    max_prompt_tokens: int = 2048  # the longest conversation (after the chat template) accepted
+
+
+# ---- request bodies -------------------------------------------------------------------------------
+
+class Strict(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def plain(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": content}
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class ChatRequest(Strict):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class LoadRequest(Strict):
+    model: str = Field(min_length=1, max_length=4096)
+
+
+# ---- checks ---------------------------------------------------------------------------------------
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """One sentence for the first problem pydantic found, and the parameter it concerns."""
+    error = errors[0]
+    parts = [str(p) for p in error["loc"] if p != "body"]
+    param = ".".join(parts).replace(".[", "[") or None
+    if error["type"] == "json_invalid":
+        return (f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')}): "
+                f"{BODY_HINT}."), None
+    if param is None and error["type"] == "missing":
+        return f"the request body is empty: {BODY_HINT}.", None
+    if param is None:
+        return f"the request body is not a JSON object: {BODY_HINT}.", None
+    if error["type"] == "missing":
+        return f"'{param}' is required: {BODY_HINT}.", param
+    return f"'{param}': {error['msg'].rstrip('.')}.", param
+
+
+def check_request(body: ChatRequest, limits: Limits, engine) -> tuple[list[dict], Params, int | None]:
+    """(messages, generation settings, max_tokens asked for) of a request, or a 400 ApiError;
+    everything that can be checked before tokenising."""
+    requested = body.max_completion_tokens or body.max_tokens
+    if requested is not None and requested > limits.max_tokens:
+        raise ApiError(400, f"max_tokens {requested} is over this server's limit of "
+                            f"{limits.max_tokens}: ask for fewer tokens.", param="max_tokens")
+    slots = engine.decoder.slots
+    if body.n > slots:
+        raise ApiError(400, f"n={body.n} needs {body.n} slots but the server has {slots}: ask for "
+                            "fewer choices.", param="n")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > MAX_STOPS:
+        raise ApiError(400, f"{len(stops)} stop sequences given: pass at most {MAX_STOPS}.", param="stop")
+    if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+        raise ApiError(400, f"a stop sequence is longer than {MAX_STOP_CHARS} characters: pass "
+                            "shorter ones.", param="stop")
+    messages = [m.plain() for m in body.messages]
+    if messages[-1]["role"] != "user":
+        last = "an assistant" if messages[-1]["role"] == "assistant" else "a system"
+        raise ApiError(400, f"the conversation ends with {last} message: end it with the user "
+                            "turn to answer.", param="messages")
+    limit = prompt_limit(engine, limits)
+    if len(messages) > limit:  # every message costs a token at least (its role's marker)
+        raise ApiError(400, f"the conversation has {len(messages)} messages, over this server's "
+                            f"limit of {limit} tokens: drop early turns.", param="messages",
+                       code="context_length_exceeded")
+    size = sum(len(m["content"].encode("utf-8", "replace")) for m in messages)
+    # a token stands for at most max_token_bytes of text (4x that leaves room for normalisers
+    # that shrink text): past this bound the conversation is over the limit without tokenising
+    # it, which takes seconds for megabytes
+    if size > 4 * limit * engine.max_token_bytes:
+        raise ApiError(400, f"the conversation ({size} bytes of text) is far over this server's "
+                            f"limit of {limit} tokens: shorten it or drop early turns.",
+                       param="messages", code="context_length_exceeded")
+    temperature = 0.0 if body.temperature < MIN_TEMPERATURE else body.temperature
+    params = Params(max_tokens=requested or 0, temperature=temperature, top_p=body.top_p,
+                    n=body.n, stop=[s for s in stops if s], seed=body.seed)
+    return messages, params, requested
+
+
+def prompt_limit(engine, limits: Limits) -> int:
+    return min(limits.max_prompt_tokens, engine.max_len - 1)
+
+
+def encode(engine, messages: list[dict]) -> list[int]:
+    """Prompt token ids (call it off the event loop), or a 400 ApiError."""
+    try:
+        return engine.encode_chat(messages)
+    except Exception as err:  # noqa: BLE001  (chat templates raise their own errors)
+        raise ApiError(400, f"the model's chat template rejected these messages ({err}): "
+                            "check the order of roles.", param="messages") from None
+
+
+def answer_room(prompt_ids: list[int], requested: int | None, engine, limits: Limits) -> int:
+    """max_tokens for this prompt (the request's, or all the room left), or a 400 ApiError."""
+    limit = prompt_limit(engine, limits)
+    if len(prompt_ids) > limit:
+        raise ApiError(400, f"the conversation is {len(prompt_ids)} tokens, over this server's "
+                            f"limit of {limit}: shorten it or drop early turns.",
+                       param="messages", code="context_length_exceeded")
+    room = engine.max_len - len(prompt_ids)
+    max_tokens = requested or min(limits.max_tokens, room)
+    if max_tokens > room:
+        raise ApiError(400, f"the conversation ({len(prompt_ids)} tokens) plus max_tokens "
+                            f"({max_tokens}) exceeds the model's {engine.max_len}-token context: "
+                            f"ask for at most {room} tokens.", param="max_tokens",
+                       code="context_length_exceeded")
+    return max_tokens

@@ -1,0 +1,199 @@
+"""A request never fails another, and nothing a client sends reaches past what it named (issue
+14's server items), through HTTP on a real server with the tiny model: parameters out of range
+refused before they join the batch, an error while sampling ending one request alone, a body
+limit answered before reading, tokenising that blocks nobody, docs behind the key, one answer
+for every model that cannot be loaded, hub names never fetched, temperatures below the floor
+greedy."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import httpx
+import pytest
+import torch
+
+import serving.scheduler
+from serving.api import Limits
+from serving.engines import load_engine
+from tests.serving import GatedTokenizer, running_server, slowed
+
+LIMITS = Limits(max_tokens=900, max_prompt_tokens=100)
+HELLO = [{"role": "user", "content": "Hello there"}]
+QUESTIONS = [[{"role": "user", "content": f"Question {i}: name a {w}"}]
+             for i, w in enumerate(["colour", "river", "city"])]
+
+
+@pytest.fixture(scope="module")
+def engine(untied_model):
+    # fp32, greedy: answers that differ by prompt and do not change with the batch
+    return load_engine(str(untied_model), "hf", slots=4, max_len=1024, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with running_server(slowed(engine, 0.02), limits=LIMITS) as base:
+        yield base
+
+
+def post(url: str, body: dict, timeout: float = 60, **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout, **kwargs)
+
+
+def stream_text(url: str, messages, max_tokens: int = 30) -> tuple[str, list[str]]:
+    """(the streamed answer's text, its event lines) of a greedy stream."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+    return text, lines
+
+
+def answer(url: str, messages, max_tokens: int = 30, **options) -> str:
+    """A plain answer's text (greedy unless `options` say otherwise)."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, **options}
+    response = post(url, body)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def while_three_stream(url: str, action):
+    """Run `action()` while three greedy streams are mid-answer; (its result, the streams' texts)."""
+    with ThreadPoolExecutor(3) as pool:
+        streams = [pool.submit(stream_text, url, q) for q in QUESTIONS]
+        time.sleep(0.3)  # 30 tokens at >= 20 ms a step: under way, not done
+        result = action()
+        return result, [s.result()[0] for s in streams]
+
+
+def test_a_seed_out_of_range_is_refused_and_the_others_finish(url):
+    alone = [answer(url, q) for q in QUESTIONS]
+    assert len(set(alone)) == 3
+    for seed in (2**64, 2**63, -1):
+        refused, texts = while_three_stream(url, lambda: post(url, {"messages": HELLO, "seed": seed}))
+        assert refused.status_code == 400 and "'seed'" in refused.json()["error"]["message"]
+        assert texts == alone
+
+
+def test_an_error_while_sampling_ends_that_request_alone(url, monkeypatch):
+    """Sampling raises for requests with top_p=0.5 (an injected fault): that request gets an
+    OpenAI-shaped error (500, or an error event and [DONE] when streamed); three greedy
+    streams in the same batch finish with the answers they get alone."""
+    alone = [answer(url, q) for q in QUESTIONS]
+    sample_tokens = serving.scheduler.sample_tokens
+
+    def faulty(logits, sampling, generator=None):
+        if sampling.top_p == 0.5:
+            raise RuntimeError("injected sampling fault")
+        return sample_tokens(logits, sampling, generator)
+
+    monkeypatch.setattr(serving.scheduler, "sample_tokens", faulty)
+    failed, texts = while_three_stream(url, lambda: post(url, {"messages": HELLO, "top_p": 0.5}))
+    assert failed.status_code == 500 and texts == alone
+    error = failed.json()["error"]
+    assert error["type"] == "server_error" and "injected sampling fault" in error["message"]
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                      json={"messages": HELLO, "top_p": 0.5, "stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert '"error"' in lines[-2] and lines[-1] == "data: [DONE]"
+
+
+def test_temperature_below_the_floor_is_greedy(url):
+    reference = answer(url, HELLO, max_tokens=16)
+    for temperature in (1e-45, 1e-5, 0.009):
+        assert answer(url, HELLO, max_tokens=16, temperature=temperature) == reference
+
+
+def test_conversations_that_cannot_be_answered_get_one_sentence(url):
+    only_system = {"messages": [{"role": "system", "content": "Be brief."}]}
+    assistant_last = {"messages": HELLO + [{"role": "assistant", "content": "Hi"}]}
+    for body, words in [(None, "empty"), ([1, 2], "not a JSON object"),
+                        (only_system, "system message"), (assistant_last, "assistant message")]:
+        response = (post(url, body) if body is not None else
+                    httpx.post(f"{url}/v1/chat/completions", content=b"", timeout=60,
+                               headers={"content-type": "application/json"}))
+        message = response.json()["error"]["message"]
+        assert response.status_code == 400 and words in message, message
+        assert "'None'" not in message and message.endswith(".")
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read(engine):
+    with running_server(engine, limits=LIMITS, max_body_bytes=1_000_000) as url, \
+            httpx.Client(timeout=60) as http:
+        big = {"messages": [{"role": "user", "content": "word " * 1_000_000}]}  # 5 MB
+        refused = http.post(f"{url}/v1/chat/completions", json=big)
+        assert refused.status_code == 413 and "limit of 1000000 bytes" in refused.json()["error"]["message"]
+        chunked = http.post(f"{url}/v1/chat/completions", content=iter([b"x" * 100_000] * 50))
+        assert chunked.status_code == 413
+        assert http.get(f"{url}/health").status_code == 200
+        small = http.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+        assert small.status_code == 200
+        # allowed by the body limit, far over the prompt limit: refused without tokenising
+        long = {"messages": [{"role": "user", "content": "word " * 150_000}]}
+        too_long = http.post(f"{url}/v1/chat/completions", json=long)
+        assert too_long.status_code == 400 and "bytes of text" in too_long.json()["error"]["message"]
+
+
+def test_a_prompt_being_tokenised_blocks_neither_health_nor_other_streams(engine):
+    """A prompt whose tokenising takes as long as the test wants (a gated tokenizer): meanwhile
+    /health answers, a stream already under way flows to its end and a new one is served;
+    then the gated prompt is answered too."""
+    gated = GatedTokenizer(engine.tokenizer, marker="SLOW PROMPT")
+    with running_server(replace(slowed(engine, 0.02), tokenizer=gated), limits=LIMITS) as url:
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(stream_text, url, QUESTIONS[0], 100)  # >= 2 s
+            time.sleep(0.3)
+            slow = pool.submit(post, url, {"messages": [{"role": "user", "content": "SLOW PROMPT"}],
+                                           "max_tokens": 3})
+            try:
+                assert gated.waiting.wait(timeout=30)
+                assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+                assert stream_text(url, HELLO, max_tokens=5)[1][-1] == "data: [DONE]"
+                assert running.result()[1][-1] == "data: [DONE]" and not slow.done()
+            finally:
+                gated.gate.set()
+            assert slow.result().status_code == 200
+
+
+def test_docs_follow_the_api_key(engine):
+    with running_server(engine, api_key="s3cret", limits=LIMITS) as url:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(f"{url}{path}").status_code in (401, 404), path
+        keyed = httpx.get(f"{url}/openapi.json", headers={"Authorization": "Bearer s3cret"})
+        assert keyed.status_code == 200 and "/v1/chat/completions" in keyed.json()["paths"]
+    with running_server(engine, limits=LIMITS) as url:
+        assert httpx.get(f"{url}/docs").status_code == 200
+
+
+def test_every_model_that_cannot_be_loaded_gets_the_same_sentence(engine, untied_model, tmp_path):
+    """Missing, not a model, a file, pickled weights only, a hub name not in the cache, a
+    loader that breaks: the same answer (the name aside), so nothing about the files shows;
+    quickly (hub names are never fetched), and the connection stays usable."""
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "a-file.txt").write_text("hello")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(untied_model / "config.json", pickled)
+    torch.save({"w": torch.zeros(1)}, pickled / "pytorch_model.bin")
+    names = [str(tmp_path / "missing"), str(tmp_path / "not-a-model"), str(tmp_path / "a-file.txt"),
+             str(pickled), "someone/not-a-real-model", "/", "breaks"]
+
+    def loader(name):
+        if name == "breaks":
+            raise RuntimeError("an unexpected failure")
+        return load_engine(name, "hf", slots=2, max_len=1024, dtype="fp32", offline=True)
+
+    with running_server(engine, loader, limits=LIMITS) as url, httpx.Client(timeout=20) as http:
+        sentences = set()
+        for name in names:
+            refused = http.post(f"{url}/v1/models/load", json={"model": name})
+            assert refused.status_code == 400, (name, refused.text)
+            sentences.add(refused.json()["error"]["message"].replace(repr(name), "NAME"))
+            assert http.get(f"{url}/v1/models").json()["data"][0]["id"] == str(untied_model)
+        assert len(sentences) == 1, sentences
+        assert "not found or is not a model" in sentences.pop()

@@ -73,6 +73,8 @@ def make_fake_app(model: str, api_key: str | None = None):
                 chunk = {"object": "chat.completion.chunk",
                          "choices": [{"index": 0, "delta": {"content": piece}}]}
                 yield f"data: {json.dumps(chunk)}\n\n"
+            reason = "length" if body.get("max_tokens") == 1 else "stop"
+            yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {}, 'finish_reason': reason}]})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -110,6 +112,14 @@ def test_streamed_answer_arrives_in_pieces_and_equals_the_whole(fake_server):
     assert "".join(pieces) == "runs/sft1/final heard: What is my name? (t=0.5)"
     [whole] = client.complete(CONVERSATION, temperature=0.5)
     assert whole == "".join(pieces) + " #0"
+
+
+def test_a_stream_says_why_it_ended(fake_server):
+    client = ChatClient(fake_server, api_key="k")
+    for max_tokens, reason in ((1, "length"), (16, "stop")):
+        finish = {}
+        assert "".join(client.stream(CONVERSATION, finish=finish, max_tokens=max_tokens))
+        assert finish == {"reason": reason}
 
 
 def test_n_answers_come_back_in_order(fake_server):

@@ -293,7 +293,8 @@ def in_words(message: str, field: str | None = None) -> str:
     field the message sits beside is not named again."""
     if field and message.startswith(flag_name(field) + " "):
         message = message[len(flag_name(field)) + 1:]
-    message = re.sub(r"--([a-z0-9-]+)", lambda m: label_of(m.group(1).replace("-", "_")), message)
+    message = re.sub(r"(?<!['\"])--([a-z0-9-]+)",  # a flag, not a quoted value such as '--x'
+                     lambda m: label_of(m.group(1).replace("-", "_")), message)
     message = message.replace("a valid int.", "a whole number.").replace("a valid float.", "a number.")
     return message[:1].upper() + message[1:]
 

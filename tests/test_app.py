@@ -151,6 +151,21 @@ def test_a_run_name_that_is_not_a_name_is_refused(runs, name):
     assert list(runs.iterdir()) == [] and not (runs.parent / "elsewhere").exists()
 
 
+def test_a_data_entry_that_looks_like_an_option_is_refused_not_run(runs, tmp_path):
+    """Issue 14 item 1 through the form: nothing starts, nothing elsewhere is touched."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    form = form_of("sft")
+    injected = ["prompts/sft.jsonl", "--output", str(victim), "--overwrite"]
+    message, _, _, _, *updates = app.start_run(form, values_of(form, data=injected))
+    assert message == app.NOT_STARTED
+    assert info_of(updates, form, "data").startswith("⚠ '--output' looks like an option")
+    assert (victim / "keep.txt").read_text() == "mine" and list(runs.iterdir()) == []
+    cfg = app.form_config("sft", ["output", "data"], ("x", ["./--odd.jsonl"]))
+    assert launch.command("sft", cfg)[-1] == "--data=./--odd.jsonl"  # a value rides in its flag
+
+
 def test_ppo_checks_its_models_before_starting(runs):
     form = form_of("ppo")
     sft = finished_model(runs / "sft1", "sft")

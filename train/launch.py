@@ -168,8 +168,11 @@ def stop(folder: str | Path) -> bool:
             os.kill(int(run.status["pid"]), signal.SIGTERM)
     except (OSError, KeyError, TypeError, ValueError):
         return False
-    if waiting:  # nothing to save: out of the line now (a waiter stopped before its handler
-        _update_status(folder, state="stopped")  # was set would not say so itself)
+    if waiting:  # nothing to save: out of the line as soon as its process is gone (a waiter
+        deadline = time.time() + 5  # stopped before its handler was set would not say so itself)
+        while run.alive and time.time() < deadline:
+            time.sleep(0.05)
+        _update_status(folder, state="stopped")
     return True
 
 

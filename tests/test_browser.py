@@ -127,9 +127,15 @@ def train_sft(page, expect) -> None:
     for elem_id, value in (("sft-max_steps", 3), ("sft-batch_size", 4)):
         fill(page, elem_id, value)
     expect(page.locator("#sft-summary")).to_contain_text("SFT of tiny-llama on 95 records, ~3 steps")
+    page.locator("#sft-preview").click()
+    expect(page.locator("#sft-preview-box")).to_contain_text("prompts/sft.jsonl: 100 records")
+    page.locator("#sft-show").click()  # the command shows beside the preview, which stays
+    expect(page.locator("#sft-command")).to_contain_text("--max-steps=3")
+    expect(page.locator("#sft-preview-box")).to_contain_text("prompts/sft.jsonl: 100 records")
+    shot(page, "02-summary-preview-and-command")
     page.locator("#sft-start").click()
     expect(page.locator("#sft-message")).to_contain_text("Started sft1")
-    shot(page, "02-sft-form-started")
+    shot(page, "02-sft-started")
 
 
 def train_rm(page, expect) -> None:
@@ -175,8 +181,8 @@ def chat_three_turns(page, expect) -> None:
             expect(page.locator("#chat-send")).to_have_text("Queue", timeout=LONG)
             expect(page.locator("#chat-stop")).to_be_enabled()
             page.locator("#chat-input textarea").type("draft")
+            shot(page, "06-chat-typing-while-answering")
             expect(page.locator("#chat-bot [data-testid='bot']")).to_have_count(1, timeout=LONG)
-            shot(page, "06-chat-typing-while-streaming")
         expect(page.locator("#chat-note")).to_contain_text("Answered by sft1/final", timeout=LONG)
         expect(page.locator("#chat-bot [data-testid='bot']")).to_have_count(turn + 1)
         if turn == 0:

@@ -1,21 +1,35 @@
-"""RLHF Studio web app: layout and wiring only (one build_*_tab function per tab).
+"""RLHF Studio web app: layout, wiring and UI formatting, one section per tab.
 
-Training runs in subprocesses started through train/launch.py; the app only reads run folders.
+Sections: shared helpers (console lines, labels, pickers), Train (forms generated from the option
+definitions and groups of train/config.py), Runs, Chat, Compare, Ratings, then the app itself.
+A further tab (a report, rounds of the loop) is one more section and one more `with gr.Tab`.
+
+Training runs in subprocesses started and queued through train/launch.py (train/plan.py checks
+a form before it starts); the app only reads run folders. Every run the app starts lives in the
+runs folder (core.paths.runs_dir(): RLHF_RUNS_DIR, else $RLHF_HOME/runs) under a plain name,
+and reads data only from `data_roots()`: the built-in prompts/, ../shared/data, the runs folder,
+$RLHF_HOME/data and $RLHF_HOME/exports (plus `ratings:` and Hugging Face dataset names).
 Chat goes over HTTP to inference servers (`python -m serving`) that chat/server.py starts and
-switches; the app never loads model weights. Votes go to the ratings store (chat/ratings.py).
+switches; the app never loads model weights. Votes go to the ratings store (core/ratings.py).
 Chat state lives per browser session in `gr.State`; the server pool is shared.
-Run `python app.py` (port 7860; GRADIO_SERVER_PORT overrides; RLHF_RUNS_DIR moves the run
-folders; RLHF_CHAT_ENGINE picks the serving engine, default auto).
+Run `python app.py` (port 7860; GRADIO_SERVER_PORT overrides; RLHF_CHAT_ENGINE picks the
+serving engine, default auto). What the app does (runs started, finished or failed, servers
+started) is printed on its console.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import json
+import math
 import os
+import re
 import shlex
 import signal
+import subprocess
 import sys
+import threading
 import time
 import typing
 from pathlib import Path
@@ -28,232 +42,858 @@ from chat.conversation import (ArenaSession, ChatSession, chat_checkpoints, new_
                                stream_answer, stream_round)
 from chat.server import ServerPool
 from core import leaderboard, ratings
-from core.options import ConfigError, build
-from core.paths import rlhf_home, runs_dir
-from core.runs import RunInfo, list_runs, read_metrics
-from train import config, data, launch
+from core.hardware import PRECISIONS
+from core.models import DEFAULT_NAME
+from core.options import ConfigError, build, flag_name
+from core.paths import models_dir, rlhf_home, runs_dir
+from core.runs import LIVE_STATES, RunInfo, list_runs, read_json, read_metrics
+from train import config, data, launch, plan
 
 ROOT = Path(__file__).resolve().parent
 RUNS = runs_dir()
+TRAIN_TABS = {"sft": "SFT", "rm": "Reward model", "ppo": "PPO", "dpo": "DPO", "all": "All three"}
 VERDICTS = (("A is better", "A"), ("B is better", "B"), ("Tie", "tie"), ("Both are bad", "both_bad"))
 ARENA_MODES = ("two samples of one checkpoint", "two checkpoints")
+CSS = """
+.field-error .info, .field-error [data-testid='block-info'] + div, .field-error span.info { color: #b91c1c !important; }
+.field-error { border: 1px solid #dc2626 !important; border-radius: 6px; }
+.metric-grid { display: flex; flex-wrap: wrap; gap: 8px; }
+.metric-grid > div { border: 1px solid #e5e7eb; border-radius: 6px; padding: 2px; }
+.samples > div { border-bottom: 1px solid #e5e7eb; padding: 4px 0; }
+"""
 
 
-def shown_path(path: Path) -> str:
-    """A path relative to the project where it lies inside it (as commands are written)."""
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+def say(message: str) -> None:
+    """One line on the app's console: what the app did."""
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
 
-def field_component(step: str, f: dataclasses.Field, kind, default):
-    label, info, elem_id = f.name, f.metadata["help"], f"{step}-{f.name}"
-    if f.name == "output":
-        return gr.Textbox(value=default or shown_path(RUNS / f"{step}1"), label=label, info=info,
-                          elem_id=elem_id)
-    if kind == list[str]:  # data sources: pick built-in files or type any path or dataset name
-        return gr.Dropdown(data.known_sources(ROOT), value=default, multiselect=True,
-                           allow_custom_value=True, label=label, info=info, elem_id=elem_id)
-    if "choices" in f.metadata:
-        return gr.Dropdown(list(f.metadata["choices"]), value=default, label=label, info=info,
-                           elem_id=elem_id)
-    if kind is bool:
-        return gr.Checkbox(value=default, label=label, info=info, elem_id=elem_id)
-    if kind in (int, float):
-        return gr.Number(value=default, label=label, info=info, precision=0 if kind is int else None,
-                         elem_id=elem_id)
-    return gr.Textbox(value=default, label=label, info=info, elem_id=elem_id)
+def data_roots() -> list[Path]:
+    """The folders whose files the app's runs (and its data preview) may read."""
+    return [ROOT / "prompts", ROOT.parent / "shared" / "data", RUNS, rlhf_home() / "data",
+            rlhf_home() / "exports"]
 
 
-def config_form(step: str) -> dict[str, gr.components.Component]:
-    """One input per option of the step, with the option's default and help text."""
-    cls = config.STAGES[step]
-    types = typing.get_type_hints(cls)
-    components = {}
+def shown_path(path: str | Path) -> str:
+    """A model or run path as the app names it: relative to the runs folder, the models folder
+    or the project (`default` stays `default`)."""
+    if str(path) in ("default", ""):
+        return str(path)
+    full = Path(os.path.abspath(path if Path(path).is_absolute() else ROOT / path))
+    for root in (RUNS, models_dir(), ROOT):  # as named: a model folder may be a link
+        root = Path(os.path.abspath(root))
+        if full.is_relative_to(root):
+            return str(full.relative_to(root))
+    return str(path)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return "under a minute"
+    minutes = round(seconds / 60)
+    return f"about {minutes} min" if minutes < 60 else f"about {minutes // 60} h {minutes % 60:02d} min"
+
+
+def fmt_num(value: float) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return str(value)
+    if value == int(value) and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+# ---- pickers: what exists to choose from ----------------------------------------------------------
+
+def model_choices(kind: str) -> list[tuple[str, str]]:
+    """(label, value) pairs of models to pick: `chat` (the built-in model, models in the models
+    folder, finished SFT/PPO runs' final/ and ema/), `reward` (finished reward-model runs),
+    `any` (both), `critic` (reward models, or empty for "the reward model")."""
+    chat = [("default (built-in SmolLM2-135M-Instruct)", "default")]
+    folder = models_dir()
+    if folder.is_dir():
+        chat += [(f"{p.name} (models folder)", str(p)) for p in sorted(folder.iterdir())
+                 if p.name != DEFAULT_NAME and (p / "config.json").is_file()]
+    chat += [(f"{shown_path(p)} (finished run)", p) for p in chat_checkpoints(RUNS, ROOT)[1:]]
+    reward = [(f"{shown_path(p)} (reward model)", p)
+              for p in chat_checkpoints(RUNS, ROOT, stages=("rm",))]
+    return {"chat": chat, "reward": reward, "any": chat + reward,
+            "critic": [("the reward model", "")] + reward}[kind]
+
+
+def picker_kind(stage: str, name: str) -> str | None:
+    if name in plan.REWARD_FIELDS:
+        return "critic" if name in plan.OPTIONAL else "reward"
+    if name in plan.CHAT_FIELDS:
+        return "any" if stage == "rm" or name == "reward_model" else "chat"
+    return None
+
+
+def data_choices() -> list[str]:
+    """Data sources to pick: built-in sets, ../shared/data, ratings:, files in $RLHF_HOME/data
+    and the newest exports of the Ratings tab."""
+    mine = sorted((rlhf_home() / "data").glob("*.json*")) if (rlhf_home() / "data").is_dir() else []
+    exports = sorted((rlhf_home() / "exports").glob("*.jsonl"), reverse=True)[:5] \
+        if (rlhf_home() / "exports").is_dir() else []
+    return data.known_sources(ROOT) + [str(p) for p in mine + exports]
+
+
+PRECISION_PROBE = """
+import json
+from core.hardware import HardwareError, resolve_precision
+labels, errors = {}, {}
+for asked in ("auto", "bf16", "fp16", "fp32"):
+    try:
+        p = resolve_precision(asked)
+        labels[asked] = (f"auto ({p.name}: {p.reason})" if asked == "auto" else
+                         f"{asked} (emulated on this CPU: slower than fp32)" if p.warning else asked)
+    except HardwareError as err:
+        labels[asked], errors[asked] = f"{asked} (not on this machine)", str(err)
+print(json.dumps({"labels": labels, "errors": errors}))
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def precision_answer() -> dict:
+    """What each precision means on this machine, from core.hardware.resolve_precision, asked
+    once in a subprocess (the app itself stays torch-free)."""
+    try:
+        done = subprocess.run([sys.executable, "-c", PRECISION_PROBE], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return {"labels": {}, "errors": {}}
+
+
+def precision_choices(answer: dict | None = None) -> list[tuple[str, str]]:
+    labels = (answer or {}).get("labels", {})
+    return [(labels.get(p, p), p) for p in PRECISIONS]
+
+
+def next_free_name(step: str) -> str:
+    base = {"all": "pipeline"}.get(step, step)
+    return next(f"{base}{n}" for n in range(1, 10_000) if not (RUNS / f"{base}{n}").exists())
+
+
+# ---- Train tab: forms generated from the option definitions -------------------------------------
+
+GROUPS = {"model": "Model", "data": "Data", "run": "Run", "main": "Main settings",
+          "training": "Training", "lora": "LoRA", "deepspeed": "DeepSpeed", "rl": "RL (PPO)",
+          "evaluation": "Evaluation and saving"}
+OPEN_GROUPS = ("model", "data", "run", "main")
+HIDDEN_FIELDS = ("overwrite", "resume")  # the Resume / Overwrite offer sets these
+LABELS = {"output": "Run name", "actor": "Actor (the model PPO trains)", "reward": "Reward model",
+          "critic": "Critic starts from", "data_split": "Data split (SFT, RM, PPO weights)",
+          "ptx_data": "Pretraining-mix data", "ptx_coef": "Pretraining-mix weight",
+          "lora_dim": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
+          "lora_targets": "LoRA targets", "zero_stage": "ZeRO stage", "kl_coef": "KL penalty",
+          "kl_target": "KL target", "kl_horizon": "KL horizon", "adaptive_kl": "Adaptive KL",
+          "top_p": "Top-p", "ema": "Keep an EMA of the actor", "ema_beta": "EMA decay",
+          "max_seq_len": "Longest sequence (tokens)", "num_procs": "Processes",
+          "lr_scheduler": "Learning-rate schedule", "ppo_epochs": "PPO epochs",
+          "lam": "GAE lambda", "gamma": "GAE discount", "max_new_tokens": "Longest answer (tokens)",
+          "max_prompt_len": "Longest prompt (tokens)", "rollout_batch_size": "Prompts per PPO step",
+          "actor_model": "SFT base model", "reward_model": "Reward-model backbone",
+          "sft_max_steps": "SFT steps", "rm_max_steps": "Reward-model steps",
+          "ppo_max_steps": "PPO steps", "sft_config": "More SFT options (YAML file)",
+          "rm_config": "More reward-model options (YAML file)",
+          "ppo_config": "More PPO options (YAML file)", "cliprange": "Policy clip range",
+          "cliprange_value": "Value clip range", "stats_samples": "Pairs for reward statistics",
+          "num_epochs": "Epochs", "max_steps": "Steps (0: as many as the epochs make)"}
+MAIN_ORDER = ("max_steps", "num_epochs", "sft_max_steps", "rm_max_steps", "ppo_max_steps",
+              "batch_size", "learning_rate", "rollout_batch_size", "max_new_tokens", "kl_coef", "ema")
+
+
+def label_of(name: str) -> str:
+    return LABELS.get(name) or name.replace("_", " ").capitalize()
+
+
+def group_of(cls, f: dataclasses.Field) -> str:
+    """A field's form group: its own, else the one a base class gives the same option, else
+    "other" (options added without a group still get a place)."""
+    if f.metadata.get("group"):
+        return f.metadata["group"]
+    for base in cls.__mro__[1:]:
+        inherited = getattr(base, "__dataclass_fields__", {}).get(f.name)
+        if inherited is not None and inherited.metadata.get("group"):
+            return inherited.metadata["group"]
+    return "other"
+
+
+def form_sections(cls) -> list[tuple[str, list[dataclasses.Field]]]:
+    """(group, fields) in the form's order: known groups, then new ones, then "other"."""
+    sections: dict[str, list] = {}
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        components[f.name] = field_component(step, f, types[f.name], default)
-    return components
+        if f.name not in HIDDEN_FIELDS:
+            sections.setdefault(group_of(cls, f), []).append(f)
+    order = list(GROUPS) + sorted(set(sections) - set(GROUPS) - {"other"}) + ["other"]
+    first = {name: index for index, name in enumerate(MAIN_ORDER)}
+    sections.get("main", []).sort(key=lambda f: first.get(f.name, len(first)))
+    return [(group, sections[group]) for group in order if group in sections]
+
+
+@dataclasses.dataclass
+class Form:
+    """One step's form: option name -> input, with each input's help line (shown again when a
+    problem marked on it is fixed)."""
+    step: str
+    fields: dict = dataclasses.field(default_factory=dict)
+    infos: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.fields)
+
+    @property
+    def inputs(self) -> list:
+        return list(self.fields.values())
+
+
+def field_component(form: Form, f: dataclasses.Field, kind, default):
+    step, name = form.step, f.name
+    info = f"{f.metadata['help']} · {flag_name(name)}"
+    if name == "output":
+        info = f"a plain name: the run's folder in {RUNS} · {flag_name(name)}"
+        default = next_free_name(step)
+    common = {"label": label_of(name), "info": info, "elem_id": f"{step}-{name}"}
+    picker = picker_kind(step, name)
+    if picker:
+        component = gr.Dropdown(model_choices(picker), value=default, allow_custom_value=True,
+                                **common)
+    elif kind == list[str]:  # data sources: pick what exists, or type a path or dataset name
+        component = gr.Dropdown(data_choices(), value=default, multiselect=True,
+                                allow_custom_value=True, **common)
+    elif name == "precision":
+        component = gr.Dropdown(precision_choices(), value=default, **common)
+    elif "choices" in f.metadata:
+        component = gr.Dropdown(list(f.metadata["choices"]), value=default, **common)
+    elif kind is bool:
+        component = gr.Checkbox(value=default, **common)
+    elif kind in (int, float):  # no rounding here: 2.7 steps is refused, never made 3
+        component = gr.Number(value=default, precision=None, step=1 if kind is int else 0.0001,
+                              **common)
+    else:
+        component = gr.Textbox(value=default, **common)
+    form.fields[name], form.infos[name] = component, info
+    return component
+
+
+def render_fields(form: Form, cls, fields: list, per_row: int) -> None:
+    types = typing.get_type_hints(cls)
+    for start in range(0, len(fields), per_row):
+        with gr.Row():
+            for f in fields[start:start + per_row]:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                field_component(form, f, types[f.name], default)
+
+
+def in_words(message: str, field: str | None = None) -> str:
+    """A ConfigError in the form's words: option labels instead of flags, no type names; the
+    field the message sits beside is not named again."""
+    if field and message.startswith(flag_name(field) + " "):
+        message = message[len(flag_name(field)) + 1:]
+    message = re.sub(r"(?<!['\"])--([a-z0-9-]+)",  # a flag, not a quoted value such as '--x'
+                     lambda m: label_of(m.group(1).replace("-", "_")), message)
+    message = message.replace("a valid int.", "a whole number.").replace("a valid float.", "a number.")
+    return message[:1].upper() + message[1:]
+
+
+def field_of(message: str, names) -> str | None:
+    """The option a CLI message names first (`--data-split ...` -> data_split)."""
+    for flag in re.findall(r"--([a-z0-9-]+)", message):
+        if flag.replace("-", "_") in names:
+            return flag.replace("-", "_")
+    return None
 
 
 def form_config(step: str, names: list[str], values: tuple):
-    """The config the form describes; bad values raise ConfigError naming the field."""
-    return build(config.STAGES[step], dict(zip(names, values)))
+    """The config the form describes: the run name becomes its folder in the runs folder.
+    Raises ConfigError (a bad name, a value out of range ...)."""
+    chosen = dict(zip(names, values))
+    if "output" in chosen:
+        chosen["output"] = str(launch.run_folder(chosen["output"], RUNS))
+    return build(config.STAGES[step], chosen)
 
 
-def build_train_tab(step: str = "sft") -> dict[str, gr.components.Component]:
+def check_form(step: str, names: list[str], values: tuple) -> tuple[object | None, dict[str, str]]:
+    """(config or None, option -> problem in words): each value alone through the CLI's own
+    checks (type, range, choices), then the whole config, then what would fail at once
+    (train/plan.py: models, data, option files) and a precision this machine cannot run."""
+    cls, chosen, errors = config.STAGES[step], dict(zip(names, values)), {}
+    for name, value in chosen.items():
+        try:
+            if name == "output":
+                launch.run_folder(value, RUNS)
+            else:
+                build(cls, {name: value})
+        except ConfigError as err:
+            errors[name] = in_words(str(err), name)
+    if errors:
+        return None, errors
+    try:
+        cfg = form_config(step, names, values)
+    except ConfigError as err:
+        where = field_of(str(err), names) or "output"
+        return None, {where: in_words(str(err), where)}
+    errors = {name: in_words(why, name) for name, why in plan.problems(step, cfg, data_roots()).items()}
+    refused = precision_answer()["errors"].get(getattr(cfg, "precision", "auto")) \
+        if getattr(cfg, "precision", "auto") != "auto" else None
+    if refused:
+        errors["precision"] = refused
+    return cfg, errors
+
+
+def field_updates(form: Form, errors: dict[str, str]) -> list:
+    """Each input's help line, or its problem (marked red) in the help line's place."""
+    return [gr.update(info=f"⚠ {errors[name]}" if name in errors else form.infos[name],
+                      elem_classes=["field-error"] if name in errors else [])
+            for name in form.names]
+
+
+def summary_line(step: str, names: list[str], values: tuple) -> str:
+    """One line saying what Start will run: stage, model, records, steps and minutes."""
+    try:
+        cfg = form_config(step, names, values)
+    except ConfigError:
+        return "*Fix the values marked in red to see what will run.*"
+    title = TRAIN_TABS.get(step, step.upper())
+    model = getattr(cfg, "actor", None) or getattr(cfg, "actor_model", None) or getattr(cfg, "model", "")
+    what = f"**{title}** of **{shown_path(model)}**"
+    if getattr(cfg, "reward", ""):
+        what += f" against **{shown_path(cfg.reward)}**"
+    try:
+        found = plan.estimate(step, cfg, RUNS)
+    except (data.DataError, ConfigError) as err:
+        return f"{what}. **Data:** {err}"
+    if found.records is None:
+        return f"{what} on data read only when the run starts (a hub dataset)."
+    unit = "prompts" if step == "ppo" else "records"
+    line = f"{what} on **{found.records} {unit}**, ~**{found.steps} steps**"
+    if found.seconds is not None:
+        line += f", **{fmt_duration(found.seconds)}** on this machine ({found.basis})"
+    return line + "."
+
+
+def offer_text(run: RunInfo) -> str:
+    status = run.status
+    where = f", step {status.get('step', 0)} of {status['total_steps']}" if status.get("total_steps") else ""
+    return (f"**{run.name}** already holds a run ({state_label(run)}{where}). **Resume it** "
+            "continues it, **Overwrite it** replaces it with these settings, or choose another name.")
+
+
+def build_train_tab(step: str) -> Form:
     cls = config.STAGES[step]
-    gr.Markdown(f"### {cls.__doc__.splitlines()[0]}\nFill the form, check the command, start. "
-                "The run appears in the Runs tab.")
+    doc = " ".join(cls.__doc__.split("\n\n")[0].split())
+    gr.Markdown(f"### {doc}\nPick a model and data, name the run, check the summary, Start. "
+                "Everything else has a sensible default in the closed sections below.")
+    form = Form(step)
+    sections = form_sections(cls)
     with gr.Row():
-        show = gr.Button("Show command")
-        preview = gr.Button("Preview data")
+        for group, fields in sections:
+            if group in ("model", "data"):
+                with gr.Column():
+                    gr.Markdown(f"**{GROUPS[group]}**")
+                    render_fields(form, cls, fields, per_row=1)
+    for group, fields in sections:
+        if group in ("run", "main"):
+            gr.Markdown(f"**{GROUPS[group]}**")
+            render_fields(form, cls, fields, per_row=4)
+    summary = gr.Markdown(elem_id=f"{step}-summary")
+    with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id=f"{step}-start")
+        show = gr.Button("Show command", elem_id=f"{step}-show")
+        preview = gr.Button("Preview data", elem_id=f"{step}-preview")
     message = gr.Markdown(elem_id=f"{step}-message")
-    command_box = gr.Code(label="command", language="shell", interactive=False)
-    with gr.Accordion("options", open=True):
-        form = config_form(step)
-    names, inputs = list(form), list(form.values())
-
-    def on_show(*values):
-        try:
-            return shlex.join(launch.command(step, form_config(step, names, values))), ""
-        except ConfigError as err:
-            return "", f"**Cannot build the command:** {err}"
-
-    def on_start(*values):
-        try:
-            cfg = form_config(step, names, values)
-            launch.start(step, cfg)
-            return shlex.join(launch.command(step, cfg)), f"Started **{cfg.output}**: see the Runs tab."
-        except ConfigError as err:
-            return "", f"**Not started:** {err}"
-
-    def on_preview(*values):
-        chosen = dict(zip(names, values))
-        try:
-            weights = config.parse_split(chosen["data_split"]) if chosen.get("data_split") else None
-            return data.preview(chosen.get("data") or [], weights, chosen.get("seed"))
-        except (config.ConfigError, data.DataError) as err:
-            return f"**Cannot read the data:** {err}"
-
-    show.click(on_show, inputs, [command_box, message])
-    start.click(on_start, inputs, [command_box, message])
-    preview.click(on_preview, inputs, message)
+    with gr.Row(visible=False) as offer:
+        resume = gr.Button("Resume it", elem_id=f"{step}-resume")
+        overwrite = gr.Button("Overwrite it", variant="stop", elem_id=f"{step}-overwrite")
+    command_box = gr.Code(label="command", language="shell", interactive=False, visible=False,
+                          elem_id=f"{step}-command")
+    preview_box = gr.Markdown(elem_id=f"{step}-preview-box")
+    for group, fields in sections:
+        if group not in OPEN_GROUPS:
+            with gr.Accordion(GROUPS.get(group, group.capitalize() if group != "other"
+                                         else "Other options"), open=False):
+                render_fields(form, cls, fields, per_row=3)
+    wire_train_tab(form, summary, start, show, preview, message, offer, resume, overwrite,
+                   command_box, preview_box)
     return form
 
 
-# ---- the Runs tab's views of a run folder ----------------------------------------------------
-
-PLOTTED = ("loss", "eval_loss", "accuracy", "eval_accuracy", "reward", "eval_reward", "kl",
-           "value_loss", "response_length")
-TIME_SPLIT = ("time_generate_s", "time_score_s", "time_train_s", "time_switch_s")
+HIDDEN = {"visible": False}
+NOT_STARTED = "**Not started:** fix the fields marked in red."
 
 
-def run_row(run: RunInfo) -> dict:
-    """What the runs table and the progress bar show of one run."""
-    status = run.status
-    return {"name": run.name, "stage": run.stage or "?", "state": run.state,
-            "step": status.get("step", 0) or 0, "total_steps": status.get("total_steps") or 0,
-            "eta_s": status.get("eta_s"), "error": run.error}
+def show_command(form: Form, values: tuple) -> tuple:
+    """Show command: (command box, message, each field's help or problem); the data preview
+    stays as it is."""
+    cfg, errors = check_form(form.step, form.names, values)
+    if cfg is None:
+        return (gr.skip(), "**Cannot build the command:** fix the fields marked in red.",
+                *field_updates(form, errors))
+    note = "**Would not start yet:** fix the fields marked in red." if errors else ""
+    command = gr.update(value=shlex.join(launch.command(form.step, cfg)), visible=True)
+    return command, note, *field_updates(form, errors)
+
+
+def start_run(form: Form, values: tuple) -> tuple:
+    """Start: (message, command box, the Resume/Overwrite offer, its Resume button, fields).
+    Nothing starts while a field has a problem; a folder holding a run gets the offer."""
+    cfg, errors = check_form(form.step, form.names, values)
+    folder = Path(cfg.output) if cfg is not None else None
+    run = RunInfo.load(folder) if folder else None
+    if run is not None and run.alive:
+        errors["output"] = f"{run.name} is {state_label(run)}: stop it in the Runs tab or choose another name."
+    elif folder is not None and run is None and folder.is_dir() and any(folder.iterdir()):
+        errors["output"] = f"{folder} holds files that are not a run: choose another name."
+    if errors:
+        return (NOT_STARTED, gr.skip(), gr.update(**HIDDEN), gr.skip(), *field_updates(form, errors))
+    if run is not None:
+        return (offer_text(run), gr.skip(), gr.update(visible=True),
+                gr.update(interactive=launch.resumable(folder)), *field_updates(form, {}))
+    return (*started(form.step, cfg), gr.update(**HIDDEN), gr.skip(), *field_updates(form, {}))
+
+
+def overwrite_run(form: Form, values: tuple) -> tuple:
+    """Overwrite it: replace the run in the form's folder with the form's settings."""
+    cfg, errors = check_form(form.step, form.names, values)
+    if errors:
+        return NOT_STARTED, gr.skip(), gr.update(**HIDDEN), *field_updates(form, errors)
+    return (*started(form.step, cfg, replace=True), gr.update(**HIDDEN), *field_updates(form, {}))
+
+
+def resume_offered(name: str) -> tuple:
+    """Resume it: continue the run the form's name points at, with its own saved options."""
+    try:
+        launch.resume(launch.run_folder(name, RUNS))
+    except ConfigError as err:
+        return f"**Not resumed:** {err}", gr.update(**HIDDEN)
+    say(f"run {name} resumed: {RUNS / name}")
+    return f"Resuming **{name}**: follow it in the Runs tab.", gr.update(**HIDDEN)
+
+
+def preview_data(sources, split, seed) -> str:
+    """Preview data: counts and first records, of local sources inside data_roots() only."""
+    refused = [why for spec in sources or [] if (why := plan.check_source(spec, data_roots()))]
+    refused += [f"{spec} is a hub dataset: the preview reads local files and ratings: only."
+                for spec in sources or [] if not spec.startswith("ratings:") and not plan.is_local(spec)]
+    if refused:
+        return f"**Cannot preview:** {refused[0]}"
+    try:
+        weights = config.parse_split(split) if split else None
+        local = [s if s.startswith("ratings:") or Path(s).is_absolute() else str(ROOT / s)
+                 for s in sources or []]
+        return data.preview(local, weights, int(seed or 0))
+    except (ConfigError, data.DataError, ValueError, TypeError) as err:
+        return f"**Cannot read the data:** {err}"
+
+
+def wire_train_tab(form: Form, summary, start, show, preview, message, offer, resume, overwrite,
+                   command_box, preview_box) -> None:
+    names, inputs = form.names, form.inputs
+    show.click(lambda *values: show_command(form, values), inputs, [command_box, message, *inputs])
+    start.click(lambda *values: start_run(form, values), inputs,
+                [message, command_box, offer, resume, *inputs])
+    overwrite.click(lambda *values: overwrite_run(form, values), inputs,
+                    [message, command_box, offer, *inputs])
+    resume.click(resume_offered, form.fields["output"], [message, offer])
+    preview.click(preview_data, [form.fields.get("data", gr.State([])),
+                                 form.fields.get("data_split", gr.State("")),
+                                 form.fields.get("seed", gr.State(0))], preview_box)
+    gr.on(None, lambda *values: summary_line(form.step, names, values), inputs, summary,
+          trigger_mode="always_last", show_progress="hidden")
+
+
+def started(step: str, cfg, replace: bool = False) -> tuple:
+    """Start (or replace) a run; (message, the command box's update)."""
+    name, argv = Path(cfg.output).name, launch.command(step, cfg)
+    try:
+        launch.start(step, cfg, RUNS, replace=replace)
+    except ConfigError as err:
+        return f"**Not started:** {err}", gr.skip()
+    ahead = [r for r in list_runs(RUNS) if r.name != name and r.alive]
+    say(f"run {name} started ({step}): {cfg.output}")
+    wait = (f" It waits for {len(ahead)} run(s) ahead of it ({launch.max_running(RUNS)} at once: "
+            "change it in the Runs tab)." if len(ahead) >= launch.max_running(RUNS) else "")
+    return (f"Started **{name}** ({'replacing the old run, ' if replace else ''}folder "
+            f"`{cfg.output}`): follow it in the Runs tab.{wait}",
+            gr.update(value=shlex.join(argv), visible=True))
+
+
+def refresh_forms(forms: dict[str, Form]) -> tuple[list, list]:
+    """(inputs, updates): fresh picker choices of every form (whenever the Train tab shows)."""
+    answer = precision_answer()
+    inputs, updates = [], []
+    for step, form in forms.items():
+        for name, component in form.fields.items():
+            kind = picker_kind(step, name)
+            if kind:
+                update = gr.update(choices=model_choices(kind))
+            elif name == "precision":
+                update = gr.update(choices=precision_choices(answer))
+            elif isinstance(component, gr.Dropdown) and component.multiselect:
+                update = gr.update(choices=data_choices())
+            else:
+                continue
+            inputs.append(component)
+            updates.append(update)
+    return inputs, updates
+
+
+def refreshed_name(step: str, current: str):
+    """A default name (sft1, sft2 ...) moves on once a run holds it; a typed name stays."""
+    base = {"all": "pipeline"}.get(step, step)
+    if re.fullmatch(rf"{base}\d+", current or "") and (RUNS / current).exists():
+        return next_free_name(step)
+    return gr.skip()
+
+
+# ---- Runs tab: one run's state, metrics, log and samples ----------------------------------------
+
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def state_label(run: RunInfo, line: list[str] | None = None) -> str:
+    """The run's state in words: queued with its place in line, stopping as soon as Stop was
+    pressed, finishing once the last step is done, failed (process gone) when killed."""
+    raw, state = run.status.get("state", "queued"), run.state
+    if state == "failed" and raw in LIVE_STATES:
+        return "failed (process gone)"
+    if run.alive and launch.stop_requested(run.path):
+        return "stopping…"
+    if state == "queued":
+        line = launch_line() if line is None else line
+        return f"queued ({ordinal(line.index(run.name) + 1)} in line)" if run.name in line else "queued"
+    total, step = run.status.get("total_steps"), run.status.get("step", 0)
+    if state == "running" and run.status.get("current"):
+        return f"running ({run.status['current']})"
+    if state == "running" and total and step >= total:
+        return "finishing (final evaluation and save)"
+    return state
+
+
+def launch_line() -> list[str]:
+    return [r.name for r in launch.queued(RUNS)]
+
+
+def failure_reason(run: RunInfo) -> str:
+    """Why a run failed: its status, else the last error line of its console."""
+    if run.state != "failed":
+        return ""
+    if run.status.get("error"):
+        return run.status["error"]
+    lines = [l.strip() for l in launch.tail(run.path / "console.log", 200).splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("error:") or re.match(r"\w+(Error|Exception)\b", l)]
+    if errors:
+        return errors[-1]
+    return "the process is gone without saying why (killed?): Resume or Start over."
+
+
+def run_precision(run: RunInfo) -> str:
+    marker = read_json(run.path / "run.json")
+    if not marker.get("precision"):
+        return ""
+    reason = f" ({marker['precision_reason']})" if marker.get("precision_reason") else ""
+    return f"{marker['precision']}{reason}"
+
+
+def run_row(run: RunInfo, line: list[str]) -> dict:
+    status, total = run.status, run.status.get("total_steps") or 0
+    live = run.state in LIVE_STATES
+    return {"name": run.name, "stage": run.stage or "?", "state": state_label(run, line),
+            "progress": f"{status.get('step', 0) or 0}/{total}" if total else "-",
+            "ETA": fmt_duration(status.get("eta_s")) if live and status.get("eta_s") else "",
+            "precision": (read_json(run.path / "run.json").get("precision") or ""),
+            "error": failure_reason(run)[:160]}
 
 
 def runs_table(root: str | Path) -> pd.DataFrame:
-    """One row per run under `root`: name, stage, state, progress (step/total), ETA and error."""
-    rows = [run_row(run) for run in list_runs(root)]
+    """One row per run under `root`: name, stage, state, progress, ETA, precision, error."""
+    line = [r.name for r in launch.queued(root)]
+    rows = [run_row(run, line) for run in list_runs(root)]
+    return pd.DataFrame(rows, columns=["name", "stage", "state", "progress", "ETA", "precision", "error"])
+
+
+def queue_text(root: Path) -> str:
+    line = [r.name for r in launch.queued(root)]
+    running = [r.name for r in list_runs(root) if r.state in ("running", "stopping")]
+    now = f"running: {', '.join(running)}" if running else "nothing running"
+    waiting = f"; waiting: {', '.join(line)}" if line else "; nobody waiting"
+    return f"**Queue** ({launch.max_running(root)} at once): {now}{waiting}."
+
+
+def progress_html(run: RunInfo) -> str:
+    """A run's state, step of total, ETA, precision and failure reason over a progress bar."""
+    status, state = run.status, run.state
+    total, step = status.get("total_steps") or 0, status.get("step", 0) or 0
+    share = 100 if state == "done" else (100 * step / total if total else 0)
+    eta = status.get("eta_s") if state in LIVE_STATES else None
+    eta_text = f", {fmt_duration(eta)} left" if eta else ""
+    precision = run_precision(run)
+    failed = f"<p><b>Failed:</b> {html.escape(failure_reason(run))}</p>" if state == "failed" else ""
+    return (f"<div><b>{html.escape(run.name)}</b> ({html.escape(run.stage or '?')}): "
+            f"{html.escape(state_label(run))}, step {step} of {total or '?'}{eta_text}</div>"
+            f"<progress max='100' value='{share:.0f}' style='width:100%'></progress>"
+            + (f"<div>precision: {html.escape(precision)}</div>" if precision else "")
+            + f"<div style='color:#6b7280'>folder: {html.escape(str(run.path))}</div>{failed}")
+
+
+FIRST_METRICS = ("reward", "kl", "loss", "accuracy", "margin", "score", "pg_loss", "vf_loss",
+                 "value_loss", "policy_loss", "response_length")
+COLORS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2")
+
+
+def metric_panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, list, str]]]]:
+    """(title, [(series, [(step, value)], "line" | "dots")]) per small plot: one per metric, its
+    held-out twin (eval_X) drawn as dots on the same plot, PPO's time split on one plot."""
+    keys = []
     for row in rows:
-        total = row["total_steps"]
-        row["progress"] = f"{row['step']}/{total}" if total else "-"
-        row["eta"] = f"{row['eta_s']:.0f} s" if row["state"] == "running" and row["eta_s"] else ""
-    columns = ["name", "stage", "state", "progress", "eta", "error"]
-    return pd.DataFrame(rows, columns=columns)
+        keys += [k for k, v in row.items() if k not in ("step", "epoch") and k not in keys
+                 and isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+    def points(key):
+        return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))
+                and math.isfinite(r[key]) and "step" in r]
+
+    timing = [k for k in keys if k.startswith("time_") and k.endswith("_s")]
+    base = [k for k in keys if not k.startswith("eval_") and k not in timing]
+    base.sort(key=lambda k: (FIRST_METRICS.index(k) if k in FIRST_METRICS else len(FIRST_METRICS),
+                             keys.index(k)))
+    panels = [(k, [(k, points(k), "line")] + ([(f"eval_{k}", points(f"eval_{k}"), "dots")]
+                                              if f"eval_{k}" in keys else [])) for k in base]
+    panels += [(k, [(k, points(k), "dots")]) for k in keys
+               if k.startswith("eval_") and k.removeprefix("eval_") not in base]
+    if timing:
+        panels.append(("time per step (s)", [(k.removeprefix("time_").removesuffix("_s"),
+                                              points(k), "line") for k in timing]))
+    return panels
 
 
-def progress_html(row: dict) -> str:
-    """A run's state, step of total, ETA and failure reason over a progress bar (HTML)."""
-    total, step = row["total_steps"], row["step"]
-    share = 100 if row["state"] == "done" else (100 * step / total if total else 0)
-    eta = f", about {row['eta_s']:.0f} s left" if row["state"] == "running" and row["eta_s"] else ""
-    failed = f"<p><b>Failed:</b> {html.escape(row['error'])}</p>" if row["error"] else ""
-    return (f"<div><b>{html.escape(row['name'])}</b>: {row['state']}, step {step} of "
-            f"{total or '?'}{eta}</div>"
-            f"<progress max='100' value='{share:.0f}' style='width:100%'></progress>{failed}")
+def svg_panel(title: str, series: list) -> str:
+    """One small plot as inline SVG: lines for training series, dots for held-out points (a
+    single point is always a dot), the last value in the title."""
+    width, height, left, right, bottom = 240, 130, 44, 8, 18
+    top = 32 if len(series) > 1 else 22  # room for a legend line under the title
+    values = [(x, y) for _, pts, _ in series for x, y in pts]
+    if not values:
+        return ""
+    xs, ys = [x for x, _ in values], [y for _, y in values]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    pad = (max(ys) - min(ys)) * 0.08 or abs(ys[0]) * 0.1 or 1.0
+    y0, y1 = min(ys) - pad, max(ys) + pad
+
+    def sx(x):
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(y):
+        return top + (y1 - y) / (y1 - y0) * (height - top - bottom)
+
+    parts = [f"<rect x='{left}' y='{top}' width='{width - left - right}' "
+             f"height='{height - top - bottom}' fill='#f9fafb'/>"]
+    for index, (name, pts, style) in enumerate(series):
+        color = COLORS[index % len(COLORS)]
+        if style == "line" and len(pts) > 1:
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+            parts.append(f"<polyline points='{path}' fill='none' stroke='{color}' stroke-width='1.5'/>")
+        else:
+            parts += [f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='3' fill='{color}'/>"
+                      for x, y in pts[-80:]]
+    last = next((pts[-1][1] for _, pts, _ in series if pts), None)
+    legend = " ".join(f"<tspan fill='{COLORS[i % len(COLORS)]}'>{html.escape(n)}</tspan>"
+                      for i, (n, pts, _) in enumerate(series) if pts) if len(series) > 1 else ""
+    parts += [f"<text x='4' y='14' font-size='12' font-weight='bold'>{html.escape(title)}"
+              f"<tspan font-weight='normal'> {fmt_num(last)}</tspan></text>",
+              f"<text x='{left - 3}' y='{top + 8}' font-size='9' text-anchor='end'>{fmt_num(y1 - pad)}</text>",
+              f"<text x='{left - 3}' y='{height - bottom}' font-size='9' text-anchor='end'>{fmt_num(y0 + pad)}</text>",
+              f"<text x='{left}' y='{height - 4}' font-size='9'>step {fmt_num(x0)}</text>",
+              f"<text x='{width - right}' y='{height - 4}' font-size='9' text-anchor='end'>{fmt_num(max(xs))}</text>"]
+    if legend:
+        parts.append(f"<text x='4' y='26' font-size='9'>{legend}</text>")
+    return (f"<div><svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+            f"data-metric='{html.escape(title)}'>{''.join(parts)}</svg></div>")
 
 
-PLOTTED = ("loss", "eval_loss", "accuracy", "eval_accuracy", "reward", "eval_reward", "kl",
-           "value_loss", "response_length")
-TIME_SPLIT = ("time_generate_s", "time_score_s", "time_train_s", "time_switch_s")
+def metrics_html(folder: Path | None) -> str:
+    rows = read_metrics(folder) if folder else []
+    if not rows:
+        return "<p style='color:#6b7280'>No metrics yet.</p>"
+    return f"<div class='metric-grid'>{''.join(svg_panel(t, s) for t, s in metric_panels(rows))}</div>"
 
 
-def metric_points(folder: Path | None, keys) -> tuple[pd.DataFrame, list[str]]:
-    """(step, value, series) rows of a line plot, typed even when empty, and the series present.
-    A plot fixes its colour domain from the first data it draws, so every absent key gets a NaN
-    row (not drawn); the legend should list only the series present."""
-    metrics = read_metrics(folder) if folder else []
-    points = [{"step": m["step"], "value": m[key], "series": key}
-              for m in metrics for key in keys if key in m]
-    present = [key for key in keys if any(key in m for m in metrics)]
-    points += [{"step": 0, "value": float("nan"), "series": key} for key in keys if key not in present]
-    frame = pd.DataFrame(points, columns=["step", "value", "series"])
-    return frame.astype({"step": float, "value": float, "series": str}), present
+def step_lines(rows: list[dict], total, count: int = 14) -> str:
+    """The latest metric rows as log lines, one per logged step (held-out rows marked)."""
+    lines = []
+    for row in rows[-count:]:
+        shown = [(k, v) for k, v in row.items() if k not in ("step", "epoch")
+                 and not k.startswith("time_") and isinstance(v, (int, float))]
+        held_out = all(k.startswith("eval_") for k, _ in shown)
+        values = ", ".join(f"{k.removeprefix('eval_') if held_out else k} {fmt_num(v)}" for k, v in shown)
+        lines.append(f"step {row.get('step', '?')}/{total or '?'}{' held-out' if held_out else ''}: {values}")
+    return "\n".join(lines)
 
 
-def ppo_samples(folder: Path | None, count: int = 8) -> pd.DataFrame:
-    """The latest PPO rollouts of a run (samples.jsonl), newest last."""
+TEMPLATE_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|$)|"
+                           r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\s*(.*?)(?:<\|eot_id\|>|$)", re.S)
+
+
+def prompt_text(prompt: str) -> str:
+    """The last user turn of a chat-template prompt (ChatML or Llama 3), else the text without
+    special tokens."""
+    users = [(m.group(2) or m.group(4) or "").strip() for m in TEMPLATE_TURN.finditer(prompt)
+             if (m.group(1) or m.group(3)) == "user"]
+    return users[-1] if users else re.sub(r"<\|[^|>]*\|>", " ", prompt).strip()
+
+
+def samples_html(folder: Path | None, count: int = 6) -> str:
+    """The latest PPO rollouts (samples.jsonl) as 'prompt -> response' with their reward."""
     rows = []
     for line in launch.tail(folder / "samples.jsonl", count).splitlines() if folder else []:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut by the tail's window or being written
             continue
-    return pd.DataFrame(rows, columns=["step", "reward", "prompt", "response"])
+    if not rows:
+        return ""
+    items = "".join(
+        f"<div><b>step {r.get('step')}</b> · reward {fmt_num(r.get('reward', float('nan')))}<br>"
+        f"<i>{html.escape(prompt_text(r.get('prompt', '')))}</i> → {html.escape(r.get('response', ''))}</div>"
+        for r in reversed(rows))
+    return f"<div><b>Latest PPO samples</b> (prompt → response, reward)</div><div class='samples'>{items}</div>"
 
 
-def runs_view(root: str | Path, name: str | None):
-    """(progress HTML, metric points, log tail, time-split points, PPO samples) of one run;
-    points as metric_points returns them."""
-    empty = metric_points(None, ())
-    run = RunInfo.load(Path(root) / name) if name else None
+def run_view(name: str | None) -> tuple:
+    """The Runs tab's outputs for one run: progress, plots, step lines, log, samples, and the
+    Stop / Resume / Start over buttons enabled only where they apply."""
+    run = RunInfo.load(RUNS / name) if name and launch.NAME.fullmatch(name) else None
     if run is None:
-        message = f"No run named {name}." if name else "Pick a run."
-        return message, empty, "", empty, ppo_samples(None)
-    log = launch.tail(run.path / "train.log") or launch.tail(run.path / "console.log")
-    return (progress_html(run_row(run)), metric_points(run.path, PLOTTED), log,
-            metric_points(run.path, TIME_SPLIT), ppo_samples(run.path))
+        off = gr.update(interactive=False)
+        return (f"No run named {name}." if name else "Pick a run.", "", "", "",
+                gr.update(value="", visible=False), off, off, off)
+    rows = read_metrics(run.path)
+    log = launch.tail(run.path / "train.log", 30) or launch.tail(run.path / "console.log", 30)
+    samples = samples_html(run.path)
+    return (progress_html(run), metrics_html(run.path),
+            step_lines(rows, run.status.get("total_steps")), log,
+            gr.update(value=samples, visible=bool(samples)),
+            gr.update(interactive=run.alive and run.state in LIVE_STATES
+                      and not launch.stop_requested(run.path)),
+            gr.update(interactive=launch.resumable(run.path)),
+            gr.update(interactive=not run.alive and launch.restartable(run.path)))
 
 
-def plot_update(points: tuple[pd.DataFrame, list[str]], visible: bool = True) -> dict:
-    """A line plot's update from launch.metric_points: its rows, and a legend of the series present."""
-    frame, present = points
-    return gr.update(value=frame, colors_in_legend=present, visible=visible)
+def run_signature(name: str | None) -> tuple:
+    """What a run's view depends on: its files' change times and whether it is alive."""
+    if not name or not launch.NAME.fullmatch(name):
+        return (name,)
+    folder = RUNS / name
+    stamps = tuple((folder / f).stat().st_mtime if (folder / f).exists() else None
+                   for f in ("status.json", "metrics.jsonl", "train.log", "console.log",
+                             "samples.jsonl", "launch.json"))
+    run = RunInfo.load(folder)
+    return (name, stamps, run.alive if run else None)
 
 
-def run_view(name: str | None):
-    """The Runs tab's outputs for one run: progress, metrics plot, log, time-split plot, samples.
-    The two PPO views are shown only for a run that has PPO steps."""
-    progress, metrics, log, time_split, samples = runs_view(RUNS, name)
-    ppo = bool(time_split[1])
-    return (progress, plot_update(metrics), log, plot_update(time_split, visible=ppo),
-            gr.update(value=samples, visible=ppo))
+def listing_signature() -> tuple:
+    runs = list_runs(RUNS)
+    return (tuple((r.name, r.status.get("updated_at"), r.status.get("state"), r.alive,
+                   launch.stop_requested(r.path)) for r in runs),
+            launch.max_running(RUNS), len(launch.queued(RUNS)))
 
 
-def build_runs_tab():
-    table = gr.Dataframe(runs_table(RUNS), label="runs", interactive=False)
+def run_action(action, verb: str):
+    """A Runs-tab button: (note, the run's view) after `action` on the picked run's folder."""
+    def handler(name):
+        if not name:
+            return "Pick a run first.", *run_view(name)
+        try:
+            action(launch.run_folder(name, RUNS))
+        except ConfigError as err:
+            return f"**Not {verb}:** {err}", *run_view(name)
+        say(f"run {name} {verb}: {RUNS / name}")
+        return f"**{name}** {verb}.", *run_view(name)
+    return handler
+
+
+def _stop(folder: Path) -> None:
+    if not launch.stop(folder):
+        raise ConfigError(f"{folder.name} is not running.")
+
+
+stop_run = run_action(_stop, "asked to stop: it saves a checkpoint first")
+resume_run = run_action(launch.resume, "resumed")
+start_over_run = run_action(launch.start_over, "started over")
+
+
+@dataclasses.dataclass
+class RunsTab:
+    pick: gr.Dropdown
+    timer: gr.Timer
+    remember: gr.BrowserState
+    refresh_outputs: list
+    refresh: typing.Callable
+
+
+def build_runs_tab(remember: gr.BrowserState) -> RunsTab:
+    """The Runs tab; `remember` (outside the tabs, so it is read at page load) keeps the picked
+    run in the browser."""
+    gr.Markdown(f"Runs live in `{RUNS}` (RLHF_RUNS_DIR). Training runs take turns: the queue "
+                "starts the next one when a slot is free.")
+    table = gr.Dataframe(runs_table(RUNS), label="runs", interactive=False, elem_id="runs-table")
+    with gr.Row():
+        queue = gr.Markdown(queue_text(RUNS), elem_id="runs-queue")
+        at_once = gr.Number(launch.max_running(RUNS), label="runs at once", precision=None,
+                            scale=0, min_width=140, elem_id="runs-at-once")
     with gr.Row():
         pick = gr.Dropdown([r.name for r in list_runs(RUNS)], label="run", scale=3,
                            elem_id="runs-pick")
-        stop = gr.Button("Stop", scale=1)
-        resume = gr.Button("Resume", scale=1)
+        stop = gr.Button("Stop", scale=1, interactive=False, elem_id="runs-stop")
+        resume = gr.Button("Resume", scale=1, interactive=False, elem_id="runs-resume")
+        start_over = gr.Button("Start over", scale=1, interactive=False, elem_id="runs-start-over")
+    note = gr.Markdown(elem_id="runs-note")
     progress = gr.HTML(elem_id="runs-progress")
-    note = gr.Markdown()
+    plots = gr.HTML(elem_id="runs-plots")
     with gr.Row():
-        plot = gr.LinePlot(x="step", y="value", color="series", label="metrics", elem_id="runs-plot")
-        time_plot = gr.LinePlot(x="step", y="value", color="series", label="PPO time split (s)")
-    samples = gr.Dataframe(label="PPO samples (latest)", interactive=False, wrap=True)
-    log = gr.Textbox(label="train.log (tail)", lines=12, max_lines=12, autoscroll=True)
-    outputs = [progress, plot, log, time_plot, samples]
+        steps = gr.Textbox(label="steps (latest)", lines=10, max_lines=10, elem_id="runs-steps")
+        log = gr.Textbox(label="train.log (tail)", lines=10, max_lines=10, autoscroll=True,
+                         elem_id="runs-log")
+    samples = gr.HTML(visible=False, elem_id="runs-samples")
+    timer = gr.Timer(2.0, active=False)
+    seen = gr.State(None)
+    view_outputs = [progress, plots, steps, log, samples, stop, resume, start_over]
+    outputs = [table, pick, queue, *view_outputs, seen, timer]
 
-    def refresh(name):
-        names = [r.name for r in list_runs(RUNS)]
-        return (runs_table(RUNS), gr.update(choices=names), *run_view(name))
+    def refresh(name, last=None):
+        """Only what changed since `last`; the timer slows down when nothing is live."""
+        listing, one = listing_signature(), run_signature(name)
+        last = last or (None, None)
+        live = any(state in LIVE_STATES for (_, _, state, alive, _) in listing[0] if alive)
+        listed = (runs_table(RUNS), gr.update(choices=[r.name for r in list_runs(RUNS)]),
+                  queue_text(RUNS)) if listing != last[0] else (gr.skip(),) * 3
+        viewed = run_view(name) if one != last[1] else (gr.skip(),) * len(view_outputs)
+        return (*listed, *viewed, (listing, one), gr.Timer(2.0 if live else 10.0, active=True))
 
-    def on_stop(name):
-        if name and launch.stop(RUNS / name):
-            return f"Asked **{name}** to stop: it saves a checkpoint first (resume with Resume)."
-        return "Nothing to stop."
+    def on_pick(name):
+        return (*run_view(name), name or "")
 
-    def on_resume(name):
-        if not name:
-            return "Pick a run to resume."
+    def on_at_once(count):
         try:
-            launch.resume(RUNS / name)
+            return f"Up to {launch.set_max_running(RUNS, count)} run(s) at once.", queue_text(RUNS)
         except ConfigError as err:
-            return f"**Not resumed:** {err}"
-        return f"Resuming **{name}** from its last checkpoint."
+            return f"**Not changed:** {err}", gr.skip()
 
-    gr.Timer(2.0).tick(refresh, pick, [table, pick, *outputs])
-    pick.change(run_view, pick, outputs)
-    stop.click(on_stop, pick, note)
-    resume.click(on_resume, pick, note)
+    timer.tick(refresh, [pick, seen], outputs, show_progress="hidden")
+    pick.change(on_pick, pick, [*view_outputs, remember], show_progress="hidden")
+    stop.click(stop_run, pick, [note, *view_outputs])
+    resume.click(resume_run, pick, [note, *view_outputs])
+    start_over.click(start_over_run, pick, [note, *view_outputs])
+    at_once.submit(on_at_once, at_once, [note, queue])
+    at_once.blur(on_at_once, at_once, [note, queue])
+    return RunsTab(pick, timer, remember, outputs, refresh)
 
+
+# ---- Chat tab -------------------------------------------------------------------------------------
 
 def sampling_controls(prefix: str):
     """System prompt and sampling sliders: (system, temperature, top_p, max_tokens)."""
@@ -270,8 +910,14 @@ def sampling_controls(prefix: str):
 
 
 def checkpoint_dropdown(label: str, elem_id: str) -> gr.Dropdown:
-    return gr.Dropdown(chat_checkpoints(RUNS, ROOT), value="default", label=label,
+    return gr.Dropdown(model_choices("chat"), value="default", label=label,
                        allow_custom_value=True, elem_id=elem_id)
+
+
+def checkpoint_problem(model: str) -> str | None:
+    """Why `model` cannot chat (a reward model, a run still training, nothing there), or None."""
+    why = plan.check_model(model or "", "chat")
+    return why if model else "Pick a checkpoint first."
 
 
 def save_thumb(chat: ChatSession, like: gr.LikeData, request: gr.Request) -> str:
@@ -285,72 +931,214 @@ def save_thumb(chat: ChatSession, like: gr.LikeData, request: gr.Request) -> str
                           rated["sampling"], session=request.session_hash or "")
     except ratings.RatingsError as err:
         return f"**Thumb not saved:** {err}"
-    return f"Saved thumbs {'up' if like.liked else 'down'} for the answer of **{rated['model']}**."
+    return f"Saved thumbs {'up' if like.liked else 'down'} for the answer of **{shown_path(rated['model'])}**."
 
 
-def build_chat_tab(pool: ServerPool):
+def busy_buttons(busy: bool):
+    """Send queues while an answer streams (its label says so); Stop only then."""
+    return (gr.update(value="Queue" if busy else "Send"), gr.update(interactive=busy))
+
+
+def answer_loop(pool, chat: ChatSession, model, system, temperature, top_p, max_tokens):
+    """Answer the last user turn, then every message queued meanwhile, yielding the history;
+    returns the closing note."""
+    while True:
+        sampling = new_sampling(temperature, top_p, max_tokens)
+        for _ in stream_answer(pool, chat, model, sampling, system):
+            yield chat.history()
+        if chat.stop or not chat.queued:
+            break
+        chat.ask(chat.queued.pop(0))
+        yield chat.history()
+    finish = chat.turns[-1].get("finish") if chat.turns else None
+    ended = {"length": " (cut off at the token limit: raise max_tokens for longer answers)",
+             "stopped": " (stopped)"}.get(finish or "", "")
+    return f"Answered by **{shown_path(model)}** (seed {sampling['seed']}){ended}."
+
+
+SKIP = gr.skip()
+UPDATE_S = 0.1  # streamed answers reach the page at most 10 times a second (each is a re-render)
+
+
+def chat_answers(pool, chat: ChatSession, values):
+    """Stream the answer (then the queued messages' answers): the Chat outputs (session,
+    chatbot, note, input, Send, Stop) per piece; the input is never touched, so typing goes on."""
+    chat.streaming, chat.stop = True, False
+    yield (chat, chat.history(), "Answering… (type on: Send queues your next message)", SKIP,
+           *busy_buttons(True))
+    try:
+        loop, shown_at = answer_loop(pool, chat, *values), 0.0
+        while True:
+            try:
+                history = next(loop)
+            except StopIteration as done:
+                closing = done.value
+                break
+            if time.monotonic() - shown_at >= UPDATE_S:
+                shown_at = time.monotonic()
+                yield chat, history, SKIP, SKIP, SKIP, SKIP
+    except ServerError as err:
+        closing = f"**No answer:** {err}"
+        chat.queued.clear()
+    finally:
+        chat.streaming = False
+    yield chat, chat.history(), closing, SKIP, *busy_buttons(False)
+
+
+def chat_send(pool, message: str, chat: ChatSession, *values):
+    """Send (or Enter): answer now, or queue the message while an answer streams."""
+    if not message.strip():
+        yield chat, SKIP, "Type a message first.", SKIP, SKIP, SKIP
+        return
+    if chat.streaming:
+        chat.queued.append(message)
+        yield chat, SKIP, f"Queued ({len(chat.queued)} waiting): sent when this answer ends.", "", SKIP, SKIP
+        return
+    if problem := checkpoint_problem(values[0]):
+        yield chat, SKIP, f"**Cannot chat:** {problem}", SKIP, SKIP, SKIP
+        return
+    chat.ask(message)
+    first = True
+    for update in chat_answers(pool, chat, values):
+        yield (*update[:3], "" if first else SKIP, *update[4:])
+        first = False
+
+
+def chat_regenerate(pool, chat: ChatSession, *values):
+    if chat.streaming:
+        yield chat, SKIP, "Wait for the answer to end (or Stop it) first.", SKIP, SKIP, SKIP
+        return
+    if not chat.drop_last_answer() and not chat.last_user_text():
+        yield chat, SKIP, "Nothing to regenerate yet.", SKIP, SKIP, SKIP
+        return
+    yield from chat_answers(pool, chat, values)
+
+
+def chat_stop(chat: ChatSession) -> str:
+    """Stop: the answer ends at its next piece (marked stopped); queued messages are dropped."""
+    dropped = len(chat.queued)
+    chat.stop = True
+    chat.queued.clear()
+    return "Stopping…" + (f" ({dropped} queued message(s) dropped)" if dropped else "")
+
+
+def chat_load(pool, model: str) -> str:
+    if problem := checkpoint_problem(model):
+        return f"**Cannot serve {model}:** {problem}"
+    try:
+        with pool.lease(model) as client:
+            health = client.health()
+        return f"Serving **{shown_path(model)}** (engine {health.get('engine', '?')})."
+    except ServerError as err:
+        return f"**Cannot serve {model}:** {err}"
+
+
+def build_chat_tab(pool: ServerPool) -> gr.Dropdown:
     session = gr.State(ChatSession())
     with gr.Row():
         model = checkpoint_dropdown("checkpoint: the base model or a finished run's final/ or ema/",
                                     "chat-model")
-        refresh = gr.Button("Refresh list", scale=0)
         load = gr.Button("Load", scale=0, elem_id="chat-load")
     system, temperature, top_p, max_tokens = sampling_controls("chat")
     chatbot = gr.Chatbot(label="chat", height=420, elem_id="chat-bot")
     with gr.Row():
-        text = gr.Textbox(placeholder="Message (Enter sends)", show_label=False, scale=5,
-                          elem_id="chat-input")
+        text = gr.Textbox(placeholder="Message (Enter sends; while an answer streams it queues)",
+                          show_label=False, scale=5, elem_id="chat-input")
         send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+        stop = gr.Button("Stop", scale=1, interactive=False, elem_id="chat-stop")
     with gr.Row():
         regenerate = gr.Button("Regenerate")
         clear = gr.Button("Clear")
     note = gr.Markdown(elem_id="chat-note")
     settings = [model, system, temperature, top_p, max_tokens]
-
-    def answer(chat: ChatSession, model, system, temperature, top_p, max_tokens):
-        sampling = new_sampling(temperature, top_p, max_tokens)
-        try:
-            for _ in stream_answer(pool, chat, model, sampling, system):
-                yield chat, chat.history(), ""
-        except ServerError as err:
-            yield chat, chat.history(), f"**No answer:** {err}"
-            return
-        yield chat, chat.history(), f"Answered by **{model}** (seed {sampling['seed']})."
-
-    def on_send(message, chat, *values):
-        if not message.strip():
-            yield chat, chat.history(), "Type a message first.", message
-            return
-        chat.ask(message)
-        for state, history, status in answer(chat, *values):
-            yield state, history, status, ""
-
-    def on_regenerate(chat, *values):
-        if not chat.drop_last_answer() and not chat.last_user_text():
-            yield chat, chat.history(), "Nothing to regenerate yet."
-            return
-        yield from answer(chat, *values)
-
-    def on_load(model):
-        try:
-            with pool.lease(model) as client:
-                health = client.health()
-            return f"Serving **{health.get('model', model)}** (engine {health.get('engine', '?')})."
-        except ServerError as err:
-            return f"**Cannot serve {model}:** {err}"
-
-    send_outputs = [session, chatbot, note, text]
-    send.click(on_send, [text, session, *settings], send_outputs)
-    text.submit(on_send, [text, session, *settings], send_outputs)
-    regenerate.click(on_regenerate, [session, *settings], [session, chatbot, note])
+    outputs = [session, chatbot, note, text, send, stop]
+    streaming = {"concurrency_limit": None, "show_progress": "hidden"}
+    send.click(functools.partial(chat_send, pool), [text, session, *settings], outputs, **streaming)
+    text.submit(functools.partial(chat_send, pool), [text, session, *settings], outputs, **streaming)
+    regenerate.click(functools.partial(chat_regenerate, pool), [session, *settings], outputs,
+                     **streaming)
+    stop.click(chat_stop, session, note, concurrency_limit=None, show_progress="hidden")
     clear.click(lambda: (ChatSession(), [], ""), None, [session, chatbot, note])
-    refresh.click(lambda: gr.update(choices=chat_checkpoints(RUNS, ROOT)), None, model)
-    load.click(on_load, model, note)
+    load.click(functools.partial(chat_load, pool), model, note)
     chatbot.like(save_thumb, session, note)
     chatbot.clear(lambda: (ChatSession(), ""), None, [session, note])
+    return model
 
 
-def build_compare_tab(pool: ServerPool):
+# ---- Compare tab ----------------------------------------------------------------------------------
+
+def arena_panels(arena: ArenaSession):
+    """The two Chatbots: their messages, and their labels (the model names once voted on)."""
+    left, right = arena.views()
+    names = [f"{shown_path(arena.round[side]['model'])} (seed {arena.round[side]['sampling'].get('seed')})"
+             if arena.revealed(side) else None for side in "AB"]
+    return tuple(gr.update(value=view, label=f"{side}: {name}" if name else side)
+                 for view, side, name in zip((left, right), "AB", names))
+
+
+def vote_buttons(arena: ArenaSession):
+    """Vote buttons are live only while a finished round waits for its vote."""
+    ready = arena.waiting_for_vote() and not arena.streaming
+    return [gr.update(interactive=ready) for _ in VERDICTS]
+
+
+def arena_view(arena: ArenaSession, message: str, text_value=SKIP, busy: bool = False) -> tuple:
+    """The Compare outputs: session, panels A and B, note, input, Send, Stop, the vote buttons."""
+    return (arena, *arena_panels(arena), message, text_value, gr.update(interactive=not busy),
+            gr.update(interactive=busy), *vote_buttons(arena))
+
+
+def compare_send(pool, message: str, arena: ArenaSession, mode, first, second, system,
+                 temperature, top_p, max_tokens):
+    """Send: both answers stream at the same time; votes open when both have ended."""
+    if arena.streaming:
+        yield arena_view(arena, "Both answers are still coming: wait, or Stop them.", busy=True)
+        return
+    if arena.waiting_for_vote() or not message.strip():
+        yield arena_view(arena, "Vote on this round first." if message.strip() else "Type a message first.")
+        return
+    models = (first, first) if mode == ARENA_MODES[0] else (first, second)
+    if problem := next(filter(None, map(checkpoint_problem, models)), None):
+        yield arena_view(arena, f"**Cannot compare:** {problem}")
+        return
+    arena.start_round(message, models, new_sampling(temperature, top_p, max_tokens), system)
+    arena.streaming, arena.stop = True, False
+    yield arena_view(arena, "Both answers are coming…", "", busy=True)
+    try:
+        shown_at = 0.0
+        for _ in stream_round(pool, arena):
+            if time.monotonic() - shown_at >= UPDATE_S:
+                shown_at = time.monotonic()
+                yield (arena, *arena.views(), *(SKIP,) * (4 + len(VERDICTS)))
+    except ServerError as err:
+        arena.streaming = False
+        yield arena_view(arena, f"**No answer:** {err}", message)
+        return
+    arena.streaming = False
+    yield arena_view(arena, "Which answer is better? The names show after the vote.")
+
+
+def compare_vote(verdict: str, arena: ArenaSession, session: str = "") -> tuple:
+    """A vote: stored with its provenance; the panels then show the names, the buttons lock."""
+    if not arena.waiting_for_vote() or arena.streaming:
+        return arena_view(arena, "Nothing to vote on: send a message first.")
+    comparison = arena.vote(verdict)
+    try:
+        ratings.add_comparison(**comparison, session=session)
+    except ratings.RatingsError as err:
+        arena.undo_vote()
+        return arena_view(arena, f"**Vote not saved:** {err}")
+    say(f"vote {verdict}: A {comparison['model_a']}, B {comparison['model_b']}")
+    return arena_view(arena, f"Vote saved ({verdict}). A was **{shown_path(comparison['model_a'])}**, "
+                             f"B was **{shown_path(comparison['model_b'])}** (names on the panels).")
+
+
+def compare_stop(arena: ArenaSession) -> str:
+    arena.stop = True
+    return "Stopping both answers…"
+
+
+def build_compare_tab(pool: ServerPool) -> list:
     session = gr.State(ArenaSession())
     mode = gr.Radio(list(ARENA_MODES), value=ARENA_MODES[0], label="compare",
                     elem_id="compare-mode")
@@ -365,148 +1153,236 @@ def build_compare_tab(pool: ServerPool):
         text = gr.Textbox(placeholder="Message for both", show_label=False, scale=5,
                           elem_id="compare-input")
         send = gr.Button("Send", variant="primary", scale=1, elem_id="compare-send")
+        stop = gr.Button("Stop", scale=1, interactive=False, elem_id="compare-stop")
     with gr.Row():
-        votes = [gr.Button(label, elem_id=f"vote-{verdict}") for label, verdict in VERDICTS]
+        votes = [gr.Button(label, elem_id=f"vote-{verdict}", interactive=False)
+                 for label, verdict in VERDICTS]
     clear = gr.Button("New conversation")
     note = gr.Markdown(elem_id="compare-note")
-
-    def on_send(message, arena: ArenaSession, mode, first, second, system, temperature, top_p,
-                max_tokens):
-        if arena.waiting_for_vote() or not message.strip():
-            reason = "Vote on this round first." if message.strip() else "Type a message first."
-            yield arena, *arena.views(), reason, message
-            return
-        models = (first, first) if mode == ARENA_MODES[0] else (first, second)
-        arena.start_round(message, models, new_sampling(temperature, top_p, max_tokens), system)
-        try:
-            for side in stream_round(pool, arena):
-                yield arena, *arena.views(), f"Answering {side}...", ""
-        except ServerError as err:
-            yield arena, *arena.views(), f"**No answer:** {err}", message
-            return
-        yield arena, *arena.views(), "Which answer is better? The names show after the vote.", ""
-
-    def on_vote(verdict, arena: ArenaSession, request: gr.Request):
-        if not arena.waiting_for_vote():
-            return arena, *arena.views(), "Nothing to vote on: send a message first."
-        comparison = arena.vote(verdict)
-        try:
-            ratings.add_comparison(**comparison, session=request.session_hash or "")
-        except ratings.RatingsError as err:
-            arena.undo_vote()
-            return arena, *arena.views(), f"**Vote not saved:** {err}"
-        return arena, *arena.views(), f"Vote saved ({verdict}). {arena.reveal()}"
-
     inputs = [text, session, mode, first, second, system, temperature, top_p, max_tokens]
-    outputs = [session, bot_a, bot_b, note]
-    send.click(on_send, inputs, outputs + [text])
-    text.submit(on_send, inputs, outputs + [text])
+    outputs = [session, bot_a, bot_b, note, text, send, stop, *votes]
+    streaming = {"concurrency_limit": None, "show_progress": "hidden"}
+    send.click(functools.partial(compare_send, pool), inputs, outputs, **streaming)
+    text.submit(functools.partial(compare_send, pool), inputs, outputs, **streaming)
+    stop.click(compare_stop, session, note, concurrency_limit=None, show_progress="hidden")
     for button, (_, verdict) in zip(votes, VERDICTS):
-        button.click(_voter(on_vote, verdict), session, outputs)
+        button.click(_voter(verdict), session, outputs)
     for reset in (clear.click, bot_a.clear, bot_b.clear):
-        reset(lambda: (ArenaSession(), [], [], ""), None, outputs)
+        reset(lambda: arena_view(ArenaSession(), ""), None, outputs)
+    return [first, second]
 
 
-def _voter(on_vote, verdict: str):
+def _voter(verdict: str):
     """The click handler of one vote button (a closure per verdict)."""
     def vote(arena: ArenaSession, request: gr.Request):
-        return on_vote(verdict, arena, request)
+        return compare_vote(verdict, arena, request.session_hash or "")
     return vote
 
 
+# ---- Ratings tab ----------------------------------------------------------------------------------
+
 def ratings_overview(path=None, latest: int = 500):
     """What the app's Ratings tab shows: (a line counting votes by verdict, a table of the latest
-    votes, the leaderboard table of core/leaderboard.py); the tables are pandas DataFrames."""
+    votes with both answers, the leaderboard table of core/leaderboard.py)."""
     stored = ratings.rows(path)
     tally = ratings.counts(path)
-    line = (f"{tally['total']} votes: "
+    line = (f"{tally['total']} vote{'' if tally['total'] == 1 else 's'}: "
             + ", ".join(f"{tally[v]} {v}" for v in ratings.COMPARISON_VERDICTS + ratings.THUMB_VERDICTS)
             + f"; {tally['exportable']} exportable preference pairs.")
-    columns = ["id", "time", "verdict", "model A", "model B", "last user turn", "answer A", "answer B"]
-    table = pd.DataFrame([(r["id"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])),
-                           r["verdict"], r["model_a"], r["model_b"] or "",
-                           r["conversation"][-1]["content"][:120], r["answer_a"][:200],
-                           (r["answer_b"] or "")[:200]) for r in stored[:latest]], columns=columns)
+    columns = ["id", "verdict", "last user turn", "answer A", "answer B", "model A", "model B", "time"]
+    table = pd.DataFrame([(r["id"], r["verdict"], r["conversation"][-1]["content"][:200],
+                           r["answer_a"][:400], (r["answer_b"] or "")[:400], shown_path(r["model_a"]),
+                           shown_path(r["model_b"] or ""),
+                           time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])))
+                          for r in stored[:latest]], columns=columns)
     board = pd.DataFrame(leaderboard.leaderboard(leaderboard.votes_from_ratings(stored)),
                          columns=["model", "strength", "ci_low", "ci_high", "games", "wins"])
+    board["model"] = board["model"].map(shown_path)
     return line, table, board.round(3)
+
+
+def vote_choices(path=None, latest: int = 50) -> list[tuple[str, int]]:
+    return [(f"#{r['id']} {r['verdict']}: {r['conversation'][-1]['content'][:60]}", r["id"])
+            for r in ratings.rows(path, limit=latest)]
 
 
 def safe_ratings_view():
     try:
-        return ratings_overview()
+        line, table, board = ratings_overview()
+        choices = vote_choices()
+        return line, table, board, gr.update(choices=choices, value=choices[0][1] if choices else None)
     except ratings.RatingsError as err:
-        return f"**Cannot read the ratings store:** {err}", None, None
+        return f"**Cannot read the ratings store:** {err}", None, None, gr.update(choices=[])
 
 
-def build_ratings_tab(rm_form: dict, tabs: gr.Tabs, train_tabs: gr.Tabs, ratings_tab: gr.Tab):
+def undo_vote(rating_id):
+    """Remove one vote from the store (the Ratings tab's undo)."""
+    if rating_id in (None, ""):
+        return "Pick a vote to undo."
+    try:
+        removed = ratings.delete(int(rating_id))
+    except ratings.RatingsError as err:
+        return f"**Not undone:** {err}"
+    if not removed:
+        return f"Vote #{rating_id} is not in the store (already undone?)."
+    say(f"vote #{rating_id} undone")
+    return f"Vote #{rating_id} undone: it no longer counts, nor is it exported."
+
+
+def build_ratings_tab(rm_form: Form, tabs: gr.Tabs, train_tabs: gr.Tabs, ratings_tab: gr.Tab):
     counts = gr.Markdown(elem_id="ratings-counts")
     with gr.Row():
         refresh = gr.Button("Refresh")
         export = gr.Button("Export preference records", elem_id="ratings-export")
-        train_rm = gr.Button("Train a reward model on these", variant="primary")
-    exported = gr.File(label="exported preference records (JSONL)", elem_id="ratings-file")
+        train_rm = gr.Button("Train a reward model on these", variant="primary",
+                             elem_id="ratings-train-rm")
+    exported = gr.File(label="exported preference records (JSONL)", visible=False,
+                       elem_id="ratings-file")
     note = gr.Markdown(elem_id="ratings-note")
     gr.Markdown("### Leaderboard\nBradley-Terry strengths (log odds, centred) from A/B votes "
                 "between different checkpoints; ties and both-bad votes count half a win each; 95% "
                 "bootstrap intervals.")
     board = gr.Dataframe(label="leaderboard", interactive=False, elem_id="ratings-board")
-    table = gr.Dataframe(label="votes (newest first)", interactive=False, wrap=True)
+    with gr.Row():
+        pick_vote = gr.Dropdown([], label="a vote", scale=4, elem_id="ratings-vote")
+        undo = gr.Button("Undo this vote", scale=1, elem_id="ratings-undo")
+    table = gr.Dataframe(label="votes (newest first)", interactive=False, wrap=True,
+                         column_widths=["5%", "6%", "17%", "24%", "24%", "9%", "9%", "6%"],
+                         elem_id="ratings-table")
+    views = [counts, table, board, pick_vote]
 
     def on_export():
         out = rlhf_home() / "exports" / f"preferences-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         try:
             written = ratings.export(out)
         except ratings.RatingsError as err:
-            return None, f"**Not exported:** {err}"
-        return str(out), f"Wrote {written} preference records to `{out}` (ties, both-bad votes " \
+            return gr.update(visible=False), f"**Not exported:** {err}"
+        say(f"exported {written} preference records to {out}")
+        return gr.update(value=str(out), visible=True), f"Wrote {written} preference records to `{out}` (ties, both-bad votes " \
                          "and thumbs without an opposite thumb on the same turn are left out)."
 
     def on_train_rm(current_data):
         base = [d for d in current_data or [] if d != "ratings:"] or ["prompts/preferences.jsonl"]
-        return (gr.update(value=["ratings:", *base]), gr.update(value=shown_path(RUNS / "rm-ratings")),
+        return (gr.update(value=["ratings:", *base]), gr.update(value=next_free_name("rm")),
                 gr.Tabs(selected="train"), gr.Tabs(selected="train-rm"),
                 "The reward-model form now reads `ratings:` plus a base data set: check it and Start.")
 
-    refresh.click(safe_ratings_view, None, [counts, table, board])
-    ratings_tab.select(safe_ratings_view, None, [counts, table, board])
-    export.click(on_export, None, [exported, note])
-    train_rm.click(on_train_rm, rm_form["data"],
-                   [rm_form["data"], rm_form["output"], tabs, train_tabs, note])
+    def on_undo(rating_id):
+        return undo_vote(rating_id), *safe_ratings_view()
 
+    refresh.click(safe_ratings_view, None, views)
+    ratings_tab.select(safe_ratings_view, None, views)
+    export.click(on_export, None, [exported, note])
+    undo.click(on_undo, pick_vote, [note, *views])
+    train_rm.click(on_train_rm, rm_form.fields["data"],
+                   [rm_form.fields["data"], rm_form.fields["output"], tabs, train_tabs, note])
+
+
+# ---- the app --------------------------------------------------------------------------------------
 
 def build_app(pool: ServerPool | None = None) -> gr.Blocks:
-    pool = pool or ServerPool(engine=os.environ.get("RLHF_CHAT_ENGINE", "auto"))
+    pool = pool or ServerPool(engine=os.environ.get("RLHF_CHAT_ENGINE", "auto"), notify=say)
     with gr.Blocks(title="RLHF Studio") as app:
         gr.Markdown("# RLHF Studio\nSFT, reward model and PPO through DeepSpeed, on the built-in "
                     "SmolLM2-135M-Instruct or any chat model; chat with the result and rate it.")
+        remember = gr.BrowserState("", storage_key="rlhf-studio-run")
         with gr.Tabs() as tabs:
-            with gr.Tab("Train", id="train"):
+            with gr.Tab("Train", id="train") as train_tab:
                 forms = {}
                 with gr.Tabs() as train_tabs:
-                    for step, title in (("sft", "SFT"), ("rm", "Reward model"), ("ppo", "PPO"),
-                                        ("all", "All three")):
-                        with gr.Tab(title, id=f"train-{step}"):
-                            forms[step] = build_train_tab(step)
-            with gr.Tab("Runs", id="runs"):
-                build_runs_tab()
-            with gr.Tab("Chat", id="chat"):
-                build_chat_tab(pool)
-            with gr.Tab("Compare", id="compare"):
-                build_compare_tab(pool)
+                    for step, title in TRAIN_TABS.items():
+                        if step in config.STAGES:
+                            with gr.Tab(title, id=f"train-{step}") as step_tab:
+                                forms[step] = build_train_tab(step)
+                            step_tab.select(*form_refresh(forms, step))
+            with gr.Tab("Runs", id="runs") as runs_tab:
+                runs = build_runs_tab(remember)
+            with gr.Tab("Chat", id="chat") as chat_tab:
+                chat_model = build_chat_tab(pool)
+            with gr.Tab("Compare", id="compare") as compare_tab:
+                compare_models = build_compare_tab(pool)
             with gr.Tab("Ratings", id="ratings") as ratings_tab:
                 build_ratings_tab(forms["rm"], tabs, train_tabs, ratings_tab)
+        wire_app(app, forms, runs, train_tab, runs_tab, chat_tab, compare_tab, ratings_tab,
+                 [chat_model, *compare_models])
     app.pool = pool
     return app
 
 
+def form_refresh(forms: dict[str, Form], only: str | None = None):
+    """(handler, inputs, outputs) that refresh the pickers and default run names of the forms."""
+    chosen = {step: form for step, form in forms.items() if only in (None, step)}
+    pickers = refresh_forms(chosen)[0]
+    names = [form.fields["output"] for form in chosen.values()]
+
+    def handler(*current):
+        return (*refresh_forms(chosen)[1], *(refreshed_name(step, value)
+                                             for step, value in zip(chosen, current)))
+    return handler, names, pickers + names
+
+
+def wire_app(app, forms, runs: RunsTab, train_tab, runs_tab, chat_tab, compare_tab, ratings_tab,
+             checkpoints) -> None:
+    """Events that span tabs: refresh what a tab shows when it is shown, run the Runs timer only
+    while its tab is open, and restore the picked run after a reload."""
+    train_tab.select(*form_refresh(forms))
+    for tab in (chat_tab, compare_tab):
+        tab.select(lambda: [gr.update(choices=model_choices("chat"))] * len(checkpoints), None,
+                   checkpoints)
+    runs_tab.select(lambda name: runs.refresh(name), runs.pick, runs.refresh_outputs,
+                    show_progress="hidden")
+    for tab in (train_tab, chat_tab, compare_tab, ratings_tab):
+        tab.select(lambda: gr.Timer(active=False), None, runs.timer)
+    handler, names, outputs = form_refresh(forms)
+    app.load(handler, names, outputs)
+    app.load(restore_pick, runs.remember, runs.pick)
+
+
+def restore_pick(saved: str | None):
+    """The run picked before the page was reloaded (kept in the browser), if it still exists."""
+    names = [r.name for r in list_runs(RUNS)]
+    return gr.update(choices=names, value=saved if saved in names else None)
+
+
+class ConsoleWatcher(threading.Thread):
+    """Prints each run's state changes (queued, running, done, failed: why) on the console."""
+
+    def __init__(self, every: float = 3.0):
+        super().__init__(daemon=True)
+        self.every, self.seen = every, {}
+
+    def changes(self) -> list[str]:
+        lines, now = [], {}
+        for run in list_runs(RUNS):
+            label = state_label(run)
+            now[run.name] = label.split(" (")[0]
+            if run.name in self.seen and self.seen[run.name] != now[run.name]:
+                why = f": {failure_reason(run)}" if run.state == "failed" else ""
+                result = f", {run.path / 'final'}" if run.state == "done" and (run.path / "final").is_dir() else ""
+                lines.append(f"run {run.name} {label}{why} ({run.path}{result})")
+        self.seen = now
+        return lines
+
+    def run(self) -> None:
+        self.changes()
+        while True:
+            time.sleep(self.every)
+            for line in self.changes():
+                say(line)
+
+
 def main() -> None:
     port = int(os.environ.get("GRADIO_SERVER_PORT", 7860))
+    host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    threading.Thread(target=precision_answer, daemon=True).start()
     app = build_app()
     # SIGTERM ends the app like Ctrl-C does, so the inference servers it started stop with it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    say(f"RLHF Studio on http://{host}:{port}: runs in {RUNS}, ratings in {ratings.db_path()}, "
+        f"{launch.max_running(RUNS)} training run(s) at once")
+    ConsoleWatcher().start()
     try:
-        app.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), server_port=port)
+        app.launch(server_name=host, server_port=port, quiet=True, css=CSS)
     except OSError as err:
         raise SystemExit(f"error: cannot serve on port {port} ({err}): stop what uses it or set "
                          "GRADIO_SERVER_PORT to a free port.") from None

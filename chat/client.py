@@ -82,8 +82,9 @@ class ChatClient:
         choices = sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))
         return [choice["message"]["content"] or "" for choice in choices]
 
-    def stream(self, messages: list[dict], **sampling) -> Iterator[str]:
-        """Yield the answer's text piece by piece as the server generates it (first choice)."""
+    def stream(self, messages: list[dict], finish: dict | None = None, **sampling) -> Iterator[str]:
+        """Yield the answer's text piece by piece as the server generates it (first choice);
+        `finish["reason"]` then holds why it ended ("stop", or "length" at the token limit)."""
         body = {"model": "served", "messages": messages, "stream": True,
                 **_sampling_fields(sampling)}
         try:
@@ -91,7 +92,7 @@ class ChatClient:
                 if response.status_code >= 400:
                     raise ServerError("the inference server refused the request "
                                       f"({response.status_code}): {error_message(response)}")
-                yield from _stream_deltas(response.iter_lines())
+                yield from _stream_deltas(response.iter_lines(), finish if finish is not None else {})
         except httpx.HTTPError as err:
             raise ServerError(f"the stream from {self.base_url} broke off ({type(err).__name__}): "
                               "regenerate the answer, or restart the server from the Chat tab.") from None
@@ -102,8 +103,9 @@ def _sampling_fields(sampling: dict) -> dict:
             if key in SAMPLING_KEYS and value not in (None, "", [])}
 
 
-def _stream_deltas(lines) -> Iterator[str]:
-    """Text deltas of choice 0 from server-sent event lines, up to `data: [DONE]`."""
+def _stream_deltas(lines, finish: dict) -> Iterator[str]:
+    """Text deltas of choice 0 from server-sent event lines, up to `data: [DONE]`; choice 0's
+    finish reason goes into `finish["reason"]`."""
     for line in lines:
         if not line.startswith("data:"):
             continue  # blank separators, comments and event names
@@ -119,5 +121,7 @@ def _stream_deltas(lines) -> Iterator[str]:
             raise ServerError(f"the inference server stopped the answer: {chunk['error'].get('message')}")
         for choice in chunk.get("choices", []):
             text = (choice.get("delta") or {}).get("content")
+            if choice.get("index", 0) == 0 and choice.get("finish_reason"):
+                finish["reason"] = choice["finish_reason"]
             if choice.get("index", 0) == 0 and text:
                 yield text

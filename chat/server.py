@@ -10,8 +10,9 @@ the arena can compare two checkpoints without reloading weights for every answer
 - a leased server is never switched under a running answer: a lease waits until one is idle.
 
 Every browser session shares the pool; chat state stays per session in the app. The app never
-loads weights itself. Left out: servers on other machines, GPU placement, restarting a server
-that dies mid-answer (the next lease starts a fresh one).
+loads weights itself. `notify` (the app passes a console printer) hears of every server started,
+switched or failed, with its checkpoint, port and log. Left out: servers on other machines, GPU
+placement, restarting a server that dies mid-answer (the next lease starts a fresh one).
 """
 from __future__ import annotations
 
@@ -101,8 +102,9 @@ class ServerPool:
 
     def __init__(self, engine: str = "auto", size: int = 2, log_dir: str | Path | None = None,
                  startup_timeout: float = 600.0, extra_args: tuple = (),
-                 command: tuple = SERVE_COMMAND):
+                 command: tuple = SERVE_COMMAND, notify=lambda message: None):
         self.engine, self.size, self.startup_timeout = engine, max(1, size), startup_timeout
+        self.notify = notify
         self.log_dir = Path(log_dir) if log_dir else rlhf_home() / "serving-logs"
         self.extra_args, self.command = tuple(extra_args), tuple(command)
         self.servers: list[ManagedServer] = []
@@ -151,9 +153,13 @@ class ServerPool:
         try:
             if action == "start":
                 server.start(self.startup_timeout)
+                self.notify(f"inference server started on {server.client.base_url} with {model} "
+                            f"(engine {self.engine}, log {server.log_path})")
             else:
                 server.switch(model)
-        except BaseException:
+                self.notify(f"inference server on {server.client.base_url} switched to {model}")
+        except BaseException as err:
+            self.notify(f"inference server for {model} failed: {err}")
             server.stop()
             with self.changed:
                 if server in self.servers:  # stop_all may have emptied the pool meanwhile

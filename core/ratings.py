@@ -21,8 +21,8 @@ format `python -m train rm --data ratings:` reads. What is left out, and why:
   `up` and a `down` answer to the same conversation (the oldest unpaired up with the oldest
   unpaired down; each thumb is used once). Lone thumbs stay in the store for later.
 
-Left out on purpose: editing or deleting votes, user accounts, and deduplicating the same vote
-cast twice (each click is a vote).
+`delete` removes one vote by id (the app's undo). Left out on purpose: editing votes, user
+accounts, and deduplicating the same vote cast twice (each click is a vote).
 """
 from __future__ import annotations
 
@@ -158,6 +158,18 @@ def add_thumb(conversation, answer: str, model: str, up: bool, sampling: dict | 
            "model_a": str(model), "sampling_a": json.dumps(sampling or {}),
            "verdict": "up" if up else "down"}
     return _insert(row, path)
+
+
+def delete(rating_id: int, path=None) -> bool:
+    """Remove the vote `rating_id` (an undo); False when there is no such vote."""
+    conn = connect(path)
+    try:
+        with conn:
+            return conn.execute("DELETE FROM ratings WHERE id = ?", (int(rating_id),)).rowcount > 0
+    except sqlite3.Error as err:
+        raise store_error(Path(path) if path else db_path(), err) from None
+    finally:
+        conn.close()
 
 
 def _decode(row: sqlite3.Row) -> dict | None:

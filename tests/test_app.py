@@ -1,118 +1,499 @@
-"""The app's wiring: every tab builds, the Train form covers every option and turns into the
-CLI command, and the Runs tab's views become plot updates."""
+"""The app through its handlers, in-process: forms built from the option definitions and groups,
+checks before Start in the form's words, run names that stay names, a preview that reads only
+what a run may read, starts that cannot double, state-driven buttons, readable runs, a chat that
+queues and stops, a Compare tab that streams both sides and reveals names on the panels, undo
+of a vote, and what the console says."""
+import contextlib
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import gradio as gr
+import pytest
 
 import app
+from chat.conversation import ArenaSession, ChatSession
 from core import ratings
-from train import config
+from core.options import opt, to_yaml
+from core.runs import RunInfo
+from train import config, launch
 
 
-def test_app_builds_with_every_tab():
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """An empty runs folder and $RLHF_HOME for the app."""
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(app, "RUNS", tmp_path / "runs")
+    (tmp_path / "runs").mkdir()
+    return tmp_path / "runs"
+
+
+def form_of(step):
+    with gr.Blocks():
+        return app.build_train_tab(step)
+
+
+def values_of(form, **changes):
+    return tuple(changes.get(name, component.value) for name, component in form.fields.items())
+
+
+def info_of(updates, form, name):
+    """The help line (or problem) a handler's field updates give option `name`."""
+    return updates[form.names.index(name)]["info"]
+
+
+def write_run(folder, status: dict, metrics=(), stage="ppo", config_values=None, checkpoint=False):
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"stage": stage, "precision": "fp32",
+                                                 "precision_reason": "this CPU has no native bf16"}))
+    cls = config.STAGES[stage]
+    (folder / "config.yaml").write_text(to_yaml(cls(**{"output": str(folder), **(config_values or {})})))
+    (folder / "status.json").write_text(json.dumps(status))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    if checkpoint:
+        (folder / "checkpoints").mkdir()
+        (folder / "checkpoints" / "latest").write_text("step3")
+    return folder
+
+
+def finished_model(folder, stage):
+    write_run(folder, {"state": "done"}, stage=stage)
+    (folder / "final").mkdir()
+    (folder / "final" / "config.json").write_text("{}")
+    (folder / "final" / "model.safetensors").write_text("")
+    return folder / "final"
+
+
+# ---- forms ----------------------------------------------------------------------------------------
+
+def test_app_builds_with_every_tab(runs):
     blocks = app.build_app()
-    assert isinstance(blocks, gr.Blocks)
     labels = {getattr(block, "label", None) for block in blocks.blocks.values()}
     assert {"Train", "Runs", "Chat", "Compare", "Ratings"} <= labels
     assert blocks.pool.status() == []  # building the app starts no server
 
 
-def test_form_has_one_input_per_option_with_its_default_and_help():
-    with gr.Blocks():
-        form = app.config_form("sft")
-    fields = {f.name: f for f in dataclasses.fields(config.SFTConfig)}
-    assert set(form) == set(fields)
-    assert form["zero_stage"].value == 0 and form["precision"].value == "auto"
-    assert form["learning_rate"].info == fields["learning_rate"].metadata["help"]
+def test_form_leads_with_model_and_data_then_collapsed_groups(runs):
+    sections = [group for group, _ in app.form_sections(config.PPOConfig)]
+    assert sections[:4] == ["model", "data", "run", "main"]
+    assert {"training", "lora", "deepspeed", "rl", "evaluation"} <= set(sections[4:])
+    form = form_of("ppo")
+    fields = {f.name for f in dataclasses.fields(config.PPOConfig)} - set(app.HIDDEN_FIELDS)
+    assert set(form.fields) == fields
+    learning_rate = form.fields["learning_rate"]
+    assert learning_rate.label == "Learning rate" and learning_rate.info.endswith("· --learning-rate")
+    assert form.fields["kl_coef"].label == "KL penalty"
+    assert form.fields["output"].value == "ppo1"  # a name, not a path
 
 
-def test_form_values_become_the_exact_command():
+def test_options_without_a_group_still_get_a_place(runs):
+    @dataclasses.dataclass
+    class NewStage(config.SFTConfig):
+        """A stage another branch adds."""
+        beta: float = opt(0.1, "a new knob")                       # no group at all
+        data: list[str] = opt(["prompts/sft.jsonl"], "redefined without a group")
+
+    sections = dict(app.form_sections(NewStage))
+    assert [f.name for f in sections["other"]] == ["beta"]
+    assert "data" in [f.name for f in sections["data"]]  # the base class's group
+
+
+def test_form_values_become_the_exact_command_in_the_runs_folder(runs):
     names = ["output", "data", "zero_stage", "offload", "batch_size"]
-    cfg = app.form_config("sft", names, ("runs/x", ["prompts/sft.jsonl"], 2.0, True, 4))
-    argv = app.launch.command("sft", cfg)
+    cfg = app.form_config("sft", names, ("x", ["prompts/sft.jsonl"], 2.0, True, 4))
+    argv = launch.command("sft", cfg)
     assert argv[1:4] == ["-m", "train", "sft"]
-    assert argv[4:] == ["--output=runs/x", "--zero-stage=2", "--offload", "--batch-size=4"]
+    assert argv[4:] == [f"--output={runs / 'x'}", "--zero-stage=2", "--offload", "--batch-size=4"]
 
 
-def test_more_than_one_process_goes_through_the_deepspeed_launcher():
-    cfg = config.SFTConfig(output="runs/x", num_procs=2, zero_stage=3)
-    argv = app.launch.command("sft", cfg)
-    assert argv[1:6] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--module"]
-    assert "--num-procs=2" in argv  # the ranks see the same config
-
-
-def test_every_step_has_a_form_and_a_command():
-    for step, cls in config.STAGES.items():
-        if step == "eval-rm":
+def test_every_step_has_a_form_and_a_command(runs):
+    for step in app.TRAIN_TABS:
+        if step not in config.STAGES:
             continue
-        with gr.Blocks():
-            form = app.config_form(step)
-        values = tuple(c.value for c in form.values())
-        cfg = app.form_config(step, list(form), values)
-        assert cfg == cls(**{"output": form["output"].value} if "output" in form else {})
-        assert app.launch.command(step, cfg)[3] == step
+        form = form_of(step)
+        cfg = app.form_config(step, form.names, values_of(form))
+        assert cfg.output == str(runs / form.fields["output"].value)
+        assert launch.command(step, cfg)[3] == step
 
 
-def test_run_view_turns_points_into_plot_updates():
-    progress, points, log, time_split, samples = app.run_view("no-such-run")
-    assert "No run named" in progress and log == "" and samples["value"].empty
-    assert points["value"]["value"].isna().all() and points["colors_in_legend"] == []
-    assert time_split["colors_in_legend"] == []
+def test_max_steps_2_7_is_refused_beside_the_field_in_words(runs):
+    form = form_of("sft")
+    command, message, *updates = app.show_command(form, values_of(form, max_steps=2.7))
+    assert "fix the fields marked in red" in message
+    assert info_of(updates, form, "max_steps") == "⚠ 2.7 is not a whole number."
+    assert updates[form.names.index("max_steps")]["elem_classes"] == ["field-error"]
+    assert "--" not in info_of(updates, form, "max_steps")  # the option's words, not its flag
+    assert info_of(updates, form, "batch_size") == form.infos["batch_size"]
+    message, *_ = app.start_run(form, values_of(form, zero_stage=9))
+    assert message == app.NOT_STARTED and not any(runs.iterdir())
 
 
-def test_run_view_shows_the_ppo_views_only_for_a_ppo_run(tmp_path, monkeypatch):
-    write_run(tmp_path / "sft1", {"state": "done"}, [{"step": 1, "loss": 2.0}], step="sft")
-    write_run(tmp_path / "ppo1", {"state": "done"}, [{"step": 1, "reward": 0.5, "time_generate_s": 3.0,
-                                                     "time_score_s": 1.0, "time_train_s": 2.0}])
-    monkeypatch.setattr(app, "RUNS", tmp_path)
-    *_, sft_time_split, sft_samples = app.run_view("sft1")
-    *_, ppo_time_split, ppo_samples = app.run_view("ppo1")
-    assert sft_time_split["visible"] is False and sft_samples["visible"] is False
-    assert ppo_time_split["visible"] is True and ppo_samples["visible"] is True
-    assert ppo_time_split["colors_in_legend"] == ["time_generate_s", "time_score_s", "time_train_s"]
+def test_show_command_keeps_the_preview(runs):
+    form = form_of("sft")
+    command, message, *updates = app.show_command(form, values_of(form, max_steps=3))
+    assert "--max-steps=3" in command["value"] and command["visible"]
+    assert len(updates) == len(form.names)  # outputs: command, message, fields; never the preview
 
 
-def write_run(folder, status: dict, metrics=(), step="ppo"):
-    folder.mkdir()
-    (folder / "config.yaml").write_text(f"# step: {step}\noutput: {folder}\n")
-    (folder / "status.json").write_text(json.dumps(status))
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+@pytest.mark.parametrize("name", ["../elsewhere", "/tmp/abs", "a/b", ".hidden", "a\\b", ""])
+def test_a_run_name_that_is_not_a_name_is_refused(runs, name):
+    form = form_of("sft")
+    message, _, _, _, *updates = app.start_run(form, values_of(form, output=name))
+    assert message == app.NOT_STARTED
+    problem = info_of(updates, form, "output")
+    assert problem.startswith("⚠ ") and "name" in problem
+    assert problem.endswith(".") and ". " not in problem and "\n" not in problem  # one sentence
+    assert list(runs.iterdir()) == [] and not (runs.parent / "elsewhere").exists()
 
 
-def test_run_view_plots_metrics_and_shows_progress_and_samples(tmp_path):
-    write_run(tmp_path / "ppo1", {"state": "done", "step": 2, "total_steps": 2},
-              [{"step": 1, "reward": 0.5, "kl": 0.1, "time_generate_s": 2.0},
-               {"step": 2, "reward": 0.7, "kl": 0.2, "time_generate_s": 1.5}])
-    (tmp_path / "ppo1" / "samples.jsonl").write_text(
-        json.dumps({"step": 2, "prompt": "Hi", "response": "Hello", "reward": 1.2}) + "\n")
-    progress, (frame, present), _, (time_frame, _), samples = app.runs_view(tmp_path, "ppo1")
-    assert "step 2 of 2" in progress and "value='100'" in progress
-    drawn = frame.dropna()
-    assert set(drawn["series"]) == {"reward", "kl"} and len(drawn) == 4
-    assert present == ["reward", "kl"]  # the legend lists the series present
-    assert set(frame["series"]) == set(app.PLOTTED)  # a fixed colour domain
-    assert list(time_frame["value"].dropna()) == [2.0, 1.5]
-    assert samples.iloc[0]["response"] == "Hello"
+def test_a_data_entry_that_looks_like_an_option_is_refused_not_run(runs, tmp_path):
+    """Issue 14 item 1 through the form: nothing starts, nothing elsewhere is touched."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    form = form_of("sft")
+    injected = ["prompts/sft.jsonl", "--output", str(victim), "--overwrite"]
+    message, _, _, _, *updates = app.start_run(form, values_of(form, data=injected))
+    assert message == app.NOT_STARTED
+    assert info_of(updates, form, "data").startswith("⚠ '--output' looks like an option")
+    assert (victim / "keep.txt").read_text() == "mine" and list(runs.iterdir()) == []
+    cfg = app.form_config("sft", ["output", "data"], ("x", ["./--odd.jsonl"]))
+    assert launch.command("sft", cfg)[-1] == "--data=./--odd.jsonl"  # a value rides in its flag
 
 
-def test_run_view_of_a_missing_run_says_so(tmp_path):
-    progress, (frame, present), log, _, samples = app.runs_view(tmp_path, "no-such-run")
-    assert "No run named no-such-run" in progress and frame.empty and present == []
-    assert log == "" and samples.empty
-    assert app.runs_view(tmp_path, None)[0] == "Pick a run."
+def test_ppo_checks_its_models_before_starting(runs):
+    form = form_of("ppo")
+    sft = finished_model(runs / "sft1", "sft")
+    _, _, _, _, *updates = app.start_run(form, values_of(form, reward=""))
+    assert info_of(updates, form, "reward") == "⚠ Required: pick one from the list."
+    _, _, _, _, *updates = app.start_run(form, values_of(form, reward=str(sft)))
+    assert "not a reward model" in info_of(updates, form, "reward")
+    rm = finished_model(runs / "rm1", "rm")
+    _, _, _, _, *updates = app.start_run(form, values_of(form, reward=str(rm), actor=str(rm)))
+    assert "is a reward model" in info_of(updates, form, "actor")
+    (runs / "rm1" / "status.json").write_text(json.dumps({"state": "running", "pid": os.getpid()}))
+    _, _, _, _, *updates = app.start_run(form, values_of(form, reward=str(rm)))
+    assert "still running" in info_of(updates, form, "reward")
+    assert not (runs / "ppo1").exists()
 
 
-def test_a_failed_run_shows_why(tmp_path):
-    write_run(tmp_path / "bad", {"state": "failed", "step": 0, "error": "data file x.jsonl does not "
-                                 "exist: check the path."})
-    progress = app.runs_view(tmp_path, "bad")[0]
-    assert "Failed:" in progress and "x.jsonl does not exist" in progress
-    assert app.runs_table(tmp_path).iloc[0]["state"] == "failed"
+def test_data_must_exist_and_lie_where_runs_may_read(runs, tmp_path):
+    form = form_of("sft")
+    outside = tmp_path / "secret.jsonl"
+    outside.write_text('{"prompt": [{"role": "user", "content": "x"}], "response": "y"}\n')
+    _, _, _, _, *updates = app.start_run(form, values_of(form, data=[str(outside)]))
+    assert "outside the folders the app reads data from" in info_of(updates, form, "data")
+    _, _, _, _, *updates = app.start_run(form, values_of(form, data=["prompts/none.jsonl"]))
+    assert "does not exist" in info_of(updates, form, "data")
 
 
-def test_ratings_overview_counts_votes_and_ranks_checkpoints(tmp_path, monkeypatch):
-    monkeypatch.setenv("RLHF_HOME", str(tmp_path))
+def test_preview_reads_only_what_a_run_may_read(runs, tmp_path):
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"prompt": [{"role": "user", "content": "TOP SECRET"}], "response": "y"}\n')
+    refused = app.preview_data([str(secret)], "", 0)
+    assert refused.startswith("**Cannot preview:**") and "TOP SECRET" not in refused
+    assert "TOP SECRET" not in app.preview_data(["/etc/passwd"], "", 0)
+    assert "hub dataset" in app.preview_data(["someone/dataset"], "", 0)
+    shown = app.preview_data(["prompts/sft.jsonl"], "", 0)
+    assert "prompts/sft.jsonl" in shown and "records" in shown
+
+
+def test_summary_says_what_will_run(runs):
+    form = form_of("sft")
+    line = app.summary_line("sft", form.names, values_of(form, max_steps=0, batch_size=5))
+    records = len([l for l in (app.ROOT / "prompts" / "sft.jsonl").read_text().splitlines() if l.strip()])
+    held_out = max(1, int(records * 0.05))
+    assert line.startswith(f"**SFT** of **default** on **{records - held_out} records**, ~**"
+                           f"{(records - held_out) // 5} steps**")
+    assert "on this machine (a guess until a run here measures it)" in line
+
+
+def test_the_estimate_uses_a_speed_measured_here(runs):
+    write_run(runs / "sft0", {"state": "done"}, [{"step": 1, "tokens_per_s": 100.0}], stage="sft")
+    form = form_of("sft")
+    slow = app.summary_line("sft", form.names, values_of(form, max_steps=10, batch_size=8))
+    assert "(measured by sft0)" in slow
+    (runs / "sft0" / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens_per_s": 10_000.0}))
+    fast = app.summary_line("sft", form.names, values_of(form, max_steps=10, batch_size=8))
+    assert "about" in slow and "under a minute" in fast
+
+
+def test_an_output_holding_a_run_offers_resume_or_overwrite(runs):
+    form = form_of("sft")
+    write_run(runs / "sft1", {"state": "stopped", "step": 3, "total_steps": 10}, stage="sft",
+              checkpoint=True)
+    message, _, offer, resume, *_ = app.start_run(form, values_of(form, output="sft1"))
+    assert "already holds a run (stopped, step 3 of 10)" in message
+    assert offer["visible"] is True and resume["interactive"] is True
+    (runs / "sft1" / "status.json").write_text(json.dumps({"state": "done"}))
+    message, _, offer, resume, *_ = app.start_run(form, values_of(form, output="sft1"))
+    assert offer["visible"] is True and resume["interactive"] is False  # nothing to resume
+    assert "finished: nothing to resume" in app.resume_offered("sft1")[0]
+
+
+def test_precision_shows_what_auto_means_here():
+    answer = {"labels": {"auto": "auto (fp32: this CPU has no native bf16)"}, "errors": {}}
+    assert app.precision_choices(answer)[0] == ("auto (fp32: this CPU has no native bf16)", "auto")
+
+
+def test_pickers_offer_what_exists(runs, monkeypatch, tmp_path):
+    sft = finished_model(runs / "sft1", "sft")
+    rm = finished_model(runs / "rm1", "rm")
+    write_run(runs / "sft2", {"state": "running", "pid": os.getpid()}, stage="sft")
+    (tmp_path / "home" / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "home" / "models" / "tiny" / "config.json").write_text("{}")
+    chat = dict((value, label) for label, value in app.model_choices("chat"))
+    assert list(chat)[0] == "default" and str(sft) in chat and str(rm) not in chat
+    assert chat[str(tmp_path / "home" / "models" / "tiny")] == "tiny (models folder)"
+    assert [value for _, value in app.model_choices("reward")] == [str(rm)]
+    assert app.model_choices("critic")[0] == ("the reward model", "")
+    assert not any("sft2" in value for value in chat)  # still training
+
+
+# ---- runs: starting, stopping, resuming -----------------------------------------------------------
+
+@pytest.fixture
+def sleeper(monkeypatch):
+    """Runs whose command is a sleep (a live process without training)."""
+    argv = [sys.executable, "-c", "import signal, sys, time\n"  # ends 1 s after SIGTERM, as a
+            "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1), sys.exit(0)))\n"  # run saving
+            "time.sleep(60)"]
+    monkeypatch.setattr(launch, "command", lambda stage, cfg: list(argv))
+    started = []
+    yield started
+    for folder in started:
+        launch.stop(folder)
+
+
+def wait_for(predicate, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_resume_clicked_twice_starts_one_process(runs, sleeper):
+    folder = write_run(runs / "sft1", {"state": "stopped", "step": 3, "total_steps": 9}, stage="sft",
+                       checkpoint=True)
+    sleeper.append(folder)
+    note, *_ = app.resume_run("sft1")
+    assert note == "**sft1** resumed."
+    second, *_ = app.resume_run("sft1")
+    assert second.startswith("**Not resumed:**") and "sft1 is" in second
+    with launch.launching(folder), pytest.raises(launch.ConfigError, match="being started already"):
+        launch.start("sft", config.SFTConfig(output=str(folder)))  # a click while one is made
+
+
+def test_a_killed_run_is_failed_process_gone_and_can_be_resumed_or_started_over(runs):
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    os.kill(dead.pid, signal.SIGKILL)
+    dead.wait()
+    write_run(runs / "sft1", {"state": "running", "step": 3, "total_steps": 9, "pid": dead.pid},
+              stage="sft", checkpoint=True)
+    progress, _, _, _, _, stop, resume, start_over = app.run_view("sft1")
+    assert "failed (process gone)" in progress
+    assert stop["interactive"] is False and resume["interactive"] is True
+    assert start_over["interactive"] is True
+    assert app.runs_table(runs).iloc[0]["state"] == "failed (process gone)"
+
+
+def test_stop_shows_stopping_at_once_and_buttons_follow_the_state(runs, sleeper):
+    form = form_of("sft")
+    message, *_ = app.start_run(form, values_of(form, output="s1"))
+    sleeper.append(runs / "s1")
+    assert message.startswith("Started **s1**")
+    assert wait_for(lambda: RunInfo.load(runs / "s1").status.get("state") == "running")
+    progress, _, _, _, _, stop, resume, start_over = app.run_view("s1")
+    assert stop["interactive"] is True and resume["interactive"] is False
+    assert start_over["interactive"] is False
+    note, progress, *_ = app.stop_run("s1")
+    assert "asked to stop" in note and "stopping…" in progress
+    assert json.loads((runs / "s1" / "status.json").read_text())["state"] == "stopping"
+    assert RunInfo.load(runs / "s1").state in ("stopping", "failed")  # live until it ends
+
+
+def test_runs_queue_one_at_a_time_and_show_their_place(runs, sleeper):
+    form = form_of("sft")
+    for name in ("q1", "q2", "q3"):
+        assert app.start_run(form, values_of(form, output=name))[0].startswith(f"Started **{name}**")
+        sleeper.append(runs / name)
+    assert wait_for(lambda: [r.name for r in launch.queued(runs)] == ["q2", "q3"])
+    table = app.runs_table(runs).set_index("name")
+    assert table.loc["q2", "state"] == "queued (1st in line)"
+    assert table.loc["q3", "state"] == "queued (2nd in line)"
+    assert "waiting: q2, q3" in app.queue_text(runs)
+    note, *_ = app.stop_run("q2")  # a queued run leaves the line at once
+    assert wait_for(lambda: RunInfo.load(runs / "q2").state == "stopped")
+    assert [r.name for r in launch.queued(runs)] == ["q3"]
+    assert app.resume_run("q2")[0] == "**q2** resumed."  # stopped while queued: back in line
+    assert wait_for(lambda: [r.name for r in launch.queued(runs)] == ["q3", "q2"])
+
+
+# ---- runs: what the tab shows ---------------------------------------------------------------------
+
+def test_a_run_is_readable(runs):
+    write_run(runs / "ppo1", {"state": "running", "step": 2, "total_steps": 40, "eta_s": 4000,
+                              "pid": os.getpid()},
+              [{"step": 0, "eval_reward": 0.1},
+               {"step": 1, "reward": 0.5, "kl": 0.1, "response_length": 50, "time_generate_s": 2.0},
+               {"step": 2, "reward": 0.7, "kl": 0.2, "response_length": 48, "time_generate_s": 1.5}])
+    (runs / "ppo1" / "samples.jsonl").write_text(json.dumps(
+        {"step": 2, "prompt": "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi there"
+                              "<|im_end|>\n<|im_start|>assistant\n", "response": "Hello!", "reward": 1.25}) + "\n")
+    progress, plots, steps, _, samples, *_ = app.run_view("ppo1")
+    assert "step 2 of 40, about 1 h 07 min left" in progress
+    assert "precision: fp32 (this CPU has no native bf16)" in progress
+    for metric in ("reward", "kl", "response_length", "time per step (s)"):
+        assert f"data-metric='{metric}'" in plots  # one small plot per metric
+    reward_plot = plots.split("data-metric='reward'")[1].split("</svg>")[0]
+    assert "<polyline" in reward_plot and reward_plot.count("<circle") == 1  # the step-0 eval point
+    assert steps.splitlines()[0] == "step 0/40 held-out: reward 0.1"
+    assert steps.splitlines()[-1].startswith("step 2/40: reward 0.7, kl 0.2")
+    assert samples["visible"] and "<i>Hi there</i> → Hello!" in samples["value"]
+    assert "reward 1.25" in samples["value"] and "im_start" not in samples["value"]
+
+
+def test_a_failed_run_says_why_from_its_console(runs):
+    write_run(runs / "bad", {"state": "failed", "step": 0}, stage="sft")
+    (runs / "bad" / "console.log").write_text("loading\nerror: data file x.jsonl does not exist: check the path.\n")
+    progress = app.run_view("bad")[0]
+    assert "Failed:</b> error: data file x.jsonl does not exist" in progress
+
+
+def test_refresh_sends_only_what_changed_and_slows_down_when_idle(runs):
+    write_run(runs / "sft1", {"state": "done", "step": 3, "total_steps": 3}, [{"step": 1, "loss": 2.0}],
+              stage="sft")
+    with gr.Blocks():
+        tab = app.build_runs_tab(gr.BrowserState(""))
+    first = tab.refresh("sft1", None)
+    *views, seen, timer = first
+    assert "sft1" in views[3] and timer.value == 10.0  # nothing live: every 10 s
+    again = tab.refresh("sft1", seen)
+    assert all(update == gr.skip() for update in again[:-2])
+    (runs / "sft1" / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 1.0}) + "\n")
+    os.utime(runs / "sft1" / "metrics.jsonl", (time.time() + 5, time.time() + 5))
+    changed = tab.refresh("sft1", again[-2])
+    assert changed[0] == gr.skip() and "loss" in changed[4]  # the plots, not the table
+
+
+def test_the_picked_run_survives_a_reload(runs):
+    write_run(runs / "sft1", {"state": "done"}, stage="sft")
+    assert app.restore_pick("sft1")["value"] == "sft1"
+    assert app.restore_pick("gone")["value"] is None
+
+
+# ---- chat and compare -----------------------------------------------------------------------------
+
+class SlowClient:
+    """Streams `pieces` one by one, waiting on `gate` before each; ends with `finish`."""
+
+    def __init__(self, model, pieces, gate=None, finish="stop"):
+        self.model, self.pieces, self.gate, self.finish = model, pieces, gate, finish
+
+    def stream(self, messages, finish=None, **sampling):
+        for piece in self.pieces:
+            if self.gate is not None:
+                assert self.gate.wait(10), "the other side never streamed"
+            yield piece
+        if finish is not None:
+            finish["reason"] = self.finish
+
+
+class FakePool:
+    def __init__(self, make_client):
+        self.make_client, self.leased = make_client, []
+
+    @contextlib.contextmanager
+    def lease(self, model):
+        self.leased.append(model)
+        yield self.make_client(model)
+
+
+def test_chat_queues_a_message_sent_while_answering_and_keeps_the_input(runs):
+    pool = FakePool(lambda model: SlowClient(model, ["one ", "two"]))
+    chat = ChatSession()
+    answering = app.chat_send(pool, "first", chat, "default", "", 0.7, 0.9, 16)
+    session, history, note, text, send, stop = next(answering)
+    assert text == "" and send["value"] == "Queue" and stop["interactive"] is True
+    streamed = next(answering)
+    assert streamed[3] == gr.skip()  # pieces never touch the input box
+    queued = list(app.chat_send(pool, "second", chat, "default", "", 0.7, 0.9, 16))
+    assert queued[0][2].startswith("Queued (1 waiting)") and queued[0][3] == ""
+    *_, last = list(answering)
+    assert [t["content"] for t in chat.turns] == ["first", "one two", "second", "one two"]
+    assert last[4]["value"] == "Send" and last[5]["interactive"] is False
+
+
+def test_chat_stop_ends_the_answer_and_marks_it(runs):
+    pool = FakePool(lambda model: SlowClient(model, ["a", "b", "c", "d"]))
+    chat = ChatSession()
+    answering = app.chat_send(pool, "hi", chat, "default", "", 0.7, 0.9, 16)
+    next(answering), next(answering)
+    assert app.chat_stop(chat) == "Stopping…"
+    *_, last = list(answering)
+    assert chat.turns[-1]["content"] in ("a", "ab") and "(stopped)" in last[2]
+    assert chat.history()[-1]["content"].endswith("*[stopped]*")
+
+
+def test_a_cut_off_answer_is_marked(runs):
+    pool = FakePool(lambda model: SlowClient(model, ["long answer"], finish="length"))
+    chat = ChatSession()
+    *_, last = list(app.chat_send(pool, "hi", chat, "default", "", 0.7, 0.9, 2))
+    assert "cut off at the token limit" in last[2]
+    assert chat.history()[-1]["content"] == "long answer\n\n*[cut off at the token limit]*"
+    assert chat.rated(1)["answer"] == "long answer"  # a vote stores the text, not the mark
+
+
+def test_chat_refuses_a_reward_model(runs):
+    rm = finished_model(runs / "rm1", "rm")
+    [update] = list(app.chat_send(FakePool(None), "hi", ChatSession(), str(rm), "", 0.7, 0.9, 16))
+    assert "is a reward model" in update[2]
+
+
+def test_compare_streams_both_sides_at_once_then_reveals_names_and_locks_votes(runs, monkeypatch):
+    monkeypatch.setenv("RLHF_HOME", str(runs.parent / "home"))
+    both = threading.Barrier(2)
+    gate = threading.Event()
+
+    def client(model):  # each side waits until both have started: a one-after-the-other
+        class Client(SlowClient):  # Compare would time out here
+            def stream(self, messages, finish=None, **sampling):
+                both.wait(10)
+                gate.set()
+                yield from super().stream(messages, finish, **sampling)
+        return Client(model, ["x", "y"], gate)
+
+    arena = ArenaSession()
+    updates = list(app.compare_send(FakePool(client), "hi", arena, app.ARENA_MODES[0], "default",
+                                    "default", "", 0.7, 0.9, 16))
+    *_, last = updates
+    assert [b["interactive"] for b in last[7:]] == [True] * 4  # votes open once both ended
+    assert last[1]["label"] == "A" and last[2]["label"] == "B"  # anonymous until the vote
+    voted = app.compare_vote("A", arena)
+    assert voted[1]["label"].startswith("A: default (seed ") and voted[2]["label"].startswith("B: default")
+    assert [b["interactive"] for b in voted[7:]] == [False] * 4
+    assert ratings.counts()["A"] == 1
+
+
+def test_a_vote_can_be_undone_and_the_table_shows_the_answers(runs):
+    prompt = [{"role": "user", "content": "Hi"}]
+    first = ratings.add_comparison(prompt, "Hello!", "Go away.", "m1", "m2", "A")
+    ratings.add_comparison(prompt, "Hey.", "No.", "m1", "m2", "B")
+    line, table, _ = app.ratings_overview()
+    assert list(table.iloc[1][["answer A", "answer B"]]) == ["Hello!", "Go away."]
+    assert app.undo_vote(first).startswith(f"Vote #{first} undone")
+    assert ratings.counts()["total"] == 1 and ratings.counts()["A"] == 0
+    assert "not in the store" in app.undo_vote(first)
+
+
+def test_ratings_overview_counts_votes_and_ranks_checkpoints(runs):
     prompt = [{"role": "user", "content": "Hi"}]
     for verdict in ("A", "A", "A", "B", "tie"):
         ratings.add_comparison(prompt, "Hello!", "Go away.", "runs/ppo1/ema", "runs/sft1/final", verdict)
@@ -122,3 +503,20 @@ def test_ratings_overview_counts_votes_and_ranks_checkpoints(tmp_path, monkeypat
     assert len(table) == 6 and table.iloc[0]["verdict"] == "up"
     assert list(board["model"]) == ["runs/ppo1/ema", "runs/sft1/final"]
     assert board.iloc[0]["games"] == 5 and board.iloc[0]["wins"] == 3.5
+
+
+# ---- the console ----------------------------------------------------------------------------------
+
+def test_the_console_says_what_the_app_does(runs, sleeper, capsys):
+    watcher = app.ConsoleWatcher()
+    watcher.changes()
+    form = form_of("sft")
+    app.start_run(form, values_of(form, output="c1"))
+    sleeper.append(runs / "c1")
+    assert f"run c1 started (sft): {runs / 'c1'}" in capsys.readouterr().out
+    assert wait_for(lambda: RunInfo.load(runs / "c1").state == "running")
+    watcher.changes()
+    write = runs / "c1" / "status.json"
+    write.write_text(json.dumps({**json.loads(write.read_text()), "state": "failed",
+                                 "error": "out of memory"}))
+    assert watcher.changes() == [f"run c1 failed: out of memory ({runs / 'c1'})"]

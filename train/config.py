@@ -2,8 +2,10 @@
 
 The command line (`python -m train sft ...`), YAML files (`--config FILE`) and the app's form
 are all built from these dataclasses (core/options.py turns a field into each). Each field
-carries its help text and, where it has one, its allowed range or choices; `__post_init__`
-refuses values outside them with a message that names the option.
+carries its help text, its form group and, where it has one, its allowed range or choices;
+`__post_init__` refuses values outside them with a message that names the option. Groups order
+the app's form: model, data, run and main (the few settings that matter) open, then training,
+lora, deepspeed, rl and evaluation (and saving) closed; a field without one goes under "other".
 """
 from __future__ import annotations
 
@@ -15,11 +17,11 @@ from core.options import ConfigError, opt, validate
 
 
 
-def precision_option():
+def precision_option(group: str = "main"):
     return opt("auto", "auto: bf16 (fp32 master weights) where the hardware computes it natively, "
                        "else fp32 (fp16 with loss scaling on a GPU without bf16); or force bf16, "
                        "fp16 (CUDA) or fp32", choices=PRECISIONS,
-               flags={"--bf16": "bf16", "--fp32": "fp32"})
+               flags={"--bf16": "bf16", "--fp32": "fp32"}, group=group)
 
 
 ROLLOUT_ENGINES = ("auto", "deepspeed", "fused", "hf")
@@ -29,51 +31,61 @@ ROLLOUT_ENGINES = ("auto", "deepspeed", "fused", "hf")
 class RunConfig:
     """Options every training step shares."""
 
-    output: str = opt("", "run folder to create, e.g. runs/sft1")
+    output: str = opt("", "run folder to create, e.g. runs/sft1", group="run")
     data: list[str] = opt([], "data sources: .json/.jsonl/.jsonl.gz files, Hugging Face dataset "
-                              "names or folders, or ratings: (the ratings store); several blend")
+                              "names or folders, or ratings: (the ratings store); several blend",
+                          group="data")
     data_split: str = opt("", "comma-separated weights such as 2,4,4 that cut every source into "
-                              "disjoint SFT, RM and PPO parts; empty uses all of it for this step")
+                              "disjoint SFT, RM and PPO parts; empty uses all of it for this step",
+                          group="data")
     eval_fraction: float = opt(0.05, "share of this step's data held out for evaluation",
-                               range=(0.0, 0.5))
-    max_eval_samples: int = opt(200, "cap on held-out records evaluated", range=(0, 100_000))
+                               range=(0.0, 0.5), group="evaluation")
+    max_eval_samples: int = opt(200, "cap on held-out records evaluated", range=(0, 100_000),
+                                group="evaluation")
     seed: int = opt(1234, "random seed for data order, splits and initialisation",
-                    range=(0, 2**31 - 1))
+                    range=(0, 2**31 - 1), group="training")
     precision: str = precision_option()
-    zero_stage: int = opt(0, "DeepSpeed ZeRO stage", range=(0, 3))
-    offload: bool = opt(False, "offload optimizer state (and, with ZeRO-3, parameters) to CPU memory")
+    zero_stage: int = opt(0, "DeepSpeed ZeRO stage", range=(0, 3), group="deepspeed")
+    offload: bool = opt(False, "offload optimizer state (and, with ZeRO-3, parameters) to CPU memory",
+                        group="deepspeed")
     lora_dim: int = opt(0, "LoRA rank; 0 trains all weights. LoRA weights are merged on save",
-                        range=(0, 1024))
-    lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank)", range=(0.0, 4096.0))
-    lora_dropout: float = opt(0.0, "dropout on the LoRA branch", range=(0.0, 0.9))
+                        range=(0, 1024), group="lora")
+    lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank)", range=(0.0, 4096.0),
+                            group="lora")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA branch", range=(0.0, 0.9), group="lora")
     lora_targets: str = opt("all-linear", "modules LoRA wraps: all-linear or comma-separated "
-                                          "names such as q_proj,v_proj")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    batch_size: int = opt(8, "micro-batch size per process", range=(1, 4096))
-    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", range=(1, 1024))
+                                          "names such as q_proj,v_proj", group="lora")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory",
+                                       group="deepspeed")
+    batch_size: int = opt(8, "micro-batch size per process", range=(1, 4096), group="main")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", range=(1, 1024),
+                                           group="training")
     max_seq_len: int = opt(512, "longest tokenised sequence (prompt + response)",
-                           range=(16, 32768))
-    learning_rate: float = opt(2e-5, "peak learning rate", range=(0.0, 1.0))
-    weight_decay: float = opt(0.0, "AdamW weight decay", range=(0.0, 1.0))
+                           range=(16, 32768), group="training")
+    learning_rate: float = opt(2e-5, "peak learning rate", range=(0.0, 1.0), group="main")
+    weight_decay: float = opt(0.0, "AdamW weight decay", range=(0.0, 1.0), group="training")
     lr_scheduler: str = opt("cosine", "learning-rate schedule after warmup",
-                            choices=("cosine", "linear", "constant"))
+                            choices=("cosine", "linear", "constant"), group="training")
     warmup_ratio: float = opt(0.05, "share of steps spent warming the learning rate up",
-                              range=(0.0, 1.0))
-    num_epochs: int = opt(1, "passes over the training data", range=(1, 1000))
+                              range=(0.0, 1.0), group="training")
+    num_epochs: int = opt(1, "passes over the training data", range=(1, 1000), group="main")
     max_steps: int = opt(0, "stop after this many optimizer steps; 0 means num_epochs decides",
-                         range=(0, 10_000_000))
-    log_every: int = opt(1, "optimizer steps between metric lines", range=(1, 100_000))
+                         range=(0, 10_000_000), group="main")
+    log_every: int = opt(1, "optimizer steps between metric lines", range=(1, 100_000),
+                         group="evaluation")
     eval_every: int = opt(50, "optimizer steps between evaluations; 0 evaluates only at the end",
-                          range=(0, 1_000_000))
+                          range=(0, 1_000_000), group="evaluation")
     save_every: int = opt(200, "optimizer steps between resumable checkpoints; 0 saves only when "
-                               "stopped or finished", range=(0, 1_000_000))
+                               "stopped or finished", range=(0, 1_000_000), group="evaluation")
     keep_checkpoints: int = opt(1, "resumable checkpoints kept (each holds optimizer state)",
-                                range=(1, 100))
+                                range=(1, 100), group="evaluation")
     num_procs: int = opt(1, "processes to start through the deepspeed launcher (app and launcher)",
-                         range=(1, 1024))
-    tensorboard: bool = opt(True, "write TensorBoard events to <output>/tensorboard")
-    overwrite: bool = opt(False, "replace an output folder that already holds a run")
-    resume: bool = opt(False, "continue the run in the output folder from its last checkpoint")
+                         range=(1, 1024), group="deepspeed")
+    tensorboard: bool = opt(True, "write TensorBoard events to <output>/tensorboard",
+                            group="evaluation")
+    overwrite: bool = opt(False, "replace an output folder that already holds a run", group="run")
+    resume: bool = opt(False, "continue the run in the output folder from its last checkpoint",
+                       group="run")
 
     def __post_init__(self):
         validate(self)
@@ -88,8 +100,9 @@ class SFTConfig(RunConfig):
     """Step 1: supervised fine-tuning on demonstrations."""
 
     model: str = opt("default", "base model: default (built-in SmolLM2-135M-Instruct), a local "
-                                "Hugging Face folder, a .gguf file or a hub name")
-    data: list[str] = opt(["prompts/sft.jsonl"], RunConfig.__dataclass_fields__["data"].metadata["help"])
+                                "Hugging Face folder, a .gguf file or a hub name", group="model")
+    data: list[str] = opt(["prompts/sft.jsonl"], RunConfig.__dataclass_fields__["data"].metadata["help"],
+                          group="data")
 
 
 @dataclass
@@ -97,14 +110,16 @@ class RMConfig(RunConfig):
     """Step 2: a reward model trained on preference pairs (prompt, chosen, rejected)."""
 
     model: str = opt("default", "backbone to put the value head on: default, a local Hugging Face "
-                                "folder (such as an SFT run's final/), a .gguf file or a hub name")
+                                "folder (such as an SFT run's final/), a .gguf file or a hub name",
+                     group="model")
     data: list[str] = opt(["prompts/preferences.jsonl"],
-                          RunConfig.__dataclass_fields__["data"].metadata["help"])
-    learning_rate: float = opt(1e-5, "peak learning rate", range=(0.0, 1.0))
+                          RunConfig.__dataclass_fields__["data"].metadata["help"], group="data")
+    learning_rate: float = opt(1e-5, "peak learning rate", range=(0.0, 1.0), group="main")
     margin: float = opt(0.0, "required reward gap: loss is -logsigmoid(r_chosen - r_rejected - margin)",
-                        range=(0.0, 100.0))
+                        range=(0.0, 100.0), group="training")
     stats_samples: int = opt(256, "training pairs scored after training for the saved reward "
-                                  "mean and std (PPO normalises with them)", range=(1, 1_000_000))
+                                  "mean and std (PPO normalises with them)", range=(1, 1_000_000),
+                             group="training")
 
 
 @dataclass
@@ -112,43 +127,53 @@ class PPOConfig(RunConfig):
     """Step 3: PPO of the SFT model against the reward model, with a KL penalty to a frozen
     reference, optional EMA of the actor and optional pretraining-mix loss."""
 
-    actor: str = opt("default", "actor and reference: an SFT run's final/, default, a folder or hub name")
-    reward: str = opt("", "reward model: an RM run's final/ (required)")
-    critic: str = opt("", "critic initialisation; empty uses the reward model")
+    actor: str = opt("default", "actor and reference: an SFT run's final/, default, a folder or hub name",
+                     group="model")
+    reward: str = opt("", "reward model: an RM run's final/ (required)", group="model")
+    critic: str = opt("", "critic initialisation; empty uses the reward model", group="model")
     data: list[str] = opt(["prompts/prompts.jsonl"], "prompt sources (any record format; only the "
-                                                     "prompts are used)")
-    learning_rate: float = opt(2e-6, "actor peak learning rate", range=(0.0, 1.0))
-    critic_learning_rate: float = opt(5e-6, "critic peak learning rate", range=(0.0, 1.0))
+                                                     "prompts are used)", group="data")
+    learning_rate: float = opt(2e-6, "actor peak learning rate", range=(0.0, 1.0), group="main")
+    critic_learning_rate: float = opt(5e-6, "critic peak learning rate", range=(0.0, 1.0),
+                                      group="rl")
     batch_size: int = opt(8, "PPO minibatch size per process (rollouts per optimizer step)",
-                          range=(1, 4096))
-    rollout_batch_size: int = opt(16, "prompts generated per PPO step per process", range=(1, 4096))
-    ppo_epochs: int = opt(1, "passes over each rollout batch", range=(1, 100))
-    max_prompt_len: int = opt(256, "longest prompt in tokens (older tokens are cut)", range=(8, 32768))
-    max_new_tokens: int = opt(64, "longest generated response", range=(1, 8192))
-    temperature: float = opt(1.0, "sampling temperature of rollouts", range=(0.01, 10.0))
-    top_p: float = opt(1.0, "nucleus sampling of rollouts", range=(0.01, 1.0))
+                          range=(1, 4096), group="main")
+    rollout_batch_size: int = opt(16, "prompts generated per PPO step per process", range=(1, 4096),
+                                  group="main")
+    ppo_epochs: int = opt(1, "passes over each rollout batch", range=(1, 100), group="rl")
+    max_prompt_len: int = opt(256, "longest prompt in tokens (older tokens are cut)", range=(8, 32768),
+                              group="rl")
+    max_new_tokens: int = opt(64, "longest generated response", range=(1, 8192), group="main")
+    temperature: float = opt(1.0, "sampling temperature of rollouts", range=(0.01, 10.0),
+                             group="rl")
+    top_p: float = opt(1.0, "nucleus sampling of rollouts", range=(0.01, 1.0), group="rl")
     kl_coef: float = opt(0.05, "weight of the per-token KL penalty to the reference",
-                         range=(0.0, 100.0))
-    adaptive_kl: bool = opt(False, "adapt kl_coef towards kl_target (Ziegler et al.)")
+                         range=(0.0, 100.0), group="main")
+    adaptive_kl: bool = opt(False, "adapt kl_coef towards kl_target (Ziegler et al.)", group="rl")
     kl_target: float = opt(6.0, "target KL per response for the adaptive controller",
-                           range=(0.0, 1000.0))
-    kl_horizon: int = opt(10000, "horizon of the adaptive KL controller", range=(1, 10**9))
-    gamma: float = opt(1.0, "discount factor of GAE", range=(0.0, 1.0))
-    lam: float = opt(0.95, "lambda of GAE", range=(0.0, 1.0))
-    cliprange: float = opt(0.2, "PPO policy ratio clip", range=(0.0, 10.0))
-    cliprange_value: float = opt(0.2, "critic value clip", range=(0.0, 100.0))
-    reward_clip: float = opt(5.0, "clip normalised rewards to +-this", range=(0.0, 1000.0))
-    normalize_reward: bool = opt(True, "normalise scores with the reward model's saved mean and std")
-    whiten_advantages: bool = opt(True, "whiten advantages within each rollout batch")
-    ema: bool = opt(False, "keep an exponential moving average of the actor, saved as ema/")
-    ema_beta: float = opt(0.992, "EMA decay per actor step", range=(0.0, 1.0))
-    ptx_data: list[str] = opt([], "pretraining/SFT sources mixed into the actor loss")
-    ptx_coef: float = opt(1.0, "weight of the mixed-in SFT loss (with --ptx-data)", range=(0.0, 1000.0))
+                           range=(0.0, 1000.0), group="rl")
+    kl_horizon: int = opt(10000, "horizon of the adaptive KL controller", range=(1, 10**9),
+                          group="rl")
+    gamma: float = opt(1.0, "discount factor of GAE", range=(0.0, 1.0), group="rl")
+    lam: float = opt(0.95, "lambda of GAE", range=(0.0, 1.0), group="rl")
+    cliprange: float = opt(0.2, "PPO policy ratio clip", range=(0.0, 10.0), group="rl")
+    cliprange_value: float = opt(0.2, "critic value clip", range=(0.0, 100.0), group="rl")
+    reward_clip: float = opt(5.0, "clip normalised rewards to +-this", range=(0.0, 1000.0),
+                             group="rl")
+    normalize_reward: bool = opt(True, "normalise scores with the reward model's saved mean and std",
+                                 group="rl")
+    whiten_advantages: bool = opt(True, "whiten advantages within each rollout batch", group="rl")
+    ema: bool = opt(False, "keep an exponential moving average of the actor, saved as ema/",
+                    group="main")
+    ema_beta: float = opt(0.992, "EMA decay per actor step", range=(0.0, 1.0), group="rl")
+    ptx_data: list[str] = opt([], "pretraining/SFT sources mixed into the actor loss", group="rl")
+    ptx_coef: float = opt(1.0, "weight of the mixed-in SFT loss (with --ptx-data)", range=(0.0, 1000.0),
+                          group="rl")
     rollout_engine: str = opt("auto", "what generates rollouts: deepspeed (DeepSpeed's Hybrid "
                                       "Engine, CUDA and the architectures it supports), fused (our "
                                       "slot decoder), hf (Hugging Face generate, the baseline); "
                                       "auto: deepspeed where it can run, else fused",
-                              choices=ROLLOUT_ENGINES)
+                              choices=ROLLOUT_ENGINES, group="rl")
     # replaced by rollout_engine; still read, with a deprecation line, from the command line and
     # from older runs' config.yaml: old name -> (type, value -> new options)
     RENAMED: ClassVar[dict] = {
@@ -156,10 +181,11 @@ class PPOConfig(RunConfig):
         "hybrid_engine": (bool, lambda value: {} if value else {"rollout_engine": "fused"}),
     }
     sample_every: int = opt(1, "PPO steps between rollout samples written to samples.jsonl",
-                            range=(1, 100_000))
-    max_eval_samples: int = opt(32, "held-out prompts whose reward is measured", range=(0, 100_000))
+                            range=(1, 100_000), group="evaluation")
+    max_eval_samples: int = opt(32, "held-out prompts whose reward is measured", range=(0, 100_000),
+                                group="evaluation")
     eval_every: int = opt(0, "PPO steps between held-out reward evaluations; 0: start and end",
-                          range=(0, 1_000_000))
+                          range=(0, 1_000_000), group="evaluation")
 
 
 @dataclass
@@ -167,23 +193,27 @@ class AllConfig:
     """SFT, reward model and PPO in a row into <output>/sft, /rm and /ppo; a step whose folder
     already holds a finished result is reused, a stopped one resumed."""
 
-    output: str = opt("", "pipeline folder, e.g. runs/demo")
-    actor_model: str = opt("default", "base model of SFT (and so of the PPO actor)")
-    reward_model: str = opt("default", "backbone of the reward model")
+    output: str = opt("", "pipeline folder, e.g. runs/demo", group="run")
+    actor_model: str = opt("default", "base model of SFT (and so of the PPO actor)", group="model")
+    reward_model: str = opt("default", "backbone of the reward model", group="model")
     data: list[str] = opt(["prompts/sft.jsonl", "prompts/preferences.jsonl", "prompts/prompts.jsonl"],
                           "sources shared by the three steps; each step uses its part and the "
-                          "records it can use")
-    data_split: str = opt("2,4,4", "weights cutting every source into disjoint SFT, RM and PPO parts")
-    seed: int = opt(1234, "random seed of all three steps", range=(0, 2**31 - 1))
+                          "records it can use", group="data")
+    data_split: str = opt("2,4,4", "weights cutting every source into disjoint SFT, RM and PPO parts",
+                          group="data")
+    seed: int = opt(1234, "random seed of all three steps", range=(0, 2**31 - 1), group="training")
     precision: str = precision_option()
-    zero_stage: int = opt(0, "DeepSpeed ZeRO stage of all steps", range=(0, 3))
-    sft_max_steps: int = opt(0, "SFT optimizer steps; 0: one epoch", range=(0, 10_000_000))
-    rm_max_steps: int = opt(0, "reward-model optimizer steps; 0: one epoch", range=(0, 10_000_000))
-    ppo_max_steps: int = opt(0, "PPO steps; 0: one pass over the prompts", range=(0, 10_000_000))
-    sft_config: str = opt("", "YAML file with more SFT options")
-    rm_config: str = opt("", "YAML file with more reward-model options")
-    ppo_config: str = opt("", "YAML file with more PPO options (e.g. ema: true)")
-    overwrite: bool = opt(False, "run every step again, replacing finished ones")
+    zero_stage: int = opt(0, "DeepSpeed ZeRO stage of all steps", range=(0, 3), group="deepspeed")
+    sft_max_steps: int = opt(0, "SFT optimizer steps; 0: one epoch", range=(0, 10_000_000),
+                             group="main")
+    rm_max_steps: int = opt(0, "reward-model optimizer steps; 0: one epoch", range=(0, 10_000_000),
+                            group="main")
+    ppo_max_steps: int = opt(0, "PPO steps; 0: one pass over the prompts", range=(0, 10_000_000),
+                             group="main")
+    sft_config: str = opt("", "YAML file with more SFT options", group="training")
+    rm_config: str = opt("", "YAML file with more reward-model options", group="training")
+    ppo_config: str = opt("", "YAML file with more PPO options (e.g. ema: true)", group="training")
+    overwrite: bool = opt(False, "run every step again, replacing finished ones", group="run")
 
     def __post_init__(self):
         validate(self)
@@ -194,13 +224,14 @@ class AllConfig:
 class EvalRMConfig:
     """Score preference pairs with a reward model; prints accuracy and margins as JSON."""
 
-    reward: str = opt("", "reward-model folder (an RM run's final/)")
-    data: list[str] = opt([], "preference sources (files, datasets, ratings:)")
-    per_source: bool = opt(False, "also break the figures down by source")
-    batch_size: int = opt(8, "pairs scored at once", range=(1, 4096))
-    max_seq_len: int = opt(512, "longest tokenised sequence (prompt + answer)", range=(16, 32768))
+    reward: str = opt("", "reward-model folder (an RM run's final/)", group="model")
+    data: list[str] = opt([], "preference sources (files, datasets, ratings:)", group="data")
+    per_source: bool = opt(False, "also break the figures down by source", group="main")
+    batch_size: int = opt(8, "pairs scored at once", range=(1, 4096), group="main")
+    max_seq_len: int = opt(512, "longest tokenised sequence (prompt + answer)", range=(16, 32768),
+                           group="main")
     max_samples: int = opt(0, "score at most this many pairs per source; 0 scores all",
-                           range=(0, 10_000_000))
+                           range=(0, 10_000_000), group="main")
     precision: str = precision_option()
 
     def __post_init__(self):

@@ -69,11 +69,13 @@ class RunDir:
         if existing is not None and any(pid_alive(p) for p in existing.pids if int(p) not in ours):
             raise ConfigError(f"{run.path} is in use by a run that is still going: stop it first, "
                               "or choose another --output.")
+        # the launcher above this process wrote the status (queued, then running): this is that run
+        launched = existing is not None and bool(existing.pids) and all(int(p) in ours for p in existing.pids)
         if cfg.resume:
             if not (run.checkpoints / "latest").is_file():
                 raise ConfigError(f"{run.path} has no checkpoint to resume from: start it again "
                                   "without --resume.")
-        elif existing is not None and existing.status and not cfg.overwrite:
+        elif existing is not None and existing.status and not cfg.overwrite and not launched:
             state = existing.state
             what = "a finished run" if state == "done" else f"a run (state: {state})"
             raise ConfigError(f"{run.path} already holds {what}: pass --overwrite to replace it, "

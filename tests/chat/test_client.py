@@ -64,6 +64,17 @@ def test_streamed_answer_arrives_in_pieces_and_equals_the_whole(server):
     assert whole == "".join(pieces)
 
 
+def test_a_stream_says_why_it_ended(server):
+    """The chat marks an answer cut at max_tokens; an answer ended by a stop string is whole."""
+    client = ChatClient(server[0], api_key="k")
+    finish = {}
+    pieces = list(client.stream(CONVERSATION, finish=finish, **SAMPLED))
+    assert finish["reason"] == "length"  # the tiny random model never ends a turn by itself
+    finish = {}
+    list(client.stream(CONVERSATION, finish=finish, stop=[pieces[3].strip()], **SAMPLED))
+    assert finish["reason"] == "stop"
+
+
 def test_n_answers_come_back_in_order(server):
     client = ChatClient(server[0], api_key="k")
     answers = client.complete(CONVERSATION, n=3, **SAMPLED)
@@ -173,6 +184,8 @@ def make_stand_in_app(model: str, api_key: str | None = None):
                 chunk = {"object": "chat.completion.chunk",
                          "choices": [{"index": 0, "delta": {"content": piece}}]}
                 yield f"data: {json.dumps(chunk)}\n\n"
+            reason = "length" if body.get("max_tokens") == 1 else "stop"
+            yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {}, 'finish_reason': reason}]})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

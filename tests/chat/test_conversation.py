@@ -1,8 +1,10 @@
-"""Per-session chat state: what each vote records, arena rounds, and the checkpoints offered."""
+"""Per-session chat state: what each vote records, arena rounds (both sides streamed at once),
+stopping and cut-off answers, and the checkpoints offered."""
 from __future__ import annotations
 
 import contextlib
 import json
+import threading
 
 import pytest
 
@@ -15,11 +17,13 @@ class FakeClient:
     def __init__(self, model, fail=False):
         self.model, self.fail = model, fail
 
-    def stream(self, messages, **sampling):
+    def stream(self, messages, finish=None, **sampling):
         yield f"[{self.model}] "
         if self.fail:
             raise ServerError("the stream broke off.")
         yield messages[-1]["content"].upper()
+        if finish is not None:
+            finish["reason"] = "length" if sampling.get("max_tokens") == 2 else "stop"
 
 
 class FakePool:
@@ -68,7 +72,7 @@ def test_arena_round_is_anonymous_until_the_vote_and_the_winner_continues():
     arena, pool = ArenaSession(), FakePool()
     arena.start_round("hi", ("runs/x/final", "runs/y/final"), {"temperature": 1.0}, "Sys.")
     sides = list(stream_round(pool, arena))
-    assert sides == ["A", "A", "B", "B"] and arena.waiting_for_vote()
+    assert sorted(sides) == ["A", "A", "B", "B"] and arena.waiting_for_vote()
     left, right = arena.views()
     assert left[-1]["content"] != right[-1]["content"] and arena.reveal() == ""
     model_a, model_b = arena.round["A"]["model"], arena.round["B"]["model"]
@@ -140,3 +144,49 @@ def test_checkpoints_offered_are_finished_sft_and_ppo_results(tmp_path):
     make_run(runs / "demo" / "sft", "sft", "done")  # inside a `train all` folder
     assert chat_checkpoints(runs, tmp_path) == ["default", "runs/demo/sft/final", "runs/ppo1/final",
                                                 "runs/ppo1/ema", "runs/sft1/final"]
+
+
+def test_both_arena_sides_stream_at_the_same_time():
+    """Each side waits for the other's first piece: one side after the other would never end."""
+    first_pieces = threading.Barrier(2, timeout=10)
+
+    class Client(FakeClient):
+        def stream(self, messages, finish=None, **sampling):
+            first_pieces.wait()
+            yield from super().stream(messages, finish, **sampling)
+
+    class Pool(FakePool):
+        @contextlib.contextmanager
+        def lease(self, model):
+            yield Client(model)
+
+    arena = ArenaSession()
+    arena.start_round("hi", ("one", "two"), {}, "")
+    assert sorted(stream_round(Pool(), arena)) == ["A", "A", "B", "B"]
+    assert arena.round["A"]["finish"] == arena.round["B"]["finish"] == "stop"
+
+
+def test_stop_ends_an_answer_and_marks_it_where_it_is_shown():
+    chat = ChatSession()
+    chat.ask("hi")
+    for _ in stream_answer(FakePool(), chat, "m", {}, ""):
+        chat.stop = True
+    assert (chat.turns[-1]["content"], chat.turns[-1]["finish"]) == ("[m] ", "stopped")
+    assert chat.history()[-1]["content"] == "[m] \n\n*[stopped]*"
+    assert chat.rated(1)["answer"] == "[m] "
+
+
+def test_a_cut_off_answer_is_marked_in_the_arena_too():
+    arena = ArenaSession()
+    arena.start_round("hi", ("m", "m"), {"max_tokens": 2}, "")
+    list(stream_round(FakePool(), arena))
+    left, right = arena.views()
+    assert left[-1]["content"].endswith("*[cut off at the token limit]*")
+    assert arena.vote("A")["answer_a"] == "[m] HI"  # the vote keeps the text without the mark
+
+
+def test_reward_model_checkpoints_are_listed_apart(tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs / "sft1", "sft", "done")
+    make_run(runs / "rm1", "rm", "done")
+    assert chat_checkpoints(runs, tmp_path, stages=("rm",)) == ["runs/rm1/final"]

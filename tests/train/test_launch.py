@@ -1,7 +1,11 @@
-"""Runs started as subprocesses, watched through their folders, stopped by signal, resumed."""
+"""Runs started as subprocesses, watched through their folders, stopped by signal, resumed; the
+queue that runs them one at a time and survives the process that started them."""
 import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -64,7 +68,7 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
     folder.mkdir()
     (folder / "config.yaml").write_text("# step: sft\n" + to_yaml(SFTConfig(output="x")))
     (folder / "status.json").write_text(json.dumps({"state": "stopped", "step": 3}))
-    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+    with pytest.raises(ConfigError, match="ended before its first checkpoint: nothing to resume"):
         launch.resume(folder)
 
 
@@ -88,3 +92,135 @@ def test_a_run_started_by_a_process_with_its_own_deepspeed_group_makes_a_new_one
                                "--batch-size", "2", "--no-tensorboard"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ---- the queue (fake runs: a script that marks itself running, sleeps, marks itself done) -------
+
+FAKE_RUN = """import json, os, sys, time
+folder = sys.argv[1]
+def mark(state):
+    path = os.path.join(folder, "status.json")
+    status = json.load(open(path)) if os.path.exists(path) else {}
+    status.update(state=state, pid=os.getpid())
+    json.dump(status, open(path + ".tmp", "w")); os.replace(path + ".tmp", path)
+mark("running")
+time.sleep(float(sys.argv[2]))
+mark("done")
+"""
+
+
+@pytest.fixture
+def fake_runs(tmp_path, monkeypatch):
+    """launch.start runs `fake_train.py FOLDER SECONDS` (its name says train: a live run)."""
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_RUN)
+    seconds = {}
+    monkeypatch.setattr(launch, "command", lambda stage, cfg: [
+        sys.executable, str(script), cfg.output, str(seconds.get(Path(cfg.output).name, 2.0))])
+    yield seconds
+
+
+def start_fake(root, name, seconds=None, fake=None):
+    if seconds is not None:
+        fake[name] = seconds
+    return launch.start("sft", SFTConfig(output=str(root / name)), root)
+
+
+def test_runs_take_turns_one_at_a_time_by_default(tmp_path, fake_runs):
+    root = tmp_path / "runs"
+    root.mkdir()
+    start_fake(root, "a", 8.0, fake_runs)  # long enough to see b wait on a loaded machine
+    start_fake(root, "b", 0.5, fake_runs)
+    assert wait_for(lambda: state_of(root, "a") == "running", 60)
+    assert wait_for(lambda: [r.name for r in launch.queued(root)] == ["b"], 30)
+    assert state_of(root, "b") == "queued"
+    assert wait_for(lambda: state_of(root, "b") == "done", 60)
+    assert state_of(root, "a") == "done"
+    ended_a = (root / "a" / "status.json").stat().st_mtime
+    assert json.loads((root / "b" / "status.json").read_text())["queued_at"] < ended_a
+
+
+def test_more_runs_at_once_when_the_setting_says_so(tmp_path, fake_runs):
+    root = tmp_path / "runs"
+    root.mkdir()
+    assert launch.set_max_running(root, 2) == 2
+    start_fake(root, "a", 5.0, fake_runs)
+    start_fake(root, "b", 5.0, fake_runs)
+    assert wait_for(lambda: state_of(root, "a") == state_of(root, "b") == "running", 60)
+    with pytest.raises(ConfigError, match="1 to 64"):
+        launch.set_max_running(root, 0)
+
+
+def test_the_queue_survives_the_process_that_started_it(tmp_path, fake_runs):
+    """An app that queues two runs and exits: the runs still take their turns."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    script = tmp_path / "fake_train.py"
+    starter = (f"import sys; sys.path.insert(0, {str(Path(launch.ROOT))!r})\n"
+               "from train import launch\nfrom train.config import SFTConfig\n"
+               f"launch.command = lambda stage, cfg: [sys.executable, {str(script)!r}, cfg.output, '1.5']\n"
+               f"for name in ('a', 'b'):\n"
+               f"    launch.start('sft', SFTConfig(output={str(root)!r} + '/' + name), {str(root)!r})\n")
+    done = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert wait_for(lambda: state_of(root, "a") == state_of(root, "b") == "done", 90)
+
+
+def test_a_queued_run_leaves_the_line_when_stopped(tmp_path, fake_runs):
+    root = tmp_path / "runs"
+    root.mkdir()
+    start_fake(root, "a", 60.0, fake_runs)
+    start_fake(root, "b", 0.5, fake_runs)
+    assert wait_for(lambda: [r.name for r in launch.queued(root)] == ["b"], 60)
+    assert launch.stop(root / "b")
+    assert wait_for(lambda: state_of(root, "b") == "stopped", 30)
+    assert launch.queued(root) == [] and wait_for(lambda: launch.resumable(root / "b"), 10)
+    assert not (root / "b" / "config.yaml").exists()  # it never ran
+    assert launch.stop(root / "a")
+
+
+def test_a_run_that_is_alive_is_never_started_twice(tmp_path, fake_runs):
+    root = tmp_path / "runs"
+    root.mkdir()
+    start_fake(root, "a", 5.0, fake_runs)
+    with pytest.raises(ConfigError, match="a is already"):
+        start_fake(root, "a")
+    assert wait_for(lambda: state_of(root, "a") == "running", 60)
+    with pytest.raises(ConfigError, match="a is running: nothing to resume"):
+        launch.resume(root / "a")
+    assert launch.stop(root / "a")
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/b", ".queue", "", "a" * 101])
+def test_a_run_name_is_a_name(tmp_path, name):
+    with pytest.raises(ConfigError, match="name"):
+        launch.run_folder(name, tmp_path)
+    assert launch.run_folder("sft-1.b_2", tmp_path) == tmp_path / "sft-1.b_2"
+
+
+def test_start_over_removes_only_what_a_run_wrote(tmp_path):
+    folder = tmp_path / "sft1"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("# step: sft\n" + to_yaml(SFTConfig(output=str(folder))))
+    (folder / "status.json").write_text(json.dumps({"state": "failed"}))
+    for name in ("final", "checkpoints", "tensorboard"):
+        (folder / name).mkdir()
+    (folder / "notes.txt").write_text("mine")
+    launch.clear_run(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    with pytest.raises(ConfigError, match="holds no run of ours"):
+        launch.clear_run(tmp_path)
+
+
+def test_resume_says_why_it_cannot(tmp_path):
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "config.yaml").write_text("# step: sft\n" + to_yaml(SFTConfig(output=str(done))))
+    (done / "status.json").write_text(json.dumps({"state": "done"}))
+    with pytest.raises(ConfigError, match="has finished: nothing to resume"):
+        launch.resume(done)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "launch.json").write_text(json.dumps({"pid": None}))
+    with pytest.raises(ConfigError, match="does not say which stage"):
+        launch.resume(bare)

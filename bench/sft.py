@@ -23,8 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from statistics import mean
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `train` imports from any working directory
+from common import ROOT  # bench/common.py: the machine header; makes core/ and train/ importable
 from core.process import tune_process  # noqa: E402
 
 tune_process()  # the memory settings every entry point makes, before torch allocates

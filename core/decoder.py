@@ -15,7 +15,9 @@ Qwen3, LoRA adapters merged) the forward pass is our own:
 - the cache is written in place; the decoding slots are kept in the cache's first rows, so a
   decode step's attention reads plain slices of it (no gather), one query token against its own
   slot's keys with grouped KV heads;
-- prompts are prefilled in groups of similar length (right-padded, causal), to limit padding.
+- prompts are prefilled in groups of similar length (right-padded, causal), to limit padding;
+  the prefix that all prompts of a call share (the chat template's system prompt: a quarter to a
+  half of a rollout's prompt tokens) is computed once and its cache copied to every slot.
 Any other model runs its own forward over all listed slots as one left-padded batch (correct
 for any model with a standard Hugging Face cache; it copies the listed slots' cache each step,
 so it is slower), and the reason is logged once. Single-threaded: call it from one thread.
@@ -23,6 +25,7 @@ so it is slower), and the reason is logged once. Single-threaded: call it from o
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,7 @@ __all__ = ["SlotDecoder", "fused_reason", "prefill_groups"]
 
 PREFILL_TOKENS = 4096  # rows x padded length of one prefill forward
 SMALL_BATCH = 16  # up to this many slots the cache and attention are kept in fp32
+SHARED_PREFIX_MIN = 8  # a common prefix of prompts prefilled together is computed once from this length
 log = logging.getLogger(__name__)
 _logged_reasons: set[str] = set()
 
@@ -122,27 +126,40 @@ class _Fused:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(_rms_norm(h, self.norm, self.eps)).float()
 
-    def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Prompts into cache rows `rows` (right-padded, one forward); (m, V) logits after each."""
+    def prefill(self, rows: list[int], prompts: list[list[int]], start: int = 0) -> torch.Tensor:
+        """Prompts into cache rows `rows` from position `start` (right-padded, one forward); (m, V)
+        logits after each. With `start` > 0 each row's cache already holds positions 0..start-1
+        (a shared prefix) and the new tokens attend to them."""
         ids, _ = pad(prompts, 0)
         ids = ids.to(self.device)  # (m, P)
         rows = torch.tensor(rows, device=self.device)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         m, width = ids.shape
+        end = start + width
         h = self.embed[ids]  # (m, P, H)
-        cos, signed_sin = self.cos[:width, None], self.signed_sin[:width, None]  # (P, 1, D)
+        cos, signed_sin = self.cos[start:end, None], self.signed_sin[start:end, None]  # (P, 1, D)
+        # query i (position start + i) sees positions up to its own; right padding: a real
+        # token never sees the padding after it
+        causal = torch.ones(width, end, dtype=torch.bool, device=self.device).tril(start) if start else None
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             q, k, v = self._qkv(layer, h, cos, signed_sin)  # (m, P, heads, D)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (m, kv_heads, P, D)
-            keys[rows, :, :, :width] = k.transpose(-1, -2).to(self.cache_dtype)
-            values[rows, :, :width] = v.to(self.cache_dtype)
-            # right padding: a real token never sees the padding after it
-            attn = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True,
-                                                  scale=self.scale, enable_gqa=True)
+            keys[rows, :, :, start:end] = k.transpose(-1, -2).to(self.cache_dtype)
+            values[rows, :, start:end] = v.to(self.cache_dtype)
+            if start:  # the prefix's keys and values from the cache, then the new ones
+                k = keys[rows, :, :, :end].transpose(-1, -2).to(self.dtype)  # (m, kv_heads, start + P, D)
+                v = values[rows, :, :end].to(self.dtype)
+            attn = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=causal,
+                                                  is_causal=not start, scale=self.scale, enable_gqa=True)
             h = layer.o.add_to(attn.transpose(1, 2).flatten(2), h)
             h = self._mlp(layer, h)
         last = h[torch.arange(m, device=self.device), lengths - 1]
         return self._logits(last)
+
+    def copy_prefix(self, source: int, rows: list[int], length: int) -> None:
+        """Cache positions 0..length-1 of row `source` into each of `rows`."""
+        self.keys[:, rows, :, :, :length] = self.keys[:, source, None, :, :, :length]
+        self.values[:, rows, :, :length] = self.values[:, source, None, :, :length]
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """One token for each of cache rows 0..n-1 at positions `pos` (n,); (n, V) logits of rows
@@ -263,12 +280,26 @@ class SlotDecoder:
                 raise ValueError(f"a prompt of {len(prompt)} tokens does not fit a slot of {self.max_len}")
             self._lengths[slot] = len(prompt)
         row_of = self._row_of if self.fused else list(range(self.slots))
+        start = self._prefill_shared_prefix([row_of[s] for s in slot_ids], prompts) if self.fused else 0
         logits = [None] * len(prompts)
-        for group in prefill_groups([len(p) for p in prompts]):
+        for group in prefill_groups([len(p) - start for p in prompts]):
             rows = [row_of[slot_ids[i]] for i in group]
-            for i, row_logits in zip(group, self._impl.prefill(rows, [prompts[i] for i in group])):
+            rest = [prompts[i][start:] for i in group]
+            for i, row_logits in zip(group, self._impl.prefill(rows, rest, start) if start else
+                                     self._impl.prefill(rows, rest)):
                 logits[i] = row_logits
         return torch.stack(logits)
+
+    def _prefill_shared_prefix(self, rows: list[int], prompts: list[list[int]]) -> int:
+        """Prefill the prompts' common prefix (a chat template's system prompt, say) once, copy
+        its cache to every row, and return its length (0 where too short to be worth it)."""
+        length = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
+        length = min(length, min(map(len, prompts)) - 1)  # each prompt keeps a token of its own
+        if length < SHARED_PREFIX_MIN:
+            return 0
+        self._impl.prefill(rows[:1], [prompts[0][:length]])
+        self._impl.copy_prefix(rows[0], rows[1:], length)
+        return length
 
     @torch.no_grad()
     def decode(self, slot_ids: list[int], tokens: torch.Tensor) -> torch.Tensor:

@@ -151,7 +151,8 @@ def fuse(modules, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One (weight, bias) whose output is the outputs of `modules` side by side; a bias of
     zeros stands in for a module without one when another has one."""
     pairs = [merged_linear(m) for m in modules]
-    weight = torch.cat([w for w, _ in pairs]).to(dtype)
+    # one module: its own tensor where the dtype matches (no copy); several: one new matrix
+    weight = (pairs[0][0] if len(pairs) == 1 else torch.cat([w for w, _ in pairs])).to(dtype)
     if all(b is None for _, b in pairs):
         return weight, None
     bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in pairs])

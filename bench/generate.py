@@ -36,6 +36,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=128, help="sampled tokens per prompt")
     parser.add_argument("--hf-batches", default="16,32,64", help="HF generate batch sizes to try")
     parser.add_argument("--decode-tokens", type=int, default=128, help="batch-1 greedy tokens")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: every core; 1 gives steadier ratios on a busy machine)")
     parser.add_argument("--quick", action="store_true", help="16 prompts, 32 tokens, HF batch 16: a smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -129,17 +131,18 @@ def hf_decode_rate(model, prompt, tokens: int) -> float:
     return (tokens - 1) / (time.perf_counter() - tic - prefill)
 
 
-def others_share(run, threads: int):
-    """(run()'s result, share of the cores other processes took while it ran)."""
+def others_share(run, cores: int):
+    """(run()'s result, share of the machine's cores other processes took while it ran)."""
     (all0, own0), tic = cpu_seconds(), time.perf_counter()
     result = run()
     (all1, own1), wall = cpu_seconds(), time.perf_counter() - tic
-    return result, max(0.0, (all1 - all0) - (own1 - own0)) / (wall * threads)
+    return result, max(0.0, (all1 - all0) - (own1 - own0)) / (wall * cores)
 
 
 def main() -> None:
     args = parse_args()
-    threads, _ = bench_env()
+    cores, _ = bench_env()
+    threads = args.threads or cores
     import torch
     from core import models
     from core.hardware import torch_dtype
@@ -171,9 +174,9 @@ def main() -> None:
         ours_decode_rate(model, prompts[0], 8), hf_decode_rate(model, prompts[0], 8)  # warm-up
         # best of 3 runs each: single runs on this VM vary by 10-30%
         ours_b1, ours_busy = others_share(lambda: max(
-            ours_decode_rate(model, prompts[0], args.decode_tokens) for _ in range(3)), threads)
+            ours_decode_rate(model, prompts[0], args.decode_tokens) for _ in range(3)), cores)
         hf_b1, hf_busy = others_share(lambda: max(
-            hf_decode_rate(model, prompts[0], args.decode_tokens) for _ in range(3)), threads)
+            hf_decode_rate(model, prompts[0], args.decode_tokens) for _ in range(3)), cores)
     results.update(ours_batch1_tps=ours_b1, hf_batch1_tps=hf_b1,
                    batch1_others_cpu_share={"ours": ours_busy, "hf": hf_busy})
     print(f"batch-1 greedy decode: ours {ours_b1:.1f} tokens/s ({ours_b1 / bound:.0%} of the bound), "
@@ -185,13 +188,13 @@ def main() -> None:
     rows = []
     with torch.inference_mode():
         ours_rollout(model, prompts[:4], 4)  # warm-up
-        (seconds, prep), busy = others_share(lambda: ours_rollout(model, prompts, args.new_tokens), threads)
+        (seconds, prep), busy = others_share(lambda: ours_rollout(model, prompts, args.new_tokens), cores)
         rows.append((f"ours (fused, {precision})", len(prompts), seconds, prep, busy))
         print(f"ours: {seconds:.1f} s (weight layout {prep:.2f} s), others {busy:.0%}", flush=True)
         hf_rollout(model, prompts[:2], 4, 2, tokenizer.pad_token_id)  # warm-up
         for batch in args.hf_batches:
             seconds, busy = others_share(
-                lambda: hf_rollout(model, prompts, args.new_tokens, batch, tokenizer.pad_token_id), threads)
+                lambda: hf_rollout(model, prompts, args.new_tokens, batch, tokenizer.pad_token_id), cores)
             rows.append((f"HF generate {precision}", batch, seconds, 0.0, busy))
             print(f"HF generate batch {batch}: {seconds:.1f} s, others {busy:.0%}", flush=True)
     keys = ("system", "batch", "seconds", "prep_s", "others_cpu_share")

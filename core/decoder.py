@@ -287,8 +287,8 @@ class SlotDecoder:
         for group in prefill_groups([len(p) - start for p in prompts]):
             rows = [row_of[slot_ids[i]] for i in group]
             rest = [prompts[i][start:] for i in group]
-            for i, row_logits in zip(group, self._impl.prefill(rows, rest, start) if start else
-                                     self._impl.prefill(rows, rest)):
+            args = (rows, rest, start) if start else (rows, rest)  # (the fallback shares no prefix)
+            for i, row_logits in zip(group, self._impl.prefill(*args)):
                 logits[i] = row_logits
         return torch.stack(logits)
 

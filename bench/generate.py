@@ -1,31 +1,30 @@
 """Generation speed: our decoder (core/decoder.py, what PPO rollouts and the server use) against
-Hugging Face `generate`, default model, one process, one run.
+Hugging Face `generate`, default model, one process, one run, each at its best precision here
+(bf16 where the CPU computes it natively, else fp32: bench/common.py).
 
     python bench/generate.py [--prompts 64] [--new-tokens 128] [--hf-batches 16,32,64] [--quick]
 
-Measures, in this order:
+Prints the machine, then measures, in this order:
 1. the machine's memory read bandwidth (sum over a 256 MB tensor) and the model's weight bytes
-   in bf16, hence the batch-1 decode bound (bandwidth / weight bytes, tokens/s);
-2. batch-1 greedy decode, ours and HF bf16, decode steps only (prefill excluded), best of 3 runs;
+   in the precision it decodes in, hence the batch-1 decode bound (bandwidth / weight bytes);
+2. batch-1 greedy decode, ours and HF, decode steps only (prefill excluded), best of 3 runs;
 3. the rollout phase of a PPO step: --prompts real prompts of about 100 tokens (alpaca demo
    instructions in the chat template, 80-120 tokens), each sampled (temperature 1) to exactly
    --new-tokens tokens (end-of-turn ignored, so every system does the same work). Ours: one
-   batch, the weight layout (prep) included in the time. HF: `generate` at each of --hf-batches,
-   in bf16 and in fp32; its best batch is the baseline.
-Every system is warmed up first (the first call of a process is several times slower).
-Prints a table and the ratios; writes bench/results/generate.json.
+   batch, the weight layout (prep) included in the time. HF: `generate` at each of
+   --hf-batches; its best batch is the baseline.
+Every system is warmed up first (the first call of a process is several times slower), and the
+share of the CPU other processes took during each timed part is printed (a shared machine skews
+the figures). Prints a table and the ratios; writes bench/results/generate.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `train` imports from any working directory
-from bench.sft import bench_env  # noqa: E402
+from common import ROOT, best_precision, machine, print_machine
+from sft import bench_env, cpu_seconds
 
 DATA = ROOT.parent / "shared" / "data" / "llamafactory_alpaca_en_demo.json"
 RESULTS = ROOT / "bench" / "results" / "generate.json"
@@ -37,6 +36,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=128, help="sampled tokens per prompt")
     parser.add_argument("--hf-batches", default="16,32,64", help="HF generate batch sizes to try")
     parser.add_argument("--decode-tokens", type=int, default=128, help="batch-1 greedy tokens")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: every core; 1 gives steadier ratios on a busy machine)")
     parser.add_argument("--quick", action="store_true", help="16 prompts, 32 tokens, HF batch 16: a smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -130,63 +131,83 @@ def hf_decode_rate(model, prompt, tokens: int) -> float:
     return (tokens - 1) / (time.perf_counter() - tic - prefill)
 
 
+def others_share(run, cores: int):
+    """(run()'s result, share of the machine's cores other processes took while it ran)."""
+    (all0, own0), tic = cpu_seconds(), time.perf_counter()
+    result = run()
+    (all1, own1), wall = cpu_seconds(), time.perf_counter() - tic
+    return result, max(0.0, (all1 - all0) - (own1 - own0)) / (wall * cores)
+
+
 def main() -> None:
     args = parse_args()
-    threads, _ = bench_env()
+    cores, _ = bench_env()
+    threads = args.threads or cores
     import torch
     from core import models
+    from core.hardware import torch_dtype
+    from core.kernels import Linear
 
     torch.set_num_threads(threads)
+    precision = best_precision()
+    dtype = torch_dtype(precision)
     path = str(models.resolve_model("default"))
     tokenizer = models.load_tokenizer(path)
-    bf16 = models.load_causal_lm(path, dtype=torch.bfloat16).eval()
-    fp32 = models.load_causal_lm(path, dtype=torch.float32).eval()
+    model = models.load_causal_lm(path, dtype=dtype).eval()
     prompts = rollout_prompts(tokenizer, args.prompts)
-    results = {"machine": f"{threads} threads, torch {torch.__version__}, "
-                          f"{torch.backends.cpu.get_cpu_capability()}", "args": vars(args)}
+    info = machine(threads)
+    print_machine(info, {"ours": precision, "HF generate": precision})
+    plan = Linear(model.model.layers[0].mlp.gate_proj.weight.detach()).kernels()
+    print(f"our kernels for a {tuple(model.model.layers[0].mlp.gate_proj.weight.shape)} weight, by rows: {plan}")
+    results = {"machine": info, "precision": precision, "args": vars(args), "gate_proj_kernels": plan}
 
     # 1. the bound
-    weight_bytes = sum(p.numel() * 2 for p in {id(p): p for p in bf16.parameters()}.values())
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     bandwidth = read_bandwidth_gbs()
     bound = bandwidth * 1e9 / weight_bytes
     results.update(bandwidth_gbs=bandwidth, weight_mb=weight_bytes / 1e6, decode_bound_tps=bound)
-    print(f"{results['machine']}\nmemory read {bandwidth:.1f} GB/s, bf16 weights {weight_bytes / 1e6:.0f} MB: "
+    print(f"memory read {bandwidth:.1f} GB/s, {precision} weights {weight_bytes / 1e6:.0f} MB: "
           f"batch-1 decode bound {bound:.0f} tokens/s", flush=True)
 
     # 2. batch-1 decode
     with torch.inference_mode():
-        ours_decode_rate(bf16, prompts[0], 8), hf_decode_rate(bf16, prompts[0], 8)  # warm-up
+        ours_decode_rate(model, prompts[0], 8), hf_decode_rate(model, prompts[0], 8)  # warm-up
         # best of 3 runs each: single runs on this VM vary by 10-30%
-        ours_b1 = max(ours_decode_rate(bf16, prompts[0], args.decode_tokens) for _ in range(3))
-        hf_b1 = max(hf_decode_rate(bf16, prompts[0], args.decode_tokens) for _ in range(3))
-    results.update(ours_batch1_tps=ours_b1, hf_bf16_batch1_tps=hf_b1)
+        ours_b1, ours_busy = others_share(lambda: max(
+            ours_decode_rate(model, prompts[0], args.decode_tokens) for _ in range(3)), cores)
+        hf_b1, hf_busy = others_share(lambda: max(
+            hf_decode_rate(model, prompts[0], args.decode_tokens) for _ in range(3)), cores)
+    results.update(ours_batch1_tps=ours_b1, hf_batch1_tps=hf_b1,
+                   batch1_others_cpu_share={"ours": ours_busy, "hf": hf_busy})
     print(f"batch-1 greedy decode: ours {ours_b1:.1f} tokens/s ({ours_b1 / bound:.0%} of the bound), "
-          f"HF bf16 {hf_b1:.1f} ({hf_b1 / bound:.0%})", flush=True)
+          f"HF {hf_b1:.1f} ({hf_b1 / bound:.0%}); other processes took {ours_busy:.0%} / "
+          f"{hf_busy:.0%} of the CPU meanwhile", flush=True)
 
     # 3. the rollout phase
     total = args.prompts * args.new_tokens
     rows = []
     with torch.inference_mode():
-        ours_rollout(bf16, prompts[:4], 4)  # warm-up
-        seconds, prep = ours_rollout(bf16, prompts, args.new_tokens)
-        rows.append(("ours (fused, bf16)", len(prompts), seconds, prep))
-        print(f"ours: {seconds:.1f} s (weight layout {prep:.2f} s)", flush=True)
-        for name, model in (("HF generate bf16", bf16), ("HF generate fp32", fp32)):
-            hf_rollout(model, prompts[:2], 4, 2, tokenizer.pad_token_id)  # warm-up
-            for batch in args.hf_batches:
-                seconds = hf_rollout(model, prompts, args.new_tokens, batch, tokenizer.pad_token_id)
-                rows.append((name, batch, seconds, 0.0))
-                print(f"{name} batch {batch}: {seconds:.1f} s", flush=True)
-    results["rollout"] = [dict(zip(("system", "batch", "seconds", "prep_s"), r)) for r in rows]
+        ours_rollout(model, prompts[:4], 4)  # warm-up
+        (seconds, prep), busy = others_share(lambda: ours_rollout(model, prompts, args.new_tokens), cores)
+        rows.append((f"ours (fused, {precision})", len(prompts), seconds, prep, busy))
+        print(f"ours: {seconds:.1f} s (weight layout {prep:.2f} s), others {busy:.0%}", flush=True)
+        hf_rollout(model, prompts[:2], 4, 2, tokenizer.pad_token_id)  # warm-up
+        for batch in args.hf_batches:
+            seconds, busy = others_share(
+                lambda: hf_rollout(model, prompts, args.new_tokens, batch, tokenizer.pad_token_id), cores)
+            rows.append((f"HF generate {precision}", batch, seconds, 0.0, busy))
+            print(f"HF generate batch {batch}: {seconds:.1f} s, others {busy:.0%}", flush=True)
+    keys = ("system", "batch", "seconds", "prep_s", "others_cpu_share")
+    results["rollout"] = [dict(zip(keys, r)) for r in rows]
 
     print(f"\nrollout phase: {args.prompts} prompts of 80-120 tokens, {args.new_tokens} sampled tokens each")
-    print(f"{'system':<20}{'batch':>6}{'seconds':>9}{'tokens/s':>10}")
-    for name, batch, seconds, _ in rows:
-        print(f"{name:<20}{batch:>6}{seconds:>9.1f}{total / seconds:>10.0f}")
-    ours_s = rows[0][2]
-    best = {name: min(s for n, _, s, _ in rows if n == name) for name in ("HF generate bf16", "HF generate fp32")}
-    ratios = {f"{name} (best batch) / ours": s / ours_s for name, s in best.items()}
-    ratios["batch-1 decode, share of the bound"] = ours_b1 / bound
+    print(f"{'system':<22}{'batch':>6}{'seconds':>9}{'tokens/s':>10}{'others':>8}")
+    for name, batch, seconds, _, busy in rows:
+        print(f"{name:<22}{batch:>6}{seconds:>9.1f}{total / seconds:>10.0f}{busy:>8.0%}")
+    hf_best = min(r[2] for r in rows[1:])
+    ratios = {"rollout: HF best batch / ours": hf_best / rows[0][2],
+              "batch-1 decode: ours / HF": ours_b1 / hf_b1,
+              "batch-1 decode: ours, share of the bound": ours_b1 / bound}
     results["ratios"] = ratios
     print()
     for label, value in ratios.items():

@@ -19,24 +19,23 @@ end-of-turn token. TRL 1.12 is installed on first use with `pip --no-deps` into
 bench/.peer-trl112 and imported from there by our venv's python (which holds TRL 1.16, without
 PPO, for the other benchmarks). The first step of each system is a warm-up and is not counted.
 TRL interleaves scoring and training in one loop: its table row shows only generate and step.
-Writes the figures to bench/results/ppo.json.
+Every system runs at the best precision for this machine (`--precision auto` for ours; TRL's
+bf16 autocast only where bf16 is native: bench/common.py). Writes bench/results/ppo.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `bench.sft` and `train` import from any working directory
-from bench.sft import bench_env, run  # noqa: E402
-from train.config import PPOConfig  # noqa: E402
+from common import ROOT, best_precision, machine, print_machine  # makes core/ and train/ importable
+from sft import bench_env, run
+from train.config import PPOConfig
 
 PHASES = ("time_generate_s", "time_score_s", "time_train_s", "time_switch_s", "step_time_s")
 PEERS = ("hf", "trl")
@@ -108,7 +107,7 @@ def run_trl(args, model_path: str, folder: Path, env: dict, threads: int) -> dic
            "--batch-size", str(args.batch_size), "--ppo-epochs", str(OURS_DEFAULTS["ppo_epochs"]),
            "--max-prompt-len", str(OURS_DEFAULTS["max_prompt_len"]),
            "--max-new-tokens", str(args.max_new_tokens), "--temperature", "1.0",
-           "--seed", "7", "--threads", str(threads)]
+           "--seed", "7", "--threads", str(threads), "--precision", best_precision()]
     others = run(cmd, env, f"TRL {TRL_PPO_VERSION} PPOTrainer", threads)
     peer = json.loads(result_file.read_text())
     steps = list(zip(peer["step_time_s"], peer["time_generate_s"], peer["response_lengths"]))[1:]
@@ -142,12 +141,11 @@ def print_table(results: dict, args) -> None:
 def main() -> None:
     args = parse_args()
     threads, env = bench_env()
-    import torch
     from core import models
 
-    machine = (f"{threads} cores, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, "
-               f"{platform.processor() or platform.machine()}")
-    print(f"machine: {machine}", flush=True)
+    info, precision = machine(threads), best_precision()
+    sides = {"ours": precision, "HF rollouts": precision}
+    print_machine(info, sides | ({f"TRL {TRL_PPO_VERSION}": precision} if "trl" in args.peers else {}))
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
         results["ours (hybrid engine)"] = run_ours("fused", args, Path(tmp) / "fused", env, threads)
@@ -161,10 +159,11 @@ def main() -> None:
     if trl:
         setup = trl["setup"]
         print(f"TRL {setup['trl']} (transformers {setup['transformers']}): fp32 weights, "
-              f"{setup['mixed_precision']} autocast in its training forward only (rollouts and "
-              f"scoring run in fp32), gradient checkpointing {setup['gradient_checkpointing']}")
+              f"mixed precision {setup['mixed_precision']} (autocast in its training forward only; "
+              f"rollouts and scoring run in fp32), gradient checkpointing {setup['gradient_checkpointing']}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine, "args": vars(args), "ours_defaults": OURS_DEFAULTS,
+    RESULTS.write_text(json.dumps({"machine": info, "precision": precision, "args": vars(args),
+                                   "ours_defaults": OURS_DEFAULTS,
                                    "results": results}, indent=1) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 

@@ -1,6 +1,6 @@
 """Benchmark: our reward-model step against TRL's RewardTrainer, in one run, on the same model
 (the built-in SmolLM2-135M-Instruct with a scalar head), preference pairs, batch size, max
-length and precision (bf16).
+length and precision: the best for this machine (bf16 where native, else fp32: bench/common.py).
 
     python bench/rm.py [--steps 12] [--batch-size 8] [--max-seq-len 256]
 
@@ -18,9 +18,8 @@ import tempfile
 from pathlib import Path
 from statistics import mean
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `bench.sft` and `train` import from any working directory
-from bench.sft import TRL_VERSION, WARMUP, bench_env, parse_args, peer_python, run, write_jsonl  # noqa: E402
+from common import ROOT, best_precision, machine, print_machine  # makes core/ and train/ importable
+from sft import TRL_VERSION, WARMUP, bench_env, parse_args, peer_python, run, write_jsonl
 
 DATA = ROOT.parent / "shared" / "data" / "hh_harmless_base_test.jsonl.gz"
 TRL_DRIVER = ROOT / "bench" / "peers" / "trl_rm.py"
@@ -57,15 +56,15 @@ def main() -> None:
     threads, env = bench_env()
     trl_python = peer_python()
 
-    import torch
     from core import models
 
     model_path = models.resolve_model("default")
+    precision = best_precision()
     pairs, total = shared_pairs(models.load_tokenizer(model_path), args.max_seq_len)
     print(f"bench: {len(pairs)} of {total} preference pairs of {DATA.name} fit "
           f"{args.max_seq_len} tokens whole; both systems train on exactly these", flush=True)
     common = ["--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
-              "--seed", str(args.seed)]
+              "--seed", str(args.seed), "--precision", precision]
 
     with tempfile.TemporaryDirectory(prefix="bench-rm-") as tmp:
         work = Path(tmp)
@@ -76,7 +75,7 @@ def main() -> None:
 
         ours_cmd = [sys.executable, "-m", "train", "rm", "--model", "default",
                     "--data", str(ours_data), "--output", str(work / "ours"),
-                    "--max-steps", str(args.steps), "--bf16", "--eval-fraction", "0",
+                    "--max-steps", str(args.steps), "--eval-fraction", "0",
                     "--save-every", "0", "--log-every", "1", "--overwrite",
                     "--stats-samples", "8", *common]
         ours_others = run(ours_cmd, env, "ours (python -m train rm)", threads)
@@ -93,15 +92,13 @@ def main() -> None:
         trl = summary(f"TRL {peer['trl']}", peer["step_time_s"], args.batch_size)
         trl["cpu_share_of_other_processes"] = trl_others
 
-    bf16 = sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx512_bf16", "amx_bf16"})
-    machine = {"cores": threads, "threads": threads, "torch": torch.__version__,
-               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16": bf16 or "none"}
+    info = machine(threads)
     ratio = round(ours["pairs_per_s"] / trl["pairs_per_s"], 2)
-    print(f"\nmachine: {threads} cores, torch {torch.__version__}, cpu capability "
-          f"{machine['cpu_capability']}, bf16 instructions: {machine['cpu_bf16']}")
+    print()
+    print_machine(info, {"ours": precision, f"TRL {peer['trl']}": precision})
     print(f"TRL {peer['trl']} (transformers {peer['transformers']}, torch {peer['torch']}, "
           f"gradient checkpointing {peer['gradient_checkpointing']}: its default)")
-    print(f"model {Path(model_path).name}, bf16, batch {args.batch_size} pairs ({2 * args.batch_size}"
+    print(f"model {Path(model_path).name}, {precision}, batch {args.batch_size} pairs ({2 * args.batch_size}"
           f" sequences), max length {args.max_seq_len}, {len(pairs)} shared pairs, "
           f"first {WARMUP} steps dropped\n")
     print(f"{'system':<10} | {'steps timed':>11} | {'s/step':>7} | {'pairs/s':>7}")
@@ -112,7 +109,7 @@ def main() -> None:
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
-        "machine": machine, "model": Path(model_path).name, "precision": "bf16",
+        "machine": info, "model": Path(model_path).name, "precision": precision,
         "batch_size": args.batch_size, "max_seq_len": args.max_seq_len, "steps": args.steps,
         "warmup_steps_dropped": WARMUP, "seed": args.seed, "pairs": len(pairs),
         "trl": {k: peer[k] for k in ("trl", "transformers", "torch", "gradient_checkpointing")},

@@ -1,9 +1,11 @@
 """Benchmark: our inference server against a baseline server that calls Hugging Face `generate`
-once per request, in one run, on the built-in model (bf16), at 1, 4 and 16 concurrent clients.
+once per request, in one run, on the built-in model, at 1, 4 and 16 concurrent clients, both in
+the best precision for this machine (bf16 where the CPU computes it natively, else fp32:
+bench/common.py).
 
     python bench/serve.py [--quick] [--max-tokens 128] [--clients 1,4,16]
 
-Ours is the normal command line (`python -m serving --engine ds-inference --dtype bf16`:
+Ours is the normal command line (`python -m serving --engine ds-inference --precision P`:
 continuous batching over the slot decoder); the baseline is a minimal FastAPI endpoint in this
 file that answers each request with one `model.generate` call under a lock, what a first server
 around transformers does. Both run as subprocesses, one after the other, with the machine's
@@ -26,7 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sft import bench_env, cpu_seconds  # bench/ is this script's folder
+from common import best_precision, machine, print_machine  # bench/ is this script's folder
+from sft import bench_env, cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "prompts" / "prompts.jsonl"
@@ -60,7 +63,10 @@ def baseline_app(model_path: str):
     from core.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16, use_safetensors=True).eval()
+    from core.hardware import torch_dtype
+
+    dtype = torch_dtype(best_precision())
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, use_safetensors=True).eval()
     lock = threading.Lock()  # one generate at a time: the model is not shared between calls
     app = FastAPI()
 
@@ -190,15 +196,17 @@ def bench_server(what: str, cmd: list[str], env: dict, args, prompts, cores: int
 
 
 def static_batch_tokens_per_s(prompts: list[list[dict]], max_tokens: int, batch: int = 16) -> float:
-    """HF `generate` bf16 on one left-padded batch of the first `batch` prompts, greedy, stopping
+    """HF `generate` (best precision here) on one left-padded batch of the first `batch` prompts, greedy, stopping
     at end of turn: generated tokens (up to each row's end) per second, after a warm-up. No
     server: the ceiling a static batch of `generate` reaches on the same prompts."""
     import torch
+    from core.hardware import torch_dtype
     from core.models import load_causal_lm, load_tokenizer, resolve_model
     from core.sampling import pad
 
     path = resolve_model("default")
-    tokenizer, lm = load_tokenizer(path), load_causal_lm(path, dtype=torch.bfloat16).eval()
+    tokenizer = load_tokenizer(path)
+    lm = load_causal_lm(path, dtype=torch_dtype(best_precision())).eval()
     ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
            for p in prompts[:batch]]
     input_ids, mask = pad(ids, tokenizer.pad_token_id, left=True)
@@ -220,20 +228,21 @@ def main() -> None:
     cores, env = bench_env()
     if args.baseline_server:
         return serve_baseline()
-    import torch
-
+    precision = best_precision()
     prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines() if line.strip()]
     ours_cmd = [sys.executable, "-m", "serving", "--model", "default", "--engine", "ds-inference",
-                "--dtype", "bf16", "--port", "0", "--slots", str(max(16, max(args.levels)))]
+                "--precision", precision, "--port", "0", "--slots", str(max(16, max(args.levels)))]
     ours = bench_server("ours (python -m serving, ds-inference, continuous batching)", ours_cmd,
                         env, args, prompts, cores)
     base_cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-server"]
     base = bench_server("baseline (HF generate per request, under a lock)", base_cmd, env, args,
                         prompts, cores)
 
-    print(f"\nmachine: {cores} cores, torch {torch.__version__}, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; model SmolLM2-135M-Instruct, bf16, greedy, "
-          f"max_tokens {args.max_tokens}, prompts from {PROMPTS.relative_to(ROOT)}\n")
+    info = machine(cores)
+    print()
+    print_machine(info, {"ours": precision, "HF generate baseline": precision})
+    print(f"model SmolLM2-135M-Instruct, greedy, max_tokens {args.max_tokens}, prompts from "
+          f"{PROMPTS.relative_to(ROOT)}\n")
     print(f"{'clients':>7} | {'ours tok/s':>10} {'p50 s':>6} {'p95 s':>6} | "
           f"{'HF tok/s':>8} {'p50 s':>6} {'p95 s':>6} | {'ratio':>5}")
     for mine, theirs in zip(ours, base):
@@ -243,12 +252,11 @@ def main() -> None:
               f"{theirs['p95_s']:>6.2f} | {mine['ratio_tokens_per_s']:>5.2f}")
     static = static_batch_tokens_per_s(prompts, args.max_tokens)
     at16 = next((m["tokens_per_s"] for m in ours if m["clients"] == 16), None)
-    print(f"\nHF generate bf16, one static batch of the first 16 prompts (no server): {static:.1f} tokens/s"
+    print(f"\nHF generate {precision}, one static batch of the first 16 prompts (no server): {static:.1f} tokens/s"
           + (f"; ours at 16 clients / that: {at16 / static:.2f}x" if at16 else ""))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"hf_generate_static_batch16_tokens_per_s": static,
-        "cores": cores, "torch": torch.__version__, "model": "SmolLM2-135M-Instruct",
-        "precision": "bf16", "max_tokens": args.max_tokens, "quick": args.quick,
+        "machine": info, "model": "SmolLM2-135M-Instruct", "precision": precision, "max_tokens": args.max_tokens, "quick": args.quick,
         "ours": ours, "baseline_hf_generate": base}, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 

@@ -1,5 +1,6 @@
 """Benchmark: our SFT step against TRL's SFTTrainer, in one run, on the same model (the built-in
-SmolLM2-135M-Instruct), examples, batch size, max length and precision (bf16).
+SmolLM2-135M-Instruct), examples, batch size, max length and precision: the best for this
+machine (bf16 where the CPU computes it natively, else fp32: bench/common.py).
 
     python bench/sft.py [--steps 20] [--batch-size 8] [--max-seq-len 256]
 
@@ -23,8 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from statistics import mean
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `train` imports from any working directory
+from common import ROOT, best_precision, machine, print_machine  # makes core/ and train/ importable
 from core.process import tune_process  # noqa: E402
 
 tune_process()  # the memory settings every entry point makes, before torch allocates
@@ -164,15 +164,15 @@ def main() -> None:
     threads, env = bench_env()
     trl_python = peer_python()
 
-    import torch
     from core import models
 
     model_path = models.resolve_model("default")
+    precision = best_precision()
     examples, total = shared_examples(models.load_tokenizer(model_path), args.max_seq_len)
     print(f"bench: {len(examples)} of {total} SFT records of {DATA.name} fit "
           f"{args.max_seq_len} tokens whole; both systems train on exactly these", flush=True)
     common = ["--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
-              "--seed", str(args.seed)]
+              "--seed", str(args.seed), "--precision", precision]
 
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
         work = Path(tmp)
@@ -183,7 +183,7 @@ def main() -> None:
 
         ours_cmd = [sys.executable, "-m", "train", "sft", "--model", "default",
                     "--data", str(ours_data), "--output", str(work / "ours"),
-                    "--max-steps", str(args.steps), "--bf16", "--eval-fraction", "0",
+                    "--max-steps", str(args.steps), "--eval-fraction", "0",
                     "--save-every", "0", "--log-every", "1", "--overwrite", *common]
         ours_others = run(ours_cmd, env, "ours (python -m train sft)", threads)
         rows = [json.loads(line) for line in open(work / "ours" / "metrics.jsonl")]
@@ -200,16 +200,13 @@ def main() -> None:
                       [n / t for n, t in zip(peer["tokens"], peer["step_time_s"])])
         trl["cpu_share_of_other_processes"] = trl_others
 
-    cpu_flags = set(Path("/proc/cpuinfo").read_text().split())
-    machine = {"cores": threads, "threads": threads, "torch": torch.__version__,
-               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "cpu_bf16": sorted(cpu_flags & {"avx512_bf16", "amx_bf16"}) or "none"}
+    info = machine(threads)
     ratio = round(ours["tokens_per_s"] / trl["tokens_per_s"], 2)
-    print(f"\nmachine: {machine['cores']} cores, torch {machine['torch']}, cpu capability "
-          f"{machine['cpu_capability']}, bf16 instructions: {machine['cpu_bf16']}")
+    print()
+    print_machine(info, {"ours": precision, f"TRL {peer['trl']}": precision})
     print(f"TRL {peer['trl']} (transformers {peer['transformers']}, torch {peer['torch']}, "
           f"gradient checkpointing {peer['gradient_checkpointing']}: its default)")
-    print(f"model {Path(model_path).name}, bf16, batch {args.batch_size}, max length "
+    print(f"model {Path(model_path).name}, {precision}, batch {args.batch_size}, max length "
           f"{args.max_seq_len}, {len(examples)} shared records, first {WARMUP} steps dropped\n")
     print(f"{'system':<10} | {'steps timed':>11} | {'s/step':>7} | {'tokens/s':>8}")
     for row in (ours, trl):
@@ -219,7 +216,7 @@ def main() -> None:
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
-        "machine": machine, "model": Path(model_path).name, "precision": "bf16",
+        "machine": info, "model": Path(model_path).name, "precision": precision,
         "batch_size": args.batch_size, "max_seq_len": args.max_seq_len, "steps": args.steps,
         "warmup_steps_dropped": WARMUP, "seed": args.seed, "records": len(examples),
         "trl": {k: peer[k] for k in ("trl", "transformers", "torch", "gradient_checkpointing")},

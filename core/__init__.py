@@ -9,6 +9,8 @@
     models.py       resolving and loading base models: the built-in default, folders, GGUF, hub names
     sampling.py     sampling settings, token sampling, padding
     decoder.py      the slot decoder PPO rollouts and the server share
+    weights.py      which models the fused decoder runs (Llama-shaped, by their modules), their weights
+    kernels.py      the decoder's matrix products: the kernel measured fastest here for each size
     distributed.py  the process group (a group of one without a launcher)
     ratings.py      the ratings store (SQLite) and its export as preference records (torch-free)
     leaderboard.py  Bradley-Terry strengths of checkpoints from votes

@@ -7,59 +7,48 @@ rollouts (train/rollout.py) and the server (serving/scheduler.py).
 Slots not listed are left alone, so a new sequence can join between decode steps of the others
 (continuous batching) and a finished one costs nothing.
 
-For Llama-family models (`FUSED_ARCHITECTURES`) the forward pass is our own:
-- weights read once from the model and laid out for the CPU matrix library (oneDNN pre-packed
-  bf16 weights: eager `F.linear` re-lays out the weight on every call), with the query/key/value
-  and gate/up projections fused into one matrix product each;
+For Llama-shaped models (core/weights.py decides by the modules present: Llama, Mistral, Qwen2,
+Qwen3, LoRA adapters merged) the forward pass is our own:
+- weights read once from the model, the query/key/value and gate/up projections fused into one
+  matrix product each, every product through the kernel measured fastest here for its size
+  (core/kernels.py: pre-packed fp32 or bf16 weights for the CPU libraries, or plain F.linear);
 - the cache is written in place; the decoding slots are kept in the cache's first rows, so a
   decode step's attention reads plain slices of it (no gather), one query token against its own
   slot's keys with grouped KV heads;
-- prompts are prefilled in groups of similar length (right-padded, causal), to limit padding.
-Any other architecture runs the model's own forward with one Hugging Face cache per slot
-(correct, not fast). Single-threaded: call it from one thread.
+- prompts are prefilled in groups of similar length (right-padded, causal), to limit padding;
+  the prefix that all prompts of a call share (the chat template's system prompt: a quarter to a
+  half of a rollout's prompt tokens) is computed once and its cache copied to every slot.
+Any other model runs its own forward over all listed slots as one left-padded batch (correct
+for any model with a standard Hugging Face cache; it copies the listed slots' cache each step,
+so it is slower), and the reason is logged once. Single-threaded: call it from one thread.
 """
 from __future__ import annotations
+
+import logging
+import os
 
 import torch
 import torch.nn.functional as F
 
-from core.hardware import bf16_packing
+from core.kernels import Linear
+from core.sampling import pad
+from core.weights import base_model, fused_reason, merged_linear, read_layer
 
-FUSED_ARCHITECTURES = {"LlamaForCausalLM"}
+__all__ = ["SlotDecoder", "fused_reason", "prefill_groups"]
+
 PREFILL_TOKENS = 4096  # rows x padded length of one prefill forward
 SMALL_BATCH = 16  # up to this many slots the cache and attention are kept in fp32
-
-
-def _packable(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and bf16_packing()
-
-
-class Linear:
-    """y = x W^T (+ b) with W pre-packed once for oneDNN where it can be (CPU, bf16)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.bias = bias
-        self.out_features = weight.shape[0]
-        self.packed = _packable(weight)
-        self.weight = (torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 16)
-                       if self.packed else weight)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + x W^T (+ b), the addition fused into the matrix product where packed."""
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
-        return residual + F.linear(x, self.weight, self.bias)
+SHARED_PREFIX_MIN = 8  # a common prefix of prompts prefilled together is computed once from this length
+log = logging.getLogger(__name__)
+_logged_reasons: set[str] = set()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # rounded as the model's own RMSNorm (fp32 statistics, bf16 before the weight), so that
+    if x.dtype == torch.float32 and weight.dim() == 1:  # one call, the same bits (measured)
+        return torch.rms_norm(x, weight.shape, weight, eps)
+    # rounded as the model's own RMSNorm (fp32 statistics, cast back before the weight), so that
     # greedy decoding matches the model's own forward token for token
-    return weight * torch.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+    return weight * torch.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -68,55 +57,40 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
 
 
 class _Layer:
-    """One decoder layer's weights, copied out of the model in `dtype` and fused."""
+    """One decoder layer's weights, read in `dtype` (core/weights.py) and laid out for a kernel."""
 
-    def __init__(self, layer, dtype: torch.dtype):
-        attn, mlp = layer.self_attn, layer.mlp
-
-        def take(*tensors):
-            return None if tensors[0] is None else torch.cat([t.detach() for t in tensors]).to(dtype)
-
-        self.qkv = Linear(take(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),
-                          take(attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias))
-        self.o = Linear(take(attn.o_proj.weight), take(attn.o_proj.bias))
-        self.gate_up = Linear(take(mlp.gate_proj.weight, mlp.up_proj.weight))
-        self.down = Linear(take(mlp.down_proj.weight))
-        self.ln_attn = take(layer.input_layernorm.weight)
-        self.ln_mlp = take(layer.post_attention_layernorm.weight)
+    def __init__(self, layer, heads: int, kv_heads: int, dtype: torch.dtype, kernel: str | None):
+        weights = read_layer(layer, heads, kv_heads, dtype)
+        self.qkv = Linear(*weights.qkv, kernel=kernel)
+        self.o = Linear(*weights.o, kernel=kernel)
+        self.gate_up = Linear(*weights.gate_up, kernel=kernel)
+        self.down = Linear(*weights.down, kernel=kernel)
+        self.ln_attn, self.ln_mlp, self.qk_norm = weights.ln_attn, weights.ln_mlp, weights.qk_norm
 
 
-def fused_reason(model) -> str | None:
-    """None when the fused path can run this model, else why not."""
-    cfg = model.config
-    if type(model).__name__ not in FUSED_ARCHITECTURES:
-        return f"no fused decoder for {type(model).__name__}"
-    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
-        return "the fused decoder needs a SiLU MLP without bias"
-    if any(type(m).__name__.startswith("Lora") for m in model.modules()):
-        return "LoRA layers are not merged"
-    return None
-
-
-class _FusedLlama:
+class _Fused:
     """Our forward pass over a slot cache; rows 0..n-1 of the cache are the decoding slots."""
 
-    def __init__(self, model, rows: int, max_len: int, dtype: torch.dtype | None = None):
-        cfg = model.config
+    def __init__(self, model, rows: int, max_len: int, dtype: torch.dtype | None = None,
+                 kernel: str | None = None):
+        model = base_model(model)
+        cfg, decoder = model.config, model.get_decoder()
         self.dtype = dtype or next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        attention = decoder.layers[0].self_attn
         self.heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(attention, "head_dim", None) or cfg.hidden_size // self.heads
+        self.scale = getattr(attention, "scaling", self.head_dim ** -0.5)
         self.eps = cfg.rms_norm_eps
-        self.scale = self.head_dim ** -0.5
-        self.embed = model.get_input_embeddings().weight.detach().to(self.dtype)
-        self.lm_head = Linear(model.get_output_embeddings().weight.detach().to(self.dtype))
-        self.norm = model.model.norm.weight.detach().to(self.dtype)
-        self.layers = [_Layer(layer, self.dtype) for layer in model.model.layers]
+        self.embed = decoder.embed_tokens.weight.detach().to(self.dtype)
+        self.lm_head = Linear(merged_linear(model.get_output_embeddings())[0].to(self.dtype), kernel=kernel)
+        self.norm = decoder.norm.weight.detach().to(self.dtype)
+        self.layers = [_Layer(layer, self.heads, self.kv_heads, self.dtype, kernel) for layer in decoder.layers]
         positions = torch.arange(max_len + 1, device=self.device)[None]
         with torch.no_grad():
             probe = torch.zeros(1, device=self.device, dtype=torch.float32)
-            cos, sin = model.model.rotary_emb(probe, positions)
+            cos, sin = decoder.rotary_emb(probe, positions)
         half = self.head_dim // 2
         sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(sin)
         # (max_len + 1, D) tables; one extra position so every slot index stays in range
@@ -139,7 +113,10 @@ class _FusedLlama:
         """(..., H) hidden states -> rotated q (..., heads, D), rotated k and v (..., kv_heads, D)."""
         qkv = layer.qkv(_rms_norm(h, layer.ln_attn, self.eps))
         rotated_width = (self.heads + self.kv_heads) * self.head_dim
-        qk = _rope(qkv[..., :rotated_width].unflatten(-1, (-1, self.head_dim)), cos, signed_sin)
+        qk = qkv[..., :rotated_width].unflatten(-1, (-1, self.head_dim))
+        if layer.qk_norm is not None:  # Qwen3: an RMS norm over each head's features, before rotary
+            qk = _rms_norm(qk, layer.qk_norm, self.eps)
+        qk = _rope(qk, cos, signed_sin)
         v = qkv[..., rotated_width:].unflatten(-1, (-1, self.head_dim))
         return qk[..., :self.heads, :], qk[..., self.heads:, :], v
 
@@ -151,27 +128,44 @@ class _FusedLlama:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(_rms_norm(h, self.norm, self.eps)).float()
 
-    def prefill(self, rows: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(m, P) right-padded prompts into cache rows `rows`; (m, V) logits after each prompt."""
+    def prefill(self, rows: list[int], prompts: list[list[int]], start: int = 0) -> torch.Tensor:
+        """Prompts into cache rows `rows` from position `start` (right-padded, one forward); (m, V)
+        logits after each. With `start` > 0 each row's cache already holds positions 0..start-1
+        (a shared prefix) and the new tokens attend to them."""
+        ids, _ = pad(prompts, 0)
+        ids = ids.to(self.device)  # (m, P)
+        rows = torch.tensor(rows, device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         m, width = ids.shape
+        end = start + width
         h = self.embed[ids]  # (m, P, H)
-        cos, signed_sin = self.cos[:width, None], self.signed_sin[:width, None]  # (P, 1, D)
+        cos, signed_sin = self.cos[start:end, None], self.signed_sin[start:end, None]  # (P, 1, D)
+        # query i (position start + i) sees positions up to its own; right padding: a real
+        # token never sees the padding after it
+        causal = torch.ones(width, end, dtype=torch.bool, device=self.device).tril(start) if start else None
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             q, k, v = self._qkv(layer, h, cos, signed_sin)  # (m, P, heads, D)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (m, kv_heads, P, D)
-            keys[rows, :, :, :width] = k.transpose(-1, -2).to(self.cache_dtype)
-            values[rows, :, :width] = v.to(self.cache_dtype)
-            # right padding: a real token never sees the padding after it
-            attn = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True,
-                                                  scale=self.scale, enable_gqa=True)
+            keys[rows, :, :, start:end] = k.transpose(-1, -2).to(self.cache_dtype)
+            values[rows, :, start:end] = v.to(self.cache_dtype)
+            if start:  # the prefix's keys and values from the cache, then the new ones
+                k = keys[rows, :, :, :end].transpose(-1, -2).to(self.dtype)  # (m, kv_heads, start + P, D)
+                v = values[rows, :, :end].to(self.dtype)
+            attn = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=causal,
+                                                  is_causal=not start, scale=self.scale, enable_gqa=True)
             h = layer.o.add_to(attn.transpose(1, 2).flatten(2), h)
             h = self._mlp(layer, h)
         last = h[torch.arange(m, device=self.device), lengths - 1]
         return self._logits(last)
 
+    def copy_prefix(self, source: int, rows: list[int], length: int) -> None:
+        """Cache positions 0..length-1 of row `source` into each of `rows`."""
+        self.keys[:, rows, :, :, :length] = self.keys[:, source, None, :, :, :length]
+        self.values[:, rows, :, :length] = self.values[:, source, None, :, :length]
+
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """One token for each of cache rows 0..n-1 at positions `pos` (n,); (n, V) logits of rows
-        `order` (the final hidden states are reordered, 576 values a row instead of 49k logits)."""
+        `order` (the final hidden states are reordered, H values a row instead of V logits)."""
         n, d = tokens.shape[0], self.head_dim
         width = int(pos.max()) + 1
         rows = torch.arange(n, device=self.device)
@@ -197,42 +191,85 @@ class _FusedLlama:
         return self._logits(h[order])
 
 
-class _PerSlotHF:
-    """Any architecture: the model's own forward, one Hugging Face cache per slot, decoded one
-    slot at a time."""
+class _BatchedHF:
+    """Any other model: its own forward, all listed slots as one batch. Each slot's keys and
+    values live in preallocated per-layer tensors, one row per slot, position p at column p. A
+    step gathers the listed rows right-aligned (left padding, as `generate` pads a batch) into a
+    fresh Hugging Face cache, runs one forward with each row's own position and a padding mask,
+    and writes each row's new key and value back."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, slots: int, max_len: int):
+        self.model, self.slots, self.max_len = model, slots, max_len
         self.device = next(model.parameters()).device
-        self.caches: dict[int, object] = {}
+        self.keys: list[torch.Tensor] = []  # per layer (slots, max_len, kv_heads, D), at the first prefill
+        self.values: list[torch.Tensor] = []
 
-    def prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
-        ids = torch.tensor([prompt], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        self.caches[slot] = out.past_key_values
-        return out.logits[0, -1].float()
+    def _forward(self, ids, mask, positions, cache, **kwargs) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                         use_cache=True, **kwargs)
+        return out.logits[:, -1].float()
 
-    def decode(self, slot: int, token: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=token.view(1, 1), past_key_values=self.caches[slot], use_cache=True)
-        self.caches[slot] = out.past_key_values
-        return out.logits[0, -1].float()
+    def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        ids, mask = (t.to(self.device) for t in pad(prompts, 0, left=True))  # (m, P)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, logits_to_keep=1)
+        real = mask.bool()
+        slot_of_token = torch.tensor(rows, device=self.device)[:, None].expand_as(ids)[real]
+        for layer, cached in enumerate(cache.layers):
+            if len(self.keys) <= layer:
+                _, kv_heads, _, d = cached.keys.shape
+                shape = (self.slots, self.max_len, kv_heads, d)
+                self.keys.append(cached.keys.new_zeros(shape))
+                self.values.append(cached.values.new_zeros(shape))
+            # (m, kv_heads, P, D) -> the real tokens' (kv_heads, D) at (slot, position)
+            self.keys[layer][slot_of_token, positions[real]] = cached.keys.transpose(1, 2)[real]
+            self.values[layer][slot_of_token, positions[real]] = cached.values.transpose(1, 2)[real]
+        return logits
+
+    def decode(self, slot_ids: list[int], tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        rows = torch.tensor(slot_ids, device=self.device)
+        pos = torch.tensor(lengths, device=self.device)  # (n,) each row's new position
+        width = int(pos.max())
+        # (n, W): the position each column holds, right-aligned; negative on the left padding
+        columns = torch.arange(width, device=self.device)[None] - (width - pos)[:, None]
+        real = columns >= 0
+        columns = columns.clamp(min=0)
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+            cache.update(keys[rows[:, None], columns].transpose(1, 2),
+                         values[rows[:, None], columns].transpose(1, 2), layer)  # (n, kv_heads, W, D)
+        mask = torch.cat([real, real.new_ones(len(slot_ids), 1)], 1).long()
+        logits = self._forward(tokens.to(self.device)[:, None], mask, pos[:, None], cache)
+        for layer, cached in enumerate(cache.layers):
+            self.keys[layer][rows, pos] = cached.keys[:, :, -1]
+            self.values[layer][rows, pos] = cached.values[:, :, -1]
+        return logits
 
 
 class SlotDecoder:
     """A causal LM with a preallocated KV cache of `slots` independent sequences of up to
     `max_len` tokens each. `dtype` (fused path only) converts the weights it lays out, e.g. a
     bf16 decoder from an fp32 model; the model itself is not changed. `fused=False` runs the
-    model's own forward even where the fused path could."""
+    model's own forward even where the fused path could; `kernel` (plain, mkl, onednn) forces
+    one matrix-product kernel where it runs (core/kernels.py; default: the fastest per size)."""
 
     def __init__(self, model, slots: int, max_len: int, dtype: torch.dtype | None = None,
-                 fused: bool = True):
+                 fused: bool = True, kernel: str | None = None):
         self.model, self.slots, self.max_len = model, slots, max_len
-        self.reason = fused_reason(model) if fused else "the model's own forward was asked for"
+        self.reason = fused_reason(model, max_len) if fused else "the model's own forward was asked for"
         self.fused = self.reason is None
+        if not self.fused and fused and self.reason not in _logged_reasons:
+            _logged_reasons.add(self.reason)
+            log.warning("slot decoder: the model's own forward, not the fused path: %s", self.reason)
         self._lengths = [0] * slots
         self._row_of = list(range(slots))  # slot -> cache row (fused path)
         self._slot_of = list(range(slots))  # cache row -> slot
-        self._impl = _FusedLlama(model, slots, max_len, dtype) if self.fused else _PerSlotHF(model)
+        self._impl = _Fused(model, slots, max_len, dtype, kernel) if self.fused else _BatchedHF(model, slots, max_len)
 
     def length(self, slot: int) -> int:
         return self._lengths[slot]
@@ -244,20 +281,27 @@ class SlotDecoder:
             if not 0 < len(prompt) <= self.max_len:
                 raise ValueError(f"a prompt of {len(prompt)} tokens does not fit a slot of {self.max_len}")
             self._lengths[slot] = len(prompt)
-        if not self.fused:
-            return torch.stack([self._impl.prefill(s, p) for s, p in zip(slot_ids, prompts)])
+        row_of = self._row_of if self.fused else list(range(self.slots))
+        start = self._prefill_shared_prefix([row_of[s] for s in slot_ids], prompts) if self.fused else 0
         logits = [None] * len(prompts)
-        for group in prefill_groups([len(p) for p in prompts]):
-            width = max(len(prompts[i]) for i in group)
-            ids = torch.zeros((len(group), width), dtype=torch.long)
-            for row, i in enumerate(group):
-                ids[row, :len(prompts[i])] = torch.tensor(prompts[i])
-            rows = torch.tensor([self._row_of[slot_ids[i]] for i in group])
-            lengths = torch.tensor([len(prompts[i]) for i in group])
-            dev = self._impl.device
-            for i, row_logits in zip(group, self._impl.prefill(rows.to(dev), ids.to(dev), lengths.to(dev))):
+        for group in prefill_groups([len(p) - start for p in prompts]):
+            rows = [row_of[slot_ids[i]] for i in group]
+            rest = [prompts[i][start:] for i in group]
+            args = (rows, rest, start) if start else (rows, rest)  # (the fallback shares no prefix)
+            for i, row_logits in zip(group, self._impl.prefill(*args)):
                 logits[i] = row_logits
         return torch.stack(logits)
+
+    def _prefill_shared_prefix(self, rows: list[int], prompts: list[list[int]]) -> int:
+        """Prefill the prompts' common prefix (a chat template's system prompt, say) once, copy
+        its cache to every row, and return its length (0 where too short to be worth it)."""
+        length = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
+        length = min(length, min(map(len, prompts)) - 1)  # each prompt keeps a token of its own
+        if length < SHARED_PREFIX_MIN:
+            return 0
+        self._impl.prefill(rows[:1], [prompts[0][:length]])
+        self._impl.copy_prefix(rows[0], rows[1:], length)
+        return length
 
     @torch.no_grad()
     def decode(self, slot_ids: list[int], tokens: torch.Tensor) -> torch.Tensor:
@@ -265,17 +309,15 @@ class SlotDecoder:
         for slot in slot_ids:
             if self._lengths[slot] >= self.max_len:
                 raise ValueError(f"slot {slot} is full ({self.max_len} tokens)")
-        if not self.fused:
-            logits = torch.stack([self._impl.decode(s, t) for s, t in zip(slot_ids, tokens)])
-            for slot in slot_ids:
-                self._lengths[slot] += 1
-            return logits
-        dev = self._impl.device
-        n = len(slot_ids)
-        order = torch.tensor(self._gather_to_front(slot_ids), device=dev)  # row of each listed slot, < n
-        by_row = torch.empty(n, dtype=torch.long, device=dev).index_copy_(0, order, tokens.to(dev))
-        pos = torch.tensor([self._lengths[self._slot_of[row]] for row in range(n)], device=dev)
-        logits = self._impl.decode(by_row, pos, order)
+        if self.fused:
+            dev = self._impl.device
+            n = len(slot_ids)
+            order = torch.tensor(self._gather_to_front(slot_ids), device=dev)  # row of each listed slot, < n
+            by_row = torch.empty(n, dtype=torch.long, device=dev).index_copy_(0, order, tokens.to(dev))
+            pos = torch.tensor([self._lengths[self._slot_of[row]] for row in range(n)], device=dev)
+            logits = self._impl.decode(by_row, pos, order)
+        else:
+            logits = self._impl.decode(slot_ids, tokens, [self._lengths[s] for s in slot_ids])
         for slot in slot_ids:
             self._lengths[slot] += 1
         return logits

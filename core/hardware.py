@@ -8,7 +8,9 @@ decoder and the benchmarks ask here; nothing else probes the hardware).
   without bf16, fp32 on a CPU without native bf16: there bf16 is emulated (measured ~3x slower
   than fp32 on an AVX512 Xeon without AVX512-BF16, ~20x on an AVX2-only EPYC).
 - `bf16_packing()`: whether oneDNN's bf16 weight packing runs here (it raises on AVX2-only
-  CPUs); `fp32_packing()`: whether MKL's packed fp32 GEMM runs here. Each is tried once.
+  CPUs); `fp32_packing()`: whether MKL's packed fp32 GEMM runs here; `onednn_fp32_packing()`:
+  whether oneDNN's packed fp32 inner product runs here. Each is tried once; which of them is
+  fastest for a given product is measured by core/kernels.py.
 
 `RLHF_FORCE_CPU_CAPABILITY=avx2|avx512|avx512_bf16|amx` makes a CPU answer as that kind would,
 so a test on one machine covers the choices of the others (a forced kind never claims a kernel
@@ -178,6 +180,21 @@ def fp32_packing() -> bool:
         weight = torch.ones(8, 8)
         packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 1)
         out = torch.ops.mkl._mkl_linear(torch.ones(1, 8), packed, weight, None, 1)
+        return bool(out.sum().item() == 64.0)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_fp32_packing() -> bool:
+    """Whether oneDNN's pre-packed linear (`torch.ops.mkldnn._linear_pointwise`) runs in fp32 here."""
+    import torch
+
+    if hardware().device != "cpu":
+        return False
+    try:
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8), 1)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8), weight, None, "none", [], "")
         return bool(out.sum().item() == 64.0)
     except (RuntimeError, AttributeError):
         return False

@@ -67,10 +67,21 @@ def ds_config(cfg, *, train: bool = True, tensorboard_dir: str | None = None,
     if train and on_cuda():
         lr = cfg.learning_rate if learning_rate is None else learning_rate
         config["optimizer"] = {"type": "AdamW", "params": {"lr": lr,
-                               "weight_decay": cfg.weight_decay, "betas": [0.9, 0.95]}}
+                               "weight_decay": cfg.weight_decay, "betas": [0.9, 0.95],
+                               "torch_adam": not fused_adam_available()}}
     if tensorboard_dir:
         config["tensorboard"] = {"enabled": True, "output_path": tensorboard_dir, "job_name": "."}
     return config
+
+
+def fused_adam_available() -> bool:
+    """Whether DeepSpeed's fused Adam runs here: built at install, or buildable (a CUDA compiler).
+    Without either it would fail at the first step; torch's AdamW takes its place."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return bool(installed_ops.get("fused_adam")) or (
+        CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").exists())
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:

@@ -97,6 +97,10 @@ class CausalLMWithLoss(torch.nn.Module):
             return sft_loss(hidden, labels, head)
         return head(hidden[:, response_start - 1:-1])
 
+    def generate(self, *args, **kwargs):
+        """The LM's own `generate` (DeepSpeed's Hybrid Engine replaces this one with its own)."""
+        return self.lm.generate(*args, **kwargs)
+
 
 class ValueHeadModel(torch.nn.Module):
     """A transformer backbone with a scalar head: one value per position, shape (B, T).

@@ -29,7 +29,7 @@ from core.sampling import Sampling
 
 from train import data, ds, loop, losses, models, tokens
 from train.config import PPOConfig, parse_split
-from train.rollout import RolloutEngine, ds_hybrid_config, pick_rollout_engine
+from train.rollout import RolloutEngine, start_actor
 from train.rundir import RunDir
 
 
@@ -267,12 +267,9 @@ def build_models(cfg: PPOConfig, run, total_steps: int, tokenizer) -> PPOModels:
                                 f"actor {cfg.actor}: train it from the same base model.")
     frozen_dtype = torch_dtype(ds.precision(cfg).name)
 
-    lm = models.make_trainable(load_causal_lm(actor_path), cfg)
-    engine_kind, why = pick_rollout_engine(cfg.rollout_engine, lm)
-    run.log(f"rollouts: {engine_kind} ({why})")
-    extra = {"hybrid_engine": ds_hybrid_config(cfg)} if engine_kind == "deepspeed" else None
     tb = str(run.path / "tensorboard") if cfg.tensorboard else None
-    actor = ds.initialize(models.CausalLMWithLoss(lm), cfg, total_steps, tb, extra=extra)
+    actor, rollout = start_actor(cfg, lambda: models.make_trainable(load_causal_lm(actor_path), cfg),
+                                 total_steps, tb, run.log)
 
     critic_model = models.load_value_model(critic_path)
     critic_model.backbone = models.make_trainable(critic_model.backbone, cfg, task="FEATURE_EXTRACTION")
@@ -284,7 +281,7 @@ def build_models(cfg: PPOConfig, run, total_steps: int, tokenizer) -> PPOModels:
         reference, reward_model = ds.inference_engine(reference, cfg), ds.inference_engine(reward_model, cfg)
     else:
         reference, reward_model = reference.to(ds.device()).eval(), reward_model.to(ds.device()).eval()
-    return PPOModels(actor, RolloutEngine(actor, engine_kind), reference, critic, reward_model,
+    return PPOModels(actor, rollout, reference, critic, reward_model,
                      models.reward_stats(reward_path))
 
 

@@ -6,12 +6,15 @@ rollout the actor's training engine switches to generation and back after. `--ro
 picks what generates:
 
 - `deepspeed`: DeepSpeed's own Hybrid Engine (inference kernels, ZeRO-3 gather, tensor
-  parallelism), on CUDA for the architectures it has inference containers for;
+  parallelism), on CUDA for the architectures it has inference containers for. Its containers
+  follow the layer interfaces of transformers 4; where it fails to start, or its first greedy
+  token differs from the model's own, the actor restarts without it, rollouts run fused, and
+  the reason is logged (`start_actor`); a later failure falls back the same way;
 - `fused`: the project's own path, everywhere: under ZeRO-3 all parameters are gathered once per
   rollout (not per layer per token); the slot decoder (core/decoder.py) runs the actor with a
   preallocated KV cache, in bf16 where the hardware computes it natively (a bf16 copy of fp32
-  training weights), with LoRA adapters merged into its copy; sampling is batched and each
-  sequence stops at its end-of-turn token;
+  training weights), with LoRA adapters merged into its copy (W + scale * B @ A, as DeepSpeed's
+  Hybrid Engine does); sampling is batched and each sequence stops at its end-of-turn token;
 - `hf`: Hugging Face `generate`, the baseline the benchmarks compare against;
 - `auto` (default): deepspeed where it can run, else fused.
 
@@ -32,6 +35,7 @@ from core.options import ConfigError
 from core.sampling import Sampling, pad, sample_tokens
 from train import ds
 from train.loop import STOP
+from train.models import CausalLMWithLoss
 
 
 @torch.no_grad()
@@ -117,24 +121,62 @@ def pick_rollout_engine(asked: str, lm) -> tuple[str, str]:
     else:
         why = "asked for"
     if asked == "fused":
-        fused = fused_reason(lm)
-        why += "; " + ("our fused decoder" if fused is None else f"the model's own forward ({fused})")
+        why += "; " + fused_description(lm)
     return asked, why
+
+
+def fused_description(lm) -> str:
+    reason = fused_reason(lm)
+    if reason is not None:
+        return f"the model's own forward, all slots batched ({reason})"
+    lora = any(hasattr(module, "lora_A") for module in lm.modules())
+    return "our fused decoder" + (", LoRA adapters merged into its copy" if lora else "")
+
+
+def start_actor(cfg, load_lm, total_steps: int, tensorboard_dir: str | None, log):
+    """(the actor's DeepSpeed engine, its RolloutEngine) for `--rollout-engine`. `load_lm()`
+    returns a fresh trainable actor LM: where DeepSpeed's Hybrid Engine is picked but fails to
+    start or to generate the model's own first greedy token, the actor starts again without it
+    from a fresh copy (the failed engine may have wrapped or partitioned the first one)."""
+    lm = load_lm()
+    kind, why = pick_rollout_engine(cfg.rollout_engine, lm)
+    if kind == "deepspeed":
+        try:
+            actor = ds.initialize(CausalLMWithLoss(lm), cfg, total_steps, tensorboard_dir,
+                                  extra={"hybrid_engine": ds_hybrid_config(cfg)})
+            rollout = RolloutEngine(actor, kind, log)
+            rollout.check_hybrid_engine()
+            log(f"rollouts: deepspeed ({why})")
+            return actor, rollout
+        except Exception as err:  # noqa: BLE001  (any failure inside DeepSpeed means: run without it)
+            failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            lm = load_lm()
+            kind, why = "fused", f"DeepSpeed's Hybrid Engine failed ({failure}); {fused_description(lm)}"
+    actor = ds.initialize(CausalLMWithLoss(lm), cfg, total_steps, tensorboard_dir)
+    log(f"rollouts: {kind} ({why})")
+    return actor, RolloutEngine(actor, kind, log)
 
 
 class RolloutEngine:
     """The actor engine's generation mode. `rollout(prompts, sampling)` switches the engine to
     generation, samples, and switches back; `switch_s` holds the last switch's own time."""
 
-    def __init__(self, engine, kind: str):
+    def __init__(self, engine, kind: str, log=print):
         self.engine = engine
         self.kind = kind  # deepspeed, fused or hf (pick_rollout_engine)
+        self.log = log
         self.switch_s = 0.0
 
     def rollout(self, prompts: list[list[int]], sampling: Sampling, generator=None):
         """Same return value as `generate`, whichever engine runs."""
         if self.kind == "deepspeed":
-            return self._ds_rollout(prompts, sampling)
+            try:
+                return self._ds_rollout(prompts, sampling)
+            except Exception as err:  # noqa: BLE001  (see start_actor)
+                self.engine.train()  # the layers' own forwards back
+                self.kind = "fused"
+                self.log(f"rollouts: DeepSpeed's Hybrid Engine failed ({type(err).__name__}: {err}); "
+                         f"from now on {fused_description(self.engine.module.lm)}")
         with self.generation() as model:
             if self.kind == "hf":
                 return hf_generate(model, prompts, sampling)
@@ -149,17 +191,34 @@ class RolloutEngine:
         tic = time.time()
         self.engine.eval()  # DeepSpeed's Hybrid Engine swaps in inference kernels here
         self.switch_s = time.time() - tic
-        result = hf_generate(self.engine, prompts, sampling)
-        tic = time.time()
-        self.engine.train()
-        self.switch_s += time.time() - tic
+        try:
+            # the module's generate: DeepSpeed replaces it with its own where it has containers
+            result = hf_generate(self.engine.module, prompts, sampling)
+        finally:
+            tic = time.time()
+            self.engine.train()
+            self.switch_s += time.time() - tic
         return result
+
+    def check_hybrid_engine(self) -> None:
+        """Raise unless DeepSpeed's Hybrid Engine generates the model's own first greedy token
+        (its kernels replace the layers' forwards, which transformers 5 calls differently)."""
+        prompt = [[1, 2, 3, 4, 5, 6, 7, 8]]
+        torch.nn.Module.train(self.engine, False)  # no dropout; the layers' own forwards
+        with torch.no_grad():
+            logits = self.engine.module.lm(torch.tensor(prompt, device=ds.device())).logits
+        expected = logits[0, -1].argmax().item()
+        sampling = Sampling(2, 1.0, 1.0, eos_token_id=-1, pad_token_id=0, greedy=True)
+        first = self._ds_rollout(prompt, sampling)[2][0, 0].item()
+        if first != expected:
+            raise RuntimeError(f"its first greedy token ({first}) differs from the model's own ({expected})")
 
     @contextmanager
     def generation(self):
         """Switch to generation (timed into `switch_s`), yield a model to generate with, switch back."""
         tic = time.time()
-        self.engine.eval()
+        # the plain module switch: DeepSpeed's Hybrid Engine (after it failed) would swap in its kernels
+        torch.nn.Module.train(self.engine, False)
         lm = getattr(self.engine.module, "lm", self.engine.module)
         zero3 = self.engine.zero_optimization_partition_weights()
         # ZeRO-3: gather every parameter once per rollout, not per layer per generated token

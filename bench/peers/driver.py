@@ -1,5 +1,7 @@
 """What every peer driver in this folder shares: its command line. The drivers run as scripts
-(possibly with another venv's python), so they import this as a sibling module."""
+(possibly with another venv's python), so they import this as a sibling module. `--precision`
+is the peer's best precision on this machine (bench/common.py): bf16 turns on TRL's `bf16=True`
+autocast, fp32 leaves it off."""
 import argparse
 
 PATHS = ("--model", "--data", "--output", "--result")
@@ -12,4 +14,5 @@ def driver_parser(*int_options: str) -> argparse.ArgumentParser:
         parser.add_argument(name, required=True)
     for name in int_options:
         parser.add_argument(name, type=int, required=True)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), required=True)
     return parser

@@ -5,7 +5,7 @@ Started by bench/ppo.py with TRL 1.12 first on PYTHONPATH (our venv holds a newe
 imported. Set up as TRL's PPO example script does: policy and reference are --model as a causal
 LM, reward and value models the same weights as a sequence classifier with one label (fresh
 heads: the scores do not matter for timing), fp32 weights with `bf16=True, use_cpu=True`
-(bf16 autocast, which TRL's PPO applies only to its training forward: rollouts, reference,
+(bf16 autocast where --precision is bf16, which TRL's PPO applies only to its training forward: rollouts, reference,
 value and reward passes run in fp32, as they do for TRL's users), prompts through the chat template with left padding and a "[PAD]" token of its own
 (the model's pad token is its end-of-turn token, which TRL would mask out of every prompt).
 Sampling at --temperature, stopping at the end-of-turn token, up to --max-new-tokens.
@@ -65,7 +65,7 @@ def main() -> None:
     # TRL 1.12's PPOTrainer builds its own Accelerator, which reads the precision from this
     # variable: transformers 4 set it from bf16=True, transformers 5 no longer does (TRL's PPO
     # would run in fp32). `accelerate launch --mixed_precision bf16` sets it the same way.
-    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if args.precision == "bf16" else "no"
     import transformers
     import trl
     if trl.__version__ != TRL_VERSION:
@@ -111,7 +111,7 @@ def main() -> None:
     timer = UpdateTimer()
     timed_generation(ppo_module, tokenizer.eos_token_id, timer.current)
     config = PPOConfig(
-        output_dir=args.output, bf16=True, use_cpu=True, seed=args.seed,
+        output_dir=args.output, bf16=args.precision == "bf16", use_cpu=True, seed=args.seed,
         per_device_train_batch_size=args.rollout_batch_size, gradient_accumulation_steps=1,
         num_mini_batches=args.rollout_batch_size // args.batch_size,
         num_ppo_epochs=args.ppo_epochs, local_rollout_forward_batch_size=args.rollout_batch_size,

@@ -1,8 +1,8 @@
 """Peer driver for bench/rm.py: TRL's RewardTrainer as a user would run it, with each step timed.
 
 Started by bench/rm.py (possibly with another venv's python), never imported. Reads
-conversational preference records from --data, trains --steps optimizer steps on the CPU with
-bf16 autocast and otherwise TRL's defaults, and writes per-step times to --result as JSON.
+conversational preference records from --data, trains --steps optimizer steps on the CPU at
+--precision (bf16: TRL's bf16 autocast) and otherwise TRL's defaults, and writes per-step times to --result as JSON.
 """
 import json
 import time
@@ -33,13 +33,14 @@ def main() -> None:
 
     records = [json.loads(line) for line in open(args.data, encoding="utf-8")]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    # fp32 weights: with bf16=True the trainer runs forward under bf16 autocast, as users get.
+    # fp32 weights: with bf16=True the trainer runs forward under bf16 autocast, as users get
+    # where bf16 is native; where it is emulated the peer's best is plain fp32.
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1,
                                                                dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     timer = StepTimer()
     config = RewardConfig(
-        output_dir=args.output, bf16=True, use_cpu=True,
+        output_dir=args.output, bf16=args.precision == "bf16", use_cpu=True,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         max_length=args.max_seq_len, max_steps=args.steps, learning_rate=1e-5,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1,

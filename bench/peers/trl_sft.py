@@ -1,8 +1,8 @@
 """Peer driver for bench/sft.py: TRL's SFTTrainer as a user would run it, with each step timed.
 
 Started by bench/sft.py (possibly with another venv's python), never imported. Reads
-prompt-completion records from --data, trains --steps optimizer steps on the CPU with bf16
-autocast and otherwise TRL's defaults, and writes per-step times and non-padding token counts
+prompt-completion records from --data, trains --steps optimizer steps on the CPU at --precision (bf16:
+TRL's bf16 autocast) and otherwise TRL's defaults, and writes per-step times and non-padding token counts
 to --result as JSON.
 """
 import json
@@ -43,12 +43,13 @@ def main() -> None:
 
     records = [json.loads(line) for line in open(args.data, encoding="utf-8")]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    # fp32 weights: with bf16=True the trainer runs forward under bf16 autocast, as users get.
+    # fp32 weights: with bf16=True the trainer runs forward under bf16 autocast, as users get
+    # where bf16 is native; where it is emulated the peer's best is plain fp32.
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     timer = StepTimer()
     model.register_forward_pre_hook(timer.count, with_kwargs=True)
     config = SFTConfig(
-        output_dir=args.output, bf16=True, use_cpu=True,
+        output_dir=args.output, bf16=args.precision == "bf16", use_cpu=True,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         max_length=args.max_seq_len, max_steps=args.steps, learning_rate=2e-5,
         lr_scheduler_type="cosine", warmup_steps=0.05,  # transformers 5: a float < 1 is a ratio

@@ -96,8 +96,8 @@ def make_experience(m, prompts, sampling, cfg, kl_coef: float, timer: dict) -> E
     # rollout: a prompt's group_size samples side by side
     tic = time.time()
     group = cfg.samples_per_prompt
-    rows = [prompt for prompt in prompts for _ in range(group)]
-    prompt_ids, prompt_mask, response_ids, action_mask = m.rollout.rollout(rows, sampling)
+    repeated = [prompt for prompt in prompts for _ in range(group)]
+    prompt_ids, prompt_mask, response_ids, action_mask = m.rollout.rollout(repeated, sampling)
     timer["generate"] += time.time() - tic - m.rollout.switch_s
     timer["switch"] += m.rollout.switch_s
     timer["generated_tokens"] += action_mask.sum().item()

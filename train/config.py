@@ -25,6 +25,7 @@ def precision_option(group: str = "main"):
 
 
 ROLLOUT_ENGINES = ("auto", "deepspeed", "fused", "hf")
+RL_ALGORITHMS = ("ppo", "grpo", "rloo")
 
 
 @dataclass
@@ -124,51 +125,71 @@ class RMConfig(RunConfig):
 
 @dataclass
 class PPOConfig(RunConfig):
-    """Step 3: PPO of the SFT model against the reward model, with a KL penalty to a frozen
-    reference, optional EMA of the actor and optional pretraining-mix loss."""
+    """Step 3: RL of the SFT model against the reward model (PPO with a critic, or critic-free
+    GRPO and RLOO), with a KL penalty to a frozen reference, optional EMA of the actor and
+    optional pretraining-mix loss."""
 
-    actor: str = opt("default", "actor and reference: an SFT run's final/, default, a folder or hub name",
-                     group="model")
+    algorithm: str = opt("ppo", "ppo: clipped policy loss with GAE advantages from a critic "
+                                "(trained from the reward model); grpo: no critic, advantages "
+                                "are each response's score against its group's mean, over the "
+                                "group's std; rloo: no critic, each score minus the mean of the "
+                                "other responses to the same prompt", choices=RL_ALGORITHMS, group="main")
+    group_size: int = opt(0, "responses sampled per prompt (a group); 0: 1 for ppo, 4 for grpo "
+                             "and rloo, which need at least 2", range=(0, 256), group="main")
+    kl_penalty: str = opt("auto", "where the KL to the reference goes: reward (-kl_coef x the "
+                                  "log-ratio, per token for ppo, summed per response before the "
+                                  "group baseline for grpo/rloo) or loss (kl_coef x the k3 "
+                                  "estimator per token, added to the policy loss); auto: reward "
+                                  "for ppo, loss for grpo and rloo", choices=("auto", "reward", "loss"), group="rl")
+    loss_aggregation: str = opt("token", "how per-token policy (and KL) losses are averaged: token "
+                                         "(over all response tokens of a minibatch: every token "
+                                         "weighs the same) or sequence (within each response, "
+                                         "then over responses: every response weighs the same)",
+                                choices=("token", "sequence"), group="rl")
+    actor: str = opt("default", "actor and reference: an SFT run's final/, default, a folder or hub name", group="model")
     reward: str = opt("", "reward model: an RM run's final/ (required)", group="model")
-    critic: str = opt("", "critic initialisation; empty uses the reward model", group="model")
+    critic: str = opt("", "critic initialisation (ppo); empty uses the reward model", group="model")
     data: list[str] = opt(["prompts/prompts.jsonl"], "prompt sources (any record format; only the "
                                                      "prompts are used)", group="data")
     learning_rate: float = opt(2e-6, "actor peak learning rate", range=(0.0, 1.0), group="main")
-    critic_learning_rate: float = opt(5e-6, "critic peak learning rate", range=(0.0, 1.0),
-                                      group="rl")
-    batch_size: int = opt(8, "PPO minibatch size per process (rollouts per optimizer step)",
+    critic_learning_rate: float = opt(5e-6, "critic peak learning rate (ppo)", range=(0.0, 1.0), group="rl")
+    batch_size: int = opt(8, "rollouts per micro-batch of the policy update, per process; an "
+                             "optimizer step takes --gradient-accumulation-steps micro-batches",
                           range=(1, 4096), group="main")
-    rollout_batch_size: int = opt(16, "prompts generated per PPO step per process", range=(1, 4096),
-                                  group="main")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step; must divide the "
+                                              "micro-batches of one pass over a step's rollouts "
+                                              "(the schedule and the EMA count optimizer steps)",
+                                           range=(1, 1024), group="training")
+    score_batch_size: int = opt(0, "rollouts per scoring forward (actor, reference, critic, "
+                                   "reward model); 0: --batch-size, so that the first update's "
+                                   "policy ratio is exactly 1 (same rows, same numerics)",
+                                range=(0, 4096), group="training")
+    rollout_batch_size: int = opt(16, "prompts generated per step per process (each sampled "
+                                      "--group-size times)", range=(1, 4096), group="main")
     ppo_epochs: int = opt(1, "passes over each rollout batch", range=(1, 100), group="rl")
-    max_prompt_len: int = opt(256, "longest prompt in tokens (older tokens are cut)", range=(8, 32768),
-                              group="rl")
+    max_prompt_len: int = opt(256, "longest prompt in tokens (older tokens are cut)", range=(8, 32768), group="rl")
     max_new_tokens: int = opt(64, "longest generated response", range=(1, 8192), group="main")
-    temperature: float = opt(1.0, "sampling temperature of rollouts", range=(0.01, 10.0),
-                             group="rl")
+    temperature: float = opt(1.0, "sampling temperature of rollouts; the actor's and the "
+                                  "reference's log-probs are taken at the same temperature",
+                             range=(0.01, 10.0), group="rl")
     top_p: float = opt(1.0, "nucleus sampling of rollouts", range=(0.01, 1.0), group="rl")
     kl_coef: float = opt(0.05, "weight of the per-token KL penalty to the reference",
                          range=(0.0, 100.0), group="main")
     adaptive_kl: bool = opt(False, "adapt kl_coef towards kl_target (Ziegler et al.)", group="rl")
     kl_target: float = opt(6.0, "target KL per response for the adaptive controller",
                            range=(0.0, 1000.0), group="rl")
-    kl_horizon: int = opt(10000, "horizon of the adaptive KL controller", range=(1, 10**9),
-                          group="rl")
+    kl_horizon: int = opt(10000, "horizon of the adaptive KL controller", range=(1, 10**9), group="rl")
     gamma: float = opt(1.0, "discount factor of GAE", range=(0.0, 1.0), group="rl")
     lam: float = opt(0.95, "lambda of GAE", range=(0.0, 1.0), group="rl")
     cliprange: float = opt(0.2, "PPO policy ratio clip", range=(0.0, 10.0), group="rl")
     cliprange_value: float = opt(0.2, "critic value clip", range=(0.0, 100.0), group="rl")
-    reward_clip: float = opt(5.0, "clip normalised rewards to +-this", range=(0.0, 1000.0),
-                             group="rl")
-    normalize_reward: bool = opt(True, "normalise scores with the reward model's saved mean and std",
-                                 group="rl")
-    whiten_advantages: bool = opt(True, "whiten advantages within each rollout batch", group="rl")
-    ema: bool = opt(False, "keep an exponential moving average of the actor, saved as ema/",
-                    group="main")
-    ema_beta: float = opt(0.992, "EMA decay per actor step", range=(0.0, 1.0), group="rl")
+    reward_clip: float = opt(5.0, "clip normalised rewards to +-this", range=(0.0, 1000.0), group="rl")
+    normalize_reward: bool = opt(True, "normalise scores with the reward model's saved mean and std", group="rl")
+    whiten_advantages: bool = opt(True, "whiten GAE advantages within each rollout batch (ppo)", group="rl")
+    ema: bool = opt(False, "keep an exponential moving average of the actor, saved as ema/", group="main")
+    ema_beta: float = opt(0.992, "EMA decay per actor optimizer step", range=(0.0, 1.0), group="rl")
     ptx_data: list[str] = opt([], "pretraining/SFT sources mixed into the actor loss", group="rl")
-    ptx_coef: float = opt(1.0, "weight of the mixed-in SFT loss (with --ptx-data)", range=(0.0, 1000.0),
-                          group="rl")
+    ptx_coef: float = opt(1.0, "weight of the mixed-in SFT loss (with --ptx-data)", range=(0.0, 1000.0), group="rl")
     rollout_engine: str = opt("auto", "what generates rollouts: deepspeed (DeepSpeed's Hybrid "
                                       "Engine, CUDA and the architectures it supports), fused (our "
                                       "slot decoder), hf (Hugging Face generate, the baseline); "
@@ -186,6 +207,37 @@ class PPOConfig(RunConfig):
                                 group="evaluation")
     eval_every: int = opt(0, "PPO steps between held-out reward evaluations; 0: start and end",
                           range=(0, 1_000_000), group="evaluation")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.algorithm != "ppo" and self.group_size == 1:
+            raise ConfigError(f"--algorithm {self.algorithm} compares responses to the same prompt: "
+                              "set --group-size to 2 or more (or 0 for the default, 4).")
+        if self.micro_batches_per_pass % self.gradient_accumulation_steps:
+            raise ConfigError(f"--gradient-accumulation-steps {self.gradient_accumulation_steps} must "
+                              f"divide the {self.micro_batches_per_pass} micro-batches of --batch-size "
+                              f"{self.batch_size} in a step's {self.rollouts_per_step} rollouts, so that "
+                              "no optimizer step mixes two steps' rollouts: change one of them.")
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.group_size or (1 if self.algorithm == "ppo" else 4)
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.rollout_batch_size * self.samples_per_prompt
+
+    @property
+    def micro_batches_per_pass(self) -> int:
+        return -(-self.rollouts_per_step // self.batch_size)
+
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        return self.ppo_epochs * self.micro_batches_per_pass // self.gradient_accumulation_steps
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.kl_penalty == "loss" or (self.kl_penalty == "auto" and self.algorithm != "ppo")
 
 
 @dataclass

@@ -7,7 +7,6 @@ CPU memory. On CUDA, DeepSpeed builds its own AdamW from the config.
 """
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
@@ -84,17 +83,18 @@ def fused_adam_available() -> bool:
         CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").exists())
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    progress = min(max(progress, 0.0), 1.0)
-    if schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+# --lr-scheduler -> transformers' name: every one warms up linearly from 0 first
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def lr_scheduler(optimizer, cfg, total_steps: int):
+    """Linear warmup over warmup_ratio of `total_steps` optimizer steps, then the decay
+    --lr-scheduler names (to 0 at `total_steps`), as transformers' `get_scheduler` makes it."""
+    from transformers import get_scheduler
+
+    return get_scheduler(SCHEDULES[cfg.lr_scheduler], optimizer,
+                         num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -115,19 +115,16 @@ def initialize(model, cfg, total_steps: int, tensorboard_dir: str | None = None,
     config = {**ds_config(cfg, tensorboard_dir=tensorboard_dir, learning_rate=learning_rate),
               **(extra or {})}
     lr = cfg.learning_rate if learning_rate is None else learning_rate
-    warmup = int(cfg.warmup_ratio * total_steps)
-    schedule = lambda step: lr_factor(step, total_steps, warmup, cfg.lr_scheduler)  # noqa: E731
     if on_cuda():
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay), config=config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        engine.lr_scheduler = scheduler
+        engine.lr_scheduler = lr_scheduler(optimizer, cfg, total_steps)
     else:
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr,
                                       betas=(0.9, 0.95))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                               lr_scheduler=scheduler, config=config)
+                                               lr_scheduler=lr_scheduler(optimizer, cfg, total_steps),
+                                               config=config)
     return engine
 
 

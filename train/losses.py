@@ -79,13 +79,14 @@ def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, 
     return advantages, advantages + values
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float):
-    """PPO's clipped surrogate; returns (loss, clip fraction, approximate KL old -> new)."""
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float, aggregation: str = "token"):
+    """PPO's clipped surrogate; returns (loss, clip fraction, approximate KL old -> new).
+    `aggregation` averages the per-token losses as `aggregate` says."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    loss = aggregate(torch.max(pg_loss1, pg_loss2), mask, aggregation)
     clipfrac = masked_mean((pg_loss2 > pg_loss1).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
     return loss, clipfrac.detach(), approx_kl.detach()
@@ -110,3 +111,45 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """(B, T) entropy of each position's token distribution (for logging)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+# ---- critic-free RL (GRPO, RLOO) and loss aggregation -----------------------------------------
+# Rewards of a group arrive as (G, K): G prompts, K sampled responses of each prompt.
+
+def grpo_advantages(scores: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(G, K) GRPO advantages (Shao et al. 2024): each score minus its group's mean, over the
+    group's standard deviation (unbiased, as TRL's); a group that scored alike gets 0."""
+    mean = scores.mean(dim=1, keepdim=True)
+    std = scores.std(dim=1, keepdim=True)
+    return (scores - mean) / (std + eps)
+
+
+def rloo_advantages(scores: torch.Tensor) -> torch.Tensor:
+    """(G, K) RLOO advantages (Ahmadian et al. 2024): each score minus the mean score of the
+    other K - 1 responses to the same prompt (its leave-one-out baseline)."""
+    k = scores.shape[1]
+    baseline = (scores.sum(dim=1, keepdim=True) - scores) / (k - 1)
+    return scores - baseline
+
+
+def sequence_kl(logprobs, ref_logprobs, mask) -> torch.Tensor:
+    """(B,) the log-ratio to the reference summed over each response: a sample of its KL."""
+    return ((logprobs - ref_logprobs) * mask).sum(dim=1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) per-token KL(policy || reference) estimate k3 = exp(ref - logp) - (ref - logp) - 1
+    (Schulman 2020; GRPO's KL loss): unbiased under the policy's samples, never negative; 0 on
+    padding (whose log-probs may be far apart)."""
+    log_ratio = (ref_logprobs - logprobs) * mask
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """One number from (B, T) per-token losses. token: the mean over every response token of the
+    batch, so each token weighs the same (DAPO; long answers weigh more); sequence: the mean
+    within each response, then over responses, so each response weighs the same (the GRPO paper)."""
+    if level == "token":
+        return masked_mean(values, mask)
+    per_response = (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return per_response.mean()

@@ -1,15 +1,17 @@
-"""Step 3: PPO of the SFT model against the reward model (InstructGPT / DeepSpeed-Chat step 3).
+"""Step 3: RL of the SFT model against the reward model (InstructGPT / DeepSpeed-Chat step 3),
+with PPO or the critic-free GRPO and RLOO (`--algorithm`).
 
-Four models: the actor (trained, from the SFT checkpoint), a frozen reference copy of it, the
-critic (trained, from the reward model) and the frozen reward model. Each PPO step:
-rollout (the rollout engine samples responses), experience (log-probs of actor and reference,
-critic values, reward-model scores, per-token KL-penalised rewards, GAE), then PPO epochs over
-minibatches (clipped policy loss, plus the SFT loss of a pretraining mix if asked; clipped
-value loss), then the EMA update. Every constant is an option in `PPOConfig`.
+PPO has four models: the actor (trained, from the SFT checkpoint), a frozen reference copy of
+it, the critic (trained, from the reward model) and the frozen reward model; GRPO and RLOO load
+no critic. Each step: rollout and experience (train/experience.py: group_size samples per
+prompt, log-probs of actor and reference, critic values, reward-model scores, advantages), then
+update epochs over minibatches (clipped policy loss, plus the k3 KL loss and the SFT loss of a
+pretraining mix if asked; clipped value loss for PPO's critic), with the EMA updated after each
+optimizer step. Every constant is an option in `PPOConfig`.
 
-Simplified on purpose: advantages are whitened per rank, not across ranks; the reference and
-reward model share the actor's tokenizer (checked); the critic is not saved (final/ and ema/
-hold the actor).
+Simplified on purpose: advantages are whitened (ppo) or normalised (grpo) per rank, not across
+ranks; the reference and reward model share the actor's tokenizer (checked); the critic is not
+saved (final/ and ema/ hold the actor).
 """
 from __future__ import annotations
 
@@ -29,30 +31,9 @@ from core.sampling import Sampling
 
 from train import data, ds, loop, losses, models, tokens
 from train.config import PPOConfig, parse_split
+from train.experience import Experience, make_experience, response_logprobs, response_values, score
 from train.rollout import RolloutEngine, start_actor
 from train.rundir import RunDir
-
-
-@dataclass
-class Experience:
-    sequences: torch.Tensor       # (B, P+R) left-padded prompt then right-padded response ids
-    attention_mask: torch.Tensor  # (B, P+R) 1 on real prompt and response tokens
-    action_mask: torch.Tensor     # (B, R) 1 on response tokens up to and including end-of-turn
-    logprobs: torch.Tensor        # (B, R) actor log-probs of the response tokens at rollout time
-    ref_logprobs: torch.Tensor    # (B, R) reference log-probs of the same tokens
-    values: torch.Tensor          # (B, R) critic values of the state before each response token
-    scores: torch.Tensor          # (B,) reward-model scores, normalised and clipped
-    raw_scores: torch.Tensor      # (B,) reward-model scores as the model gives them
-    rewards: torch.Tensor         # (B, R) -kl_coef * (logp - ref_logp), plus the score at the end
-    advantages: torch.Tensor      # (B, R) GAE advantages (whitened if asked)
-    returns: torch.Tensor         # (B, R) advantages + values: the critic's targets
-
-    @property
-    def prompt_width(self) -> int:
-        return self.sequences.shape[1] - self.action_mask.shape[1]
-
-    def rows(self, index: torch.Tensor) -> "Experience":
-        return Experience(**{k: v[index] for k, v in vars(self).items()})
 
 
 @dataclass
@@ -60,7 +41,7 @@ class PPOModels:
     actor: object            # DeepSpeed training engine of the policy (CausalLMWithLoss)
     rollout: RolloutEngine   # the actor's generation mode
     reference: object        # frozen copy of the initial actor
-    critic: object           # DeepSpeed training engine of the value model
+    critic: object | None    # DeepSpeed training engine of the value model; None for grpo and rloo
     reward_model: object     # frozen reward model (ValueHeadModel)
     reward_stats: dict | None  # the reward model's saved mean and std, for normalising scores
 
@@ -110,91 +91,50 @@ def ptx_batches(cfg: PPOConfig, tokenizer, log):
     return batches()
 
 
-# ---- experience ------------------------------------------------------------------------------------
+# ---- update ------------------------------------------------------------------------------------
 
-def response_logprobs(model, sequences, attention_mask, prompt_width):
-    """(B, R) log-probs of the response tokens, and the (B, R, V) logits behind them."""
-    logits = model(input_ids=sequences, attention_mask=attention_mask, response_start=prompt_width)
-    return losses.token_logprobs(logits, sequences[:, prompt_width:]), logits
-
-
-def response_values(critic, sequences, attention_mask, prompt_width):
-    """(B, R) critic values of the state before each response token."""
-    return critic(input_ids=sequences, attention_mask=attention_mask)[:, prompt_width - 1:-1]
-
-
-@torch.no_grad()
-def score(reward_model, sequences, attention_mask, reward_stats, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw, normalised-and-clipped) reward-model scores of whole conversations, each (B,)."""
-    raw = losses.sequence_rewards(reward_model(input_ids=sequences, attention_mask=attention_mask),
-                                  attention_mask)
-    normalise = reward_stats and cfg.normalize_reward
-    scores = (raw - reward_stats["mean"]) / reward_stats["std"] if normalise else raw
-    return raw, scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-
-
-@torch.no_grad()
-def make_experience(m: PPOModels, prompts, sampling, cfg, kl_ctl, timer) -> Experience:
-    # rollout
-    tic = time.time()
-    prompt_ids, prompt_mask, response_ids, action_mask = m.rollout.rollout(prompts, sampling)
-    timer["generate"] += time.time() - tic - m.rollout.switch_s
-    timer["switch"] += m.rollout.switch_s
-    timer["generated_tokens"] += action_mask.sum().item()
-    # score: actor, reference, critic, reward model
-    tic = time.time()
-    sequences = torch.cat([prompt_ids, response_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, action_mask], dim=1)
-    width = prompt_ids.shape[1]
-    m.actor.eval()
-    logprobs, _ = response_logprobs(m.actor, sequences, attention_mask, width)
-    m.actor.train()
-    ref_logprobs, _ = response_logprobs(m.reference, sequences, attention_mask, width)
-    values = response_values(m.critic, sequences, attention_mask, width)
-    raw_scores, scores = score(m.reward_model, sequences, attention_mask, m.reward_stats, cfg)
-    mask = action_mask.float()
-    # advantages
-    rewards = losses.kl_rewards(logprobs, ref_logprobs, scores, mask, kl_ctl.value)
-    advantages, returns = losses.gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = losses.masked_whiten(advantages, mask)
-    timer["score"] += time.time() - tic
-    return Experience(sequences, attention_mask, mask, logprobs, ref_logprobs, values * mask,
-                      scores, raw_scores, rewards, advantages, returns)
-
-
-# ---- PPO update ------------------------------------------------------------------------------------
-
-def ppo_update(actor, critic, exp: Experience, cfg: PPOConfig, ptx, ema, metrics) -> None:
-    width = exp.prompt_width
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(len(exp.sequences))
-        for start in range(0, len(order), cfg.batch_size):
+def ppo_update(m: PPOModels, exp: Experience, cfg: PPOConfig, kl_coef: float, ptx, ema, metrics) -> None:
+    """`ppo_epochs` passes over one step's experience in minibatches: the first pass in the order
+    the experience was scored (its first ratio is exactly 1), later passes shuffled."""
+    actor, critic, width, rows = m.actor, m.critic, exp.prompt_width, len(exp.sequences)
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.arange(rows) if epoch == 0 else torch.randperm(rows)
+        for start in range(0, rows, cfg.batch_size):
             mb = exp.rows(order[start:start + cfg.batch_size])
-            # policy loss (+ the pretraining mix)
-            logprobs, logits = response_logprobs(actor, mb.sequences, mb.attention_mask, width)
+            # policy loss (+ the KL loss, + the pretraining mix)
+            logprobs, logits = response_logprobs(actor, mb.sequences, mb.attention_mask, width,
+                                                 cfg.temperature)
             pg_loss, clipfrac, approx_kl = losses.policy_loss(logprobs, mb.logprobs, mb.advantages,
-                                                              mb.action_mask, cfg.cliprange)
+                                                              mb.action_mask, cfg.cliprange,
+                                                              cfg.loss_aggregation)
             loss = pg_loss
+            if cfg.kl_in_loss:
+                kl_loss = losses.aggregate(losses.k3_kl(logprobs, mb.ref_logprobs, mb.action_mask),
+                                           mb.action_mask, cfg.loss_aggregation)
+                loss = loss + kl_coef * kl_loss
+                metrics["kl_loss"].append(kl_loss.item())
             if ptx is not None:
                 ptx_sum, ptx_count = actor(**loop.to_device(next(ptx)))
                 ptx_loss = ptx_sum / ptx_count.clamp(min=1)
-                loss = pg_loss + cfg.ptx_coef * ptx_loss
+                loss = loss + cfg.ptx_coef * ptx_loss
                 metrics["ptx_loss"].append(ptx_loss.item())
+            optimizer_step = actor.is_gradient_accumulation_boundary()  # asked before step() counts it
             actor.backward(loss)
             actor.step()
-            if ema is not None:
+            if ema is not None and optimizer_step:
                 ema.update(actor.module)
-            # value loss
-            values = response_values(critic, mb.sequences, mb.attention_mask, width)
-            vf_loss, vf_clipfrac = losses.value_loss(values, mb.values, mb.returns, mb.action_mask,
-                                                     cfg.cliprange_value)
-            critic.backward(vf_loss)
-            critic.step()
+            # value loss (ppo)
+            if critic is not None:
+                values = response_values(critic, mb.sequences, mb.attention_mask, width)
+                vf_loss, vf_clipfrac = losses.value_loss(values, mb.values, mb.returns, mb.action_mask,
+                                                         cfg.cliprange_value)
+                critic.backward(vf_loss)
+                critic.step()
+                metrics["value_loss"].append(vf_loss.item())
+                metrics["vf_clipfrac"].append(vf_clipfrac.item())
             with torch.no_grad():
                 entropy = losses.masked_mean(losses.entropy(logits), mb.action_mask).item()
             for name, value in (("policy_loss", pg_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
-                                ("value_loss", vf_loss), ("vf_clipfrac", vf_clipfrac),
                                 ("entropy", entropy)):
                 metrics[name].append(float(value.detach()) if torch.is_tensor(value) else value)
 
@@ -203,12 +143,13 @@ class EMA:
     """Exponential moving average of the actor's weights, in fp32 on the CPU."""
 
     def __init__(self, module, beta: float):
-        self.beta = beta
+        self.beta, self.updates = beta, 0
         self.shadow = {name: value.detach().float().cpu().clone()
                        for name, value in _full_params(module).items()}
 
     @torch.no_grad()
     def update(self, module) -> None:
+        self.updates += 1
         for name, value in _full_params(module).items():
             self.shadow[name].mul_(self.beta).add_(value.detach().float().cpu(), alpha=1 - self.beta)
 
@@ -235,12 +176,25 @@ def evaluate(m: PPOModels, prompts, cfg, tokenizer) -> dict:
         prompt_ids, prompt_mask, response_ids, action_mask = m.rollout.rollout(
             prompts[start:start + cfg.rollout_batch_size], sampling)
         sequences = torch.cat([prompt_ids, response_ids], 1)
-        raw, _ = score(m.reward_model, sequences, torch.cat([prompt_mask, action_mask], 1),
-                       m.reward_stats, cfg)
-        rewards += raw.tolist()
+        rewards += score(m.reward_model, sequences, torch.cat([prompt_mask, action_mask], 1)).tolist()
         lengths += action_mask.sum(1).tolist()
     return {"eval_reward": round(sum(rewards) / len(rewards), 4),
             "eval_response_length": round(sum(lengths) / len(lengths), 1)}
+
+
+def step_metrics(step: int, exp: Experience, group_size: int, update_metrics: dict, timer: dict) -> dict:
+    """One metrics line: rewards (and their spread within groups), KL, lengths, the update's mean
+    losses and the time split."""
+    raw, kl = exp.raw_scores, losses.sequence_kl(exp.logprobs, exp.ref_logprobs, exp.action_mask)
+    by_group = raw[exp.groups.argsort(stable=True)].view(-1, group_size)  # (G, K)
+    return {"step": step, "reward": round(raw.mean().item(), 4),
+            "reward_std": round(raw.std().item(), 4) if len(raw) > 1 else 0.0,
+            "reward_group_std": round(by_group.std(dim=1).mean().item(), 4) if by_group.shape[1] > 1 else 0.0,
+            "score": round(exp.scores.mean().item(), 4), "kl": round(kl.mean().item(), 4),
+            "response_length": round(exp.action_mask.sum(1).mean().item(), 1),
+            **{k: round(sum(v) / len(v), 5) for k, v in update_metrics.items() if v},
+            **{f"time_{k}_s": round(timer[k], 3) for k in ("generate", "score", "train", "switch")},
+            "gen_tokens_per_s": round(timer["generated_tokens"] / max(timer["generate"], 1e-9), 1)}
 
 
 def write_samples(run, step, exp: Experience, tokenizer, count: int = 2) -> None:
@@ -258,22 +212,27 @@ def write_samples(run, step, exp: Experience, tokenizer, count: int = 2) -> None
 # ---- models ------------------------------------------------------------------------------------------
 
 def build_models(cfg: PPOConfig, run, total_steps: int, tokenizer) -> PPOModels:
-    """Actor and critic engines, frozen reference and reward model, and the rollout engine."""
+    """Actor and (ppo) critic engines for `total_steps` optimizer steps, frozen reference and
+    reward model, and the rollout engine."""
     actor_path = resolve_model(cfg.actor)
     reward_path = resolve_model(cfg.reward)
-    critic_path = resolve_model(cfg.critic) if cfg.critic else reward_path
     if load_tokenizer(reward_path).get_vocab() != tokenizer.get_vocab():
         raise ModelError(f"the reward model {cfg.reward} uses another tokenizer than the "
-                                f"actor {cfg.actor}: train it from the same base model.")
+                          f"actor {cfg.actor}: train it from the same base model.")
     frozen_dtype = torch_dtype(ds.precision(cfg).name)
 
     tb = str(run.path / "tensorboard") if cfg.tensorboard else None
     actor, rollout = start_actor(cfg, lambda: models.make_trainable(load_causal_lm(actor_path), cfg),
                                  total_steps, tb, run.log)
 
-    critic_model = models.load_value_model(critic_path)
-    critic_model.backbone = models.make_trainable(critic_model.backbone, cfg, task="FEATURE_EXTRACTION")
-    critic = ds.initialize(critic_model, cfg, total_steps, learning_rate=cfg.critic_learning_rate)
+    critic = None
+    if cfg.algorithm == "ppo":
+        critic_model = models.load_value_model(resolve_model(cfg.critic) if cfg.critic else reward_path)
+        critic_model.backbone = models.make_trainable(critic_model.backbone, cfg, task="FEATURE_EXTRACTION")
+        critic = ds.initialize(critic_model, cfg, total_steps, learning_rate=cfg.critic_learning_rate)
+    else:
+        run.log(f"{cfg.algorithm}: no critic; advantages from groups of {cfg.samples_per_prompt} "
+                f"responses per prompt; KL to the reference in the {'loss' if cfg.kl_in_loss else 'reward'}")
 
     reference = models.CausalLMWithLoss(load_causal_lm(actor_path, frozen_dtype))
     reward_model = models.load_value_model(reward_path, frozen_dtype)
@@ -288,7 +247,8 @@ def build_models(cfg: PPOConfig, run, total_steps: int, tokenizer) -> PPOModels:
 def save_checkpoint(run, actor, critic, step, kl_ctl, ema, keep) -> None:
     state = {"step": step, "kl_coef": kl_ctl.value}
     ds.save_checkpoint(actor, run.checkpoints / "actor", step, state, keep)
-    ds.save_checkpoint(critic, run.checkpoints / "critic", step, state, keep)
+    if critic is not None:
+        ds.save_checkpoint(critic, run.checkpoints / "critic", step, state, keep)
     if ema is not None and run.writer:
         save_file(ema.shadow, run.checkpoints / "ema.safetensors")
     if run.writer:
@@ -313,15 +273,14 @@ def main(cfg: PPOConfig) -> RunDir:
         raise data.DataError(f"{len(train_prompts)} prompts make no PPO step of {cfg.rollout_batch_size} "
                              f"prompts x {world} processes: add prompts or lower --rollout-batch-size.")
     total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
-    optimizer_steps = total_steps * cfg.ppo_epochs * -(-cfg.rollout_batch_size // cfg.batch_size)
-    run.log(f"ppo: {len(train_prompts)} train / {len(eval_prompts)} eval prompts, {world} process(es), "
-            f"{total_steps} PPO steps")
+    run.log(f"{cfg.algorithm}: {len(train_prompts)} train / {len(eval_prompts)} eval prompts, {world} "
+            f"process(es), {total_steps} steps of {cfg.optimizer_steps_per_step} optimizer steps")
     for path in filter(None, (cfg.reward, cfg.critic)):
         resolve_model(path)  # checked before anything is written
     run.start()  # inputs validated: only now is the run folder written
 
-    # models
-    m = build_models(cfg, run, optimizer_steps, tokenizer)
+    # models: the schedules count optimizer steps
+    m = build_models(cfg, run, total_steps * cfg.optimizer_steps_per_step, tokenizer)
     actor, critic = m.actor, m.critic
     if m.reward_stats is None and cfg.normalize_reward:
         run.log("the reward model has no saved statistics: rewards are not normalised")
@@ -333,7 +292,8 @@ def main(cfg: PPOConfig) -> RunDir:
     step = 0
     if cfg.resume:
         client = ds.load_checkpoint(actor, run.checkpoints / "actor")
-        ds.load_checkpoint(critic, run.checkpoints / "critic")
+        if critic is not None:
+            ds.load_checkpoint(critic, run.checkpoints / "critic")
         step, kl_ctl.value = client["step"], client["kl_coef"]
         if ema is not None and (run.checkpoints / "ema.safetensors").is_file():
             ema.shadow = load_file(run.checkpoints / "ema.safetensors")
@@ -343,7 +303,7 @@ def main(cfg: PPOConfig) -> RunDir:
         run.metrics({"step": 0, **evaluate(m, eval_prompts, cfg, tokenizer)})
 
     stop = loop.StopRequested()
-    bar = tqdm(total=total_steps, initial=step, desc="ppo", disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc=cfg.algorithm, disable=rank != 0, dynamic_ncols=True)
     while step < total_steps and not stop.requested:
         tic = time.time()
         epoch, index = divmod(step, steps_per_epoch)
@@ -351,28 +311,21 @@ def main(cfg: PPOConfig) -> RunDir:
         random.Random(cfg.seed + epoch).shuffle(order)
         batch = [train_prompts[i] for i in order[index * per_step:(index + 1) * per_step][rank::world]]
 
-        # rollout and experience
+        # rollout and experience (train/experience.py)
         timer = dict.fromkeys(("generate", "switch", "score", "train", "generated_tokens"), 0.0)
-        exp = make_experience(m, batch, sampling, cfg, kl_ctl, timer)
+        exp = make_experience(m, batch, sampling, cfg, kl_ctl.value, timer)
 
-        # PPO epochs over minibatches
-        tic_train, ppo_metrics = time.time(), defaultdict(list)
-        ppo_update(actor, critic, exp, cfg, ptx, ema, ppo_metrics)
+        # update epochs over minibatches
+        tic_train, update_metrics = time.time(), defaultdict(list)
+        ppo_update(m, exp, cfg, kl_ctl.value, ptx, ema, update_metrics)
         timer["train"] = time.time() - tic_train
 
         # metrics
         step += 1
-        kl = ((exp.logprobs - exp.ref_logprobs) * exp.action_mask).sum(1).mean().item()
-        kl_ctl.update(kl, per_step)
-        raw = exp.raw_scores
-        row = {"step": step, "reward": round(raw.mean().item(), 4), "reward_std": round(raw.std().item(), 4)
-               if len(raw) > 1 else 0.0, "score": round(exp.scores.mean().item(), 4), "kl": round(kl, 4),
-               "kl_coef": round(kl_ctl.value, 5),
-               "response_length": round(exp.action_mask.sum(1).mean().item(), 1),
-               **{k: round(sum(v) / len(v), 5) for k, v in ppo_metrics.items() if v},
-               **{f"time_{k}_s": round(timer[k], 3) for k in ("generate", "score", "train", "switch")},
-               "gen_tokens_per_s": round(timer["generated_tokens"] / max(timer["generate"], 1e-9), 1),
-               "step_time_s": round(time.time() - tic, 3), "lr": actor.get_lr()[0]}
+        row = step_metrics(step, exp, cfg.samples_per_prompt, update_metrics, timer)
+        kl_ctl.update(row["kl"], cfg.rollouts_per_step * world)
+        row.update(kl_coef=round(kl_ctl.value, 5), step_time_s=round(time.time() - tic, 3),
+                   lr=actor.get_lr()[0])
         run.metrics(row)
         if actor.monitor.enabled:
             actor.monitor.write_events([(f"ppo/{k}", v, step) for k, v in row.items() if k != "step"])

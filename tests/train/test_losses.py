@@ -87,3 +87,48 @@ def test_token_logprobs_and_entropy():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
     assert losses.token_logprobs(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.25))
     assert losses.entropy(logits).item() == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)))
+
+
+# ---- critic-free RL ------------------------------------------------------------------------------
+
+def test_grpo_advantages_normalise_within_each_group():
+    scores = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    advantages = losses.grpo_advantages(scores, eps=1e-4)
+    # group 0: mean 2, unbiased std 1; group 1 scored alike: no signal
+    expected = torch.tensor([[-1.0 / (1 + 1e-4), 0.0, 1.0 / (1 + 1e-4)], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(advantages, expected)
+
+
+def test_rloo_advantages_use_the_rest_of_the_group_as_baseline():
+    scores = torch.tensor([[1.0, 2.0, 6.0], [0.0, 4.0, 4.0]])
+    # baselines: (2+6)/2, (1+6)/2, (1+2)/2 and (4+4)/2, (0+4)/2, (0+4)/2
+    expected = torch.tensor([[1.0 - 4.0, 2.0 - 3.5, 6.0 - 1.5], [0.0 - 4.0, 4.0 - 2.0, 4.0 - 2.0]])
+    torch.testing.assert_close(losses.rloo_advantages(scores), expected)
+
+
+def test_k3_kl_estimator_by_hand():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, -9.0]])
+    ref_logprobs = torch.tensor([[-2.0, -2.0, -0.25, 90.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])   # padding: far apart, ignored
+    kl = losses.k3_kl(logprobs, ref_logprobs, mask)
+    expected = [math.exp(-1.0) + 1.0 - 1.0, 0.0, math.exp(0.25) - 0.25 - 1.0, 0.0]
+    torch.testing.assert_close(kl, torch.tensor([expected]))
+    assert (kl >= 0).all() and losses.sequence_kl(logprobs, ref_logprobs, mask).item() == pytest.approx(0.75)
+
+
+def test_token_and_sequence_aggregation():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert losses.aggregate(values, mask, "token").item() == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert losses.aggregate(values, mask, "sequence").item() == pytest.approx((2.0 + 4.0) / 2)
+
+
+def test_policy_loss_at_sequence_level_weighs_each_response_the_same():
+    logprobs = torch.zeros(2, 3, requires_grad=True)
+    advantages = torch.tensor([[1.0, 1.0, 1.0], [-2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    loss, _, _ = losses.policy_loss(logprobs, logprobs.detach(), advantages, mask, 0.2, "sequence")
+    assert loss.item() == pytest.approx((-1.0 + 2.0) / 2)     # response means -1 and +2
+    loss.backward()
+    # d/dlogp of -A * ratio at ratio 1, divided by the response's length and the 2 responses
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-1 / 6, -1 / 6, -1 / 6], [1.0, 0.0, 0.0]]))

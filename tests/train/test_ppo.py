@@ -1,5 +1,6 @@
-"""PPO: the pieces against hand-computed values, the generation path against Hugging Face, and
-the whole step through the command line."""
+"""PPO, GRPO and RLOO: the pieces against hand-computed values, the generation path against
+Hugging Face, experience and update in this process on a tiny model, and the whole step through
+the command line."""
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from core.decoder import SlotDecoder
 from core.sampling import Sampling
 from train.rollout import decode_batch, generate
 from train.ppo import EMA, KLController
+from core.options import ConfigError
 
 
 def test_ema_after_two_updates():
@@ -153,3 +155,166 @@ def test_hugging_face_baseline_path_gives_the_same_greedy_rollouts(tiny_model):
     baseline = hf_generate(lm, prompts, sampling)
     for mine, theirs in zip(ours, baseline):
         assert torch.equal(mine, theirs)
+
+
+# ---- experience and update in this process (tiny model) ------------------------------------------
+
+@pytest.fixture(scope="module")
+def build_ppo(tmp_path_factory, tiny_model, tiny_reward_model):
+    """build(**options) -> (cfg, PPOModels, sampling) on the tiny actor and reward model."""
+    from train import ds
+    from train.ppo import build_models
+    from train.rundir import RunDir
+
+    ds.init_distributed()  # a group of one, as `python -m train ppo` makes
+    tokenizer = models.load_tokenizer(str(tiny_model))
+
+    def build(optimizer_steps: int = 8, **options):
+        cfg = PPOConfig(actor=str(tiny_model), reward=str(tiny_reward_model), tensorboard=False,
+                        max_new_tokens=6, **options)
+        m = build_models(cfg, RunDir(tmp_path_factory.mktemp("ppo")), optimizer_steps, tokenizer)
+        sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, tokenizer.eos_token_id,
+                            tokenizer.pad_token_id)
+        return cfg, m, sampling
+
+    return build
+
+
+def chat_prompts(tiny_model, count: int) -> list[list[int]]:
+    tokenizer = models.load_tokenizer(str(tiny_model))
+    texts = ["Hi", "Name two rivers.", "What is 2 + 2?", "Write a haiku about tea.", "Why is the sky blue?",
+             "Say something kind.", "Count to five.", "What is a verb?"]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for t in texts[:count]]
+
+
+def experience(m, cfg, sampling, prompts, seed: int = 0):
+    from train.experience import make_experience
+
+    torch.manual_seed(seed)
+    timer = dict.fromkeys(("generate", "switch", "score", "train", "generated_tokens"), 0.0)
+    return make_experience(m, prompts, sampling, cfg, cfg.kl_coef, timer)
+
+
+def test_log_probs_are_taken_at_the_sampling_temperature(build_ppo, tiny_model):
+    from train.models import CausalLMWithLoss
+
+    cfg, m, sampling = build_ppo(temperature=0.5, rollout_batch_size=4, batch_size=2)
+    exp = experience(m, cfg, sampling, chat_prompts(tiny_model, 4))
+    initial = CausalLMWithLoss(models.load_causal_lm(str(tiny_model))).eval()  # the actor has not moved
+    with torch.no_grad():
+        logits = initial(exp.sequences, exp.attention_mask, response_start=exp.prompt_width)
+    tokens = exp.sequences[:, exp.prompt_width:].unsqueeze(-1)
+    sampled_at = torch.log_softmax(logits / 0.5, -1).gather(-1, tokens).squeeze(-1) * exp.action_mask
+    plain = torch.log_softmax(logits, -1).gather(-1, tokens).squeeze(-1) * exp.action_mask
+    torch.testing.assert_close(exp.logprobs * exp.action_mask, sampled_at, atol=1e-4, rtol=0)
+    torch.testing.assert_close(exp.ref_logprobs * exp.action_mask, sampled_at, atol=1e-4, rtol=0)
+    assert (exp.logprobs * exp.action_mask - plain).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_micro_batched_scoring_equals_one_batch(build_ppo, tiny_model, algorithm):
+    cfg, m, sampling = build_ppo(algorithm=algorithm, group_size=2, rollout_batch_size=4, batch_size=2)
+    prompts = chat_prompts(tiny_model, 4)
+    micro = experience(m, cfg, sampling, prompts)
+    cfg.score_batch_size = 8                                # all 4 x 2 rollouts in one forward
+    whole = experience(m, cfg, sampling, prompts)
+    assert torch.equal(micro.sequences, whole.sequences)   # same rollouts, same row order
+    for name in ("logprobs", "ref_logprobs", "values", "raw_scores", "scores", "rewards", "advantages",
+                 "returns"):
+        if getattr(whole, name) is not None:
+            torch.testing.assert_close(getattr(micro, name), getattr(whole, name), atol=1e-4, rtol=1e-4)
+    assert (micro.values is None) == (algorithm != "ppo")
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_first_minibatch_of_the_first_epoch_has_ratio_one(build_ppo, tiny_model, algorithm):
+    """Scoring takes the rollouts in the update's first minibatches, at the same temperature:
+    approx_kl and clipfrac are exactly 0 before the policy first moves, and not after."""
+    from collections import defaultdict
+
+    from train.ppo import ppo_update
+
+    cfg, m, sampling = build_ppo(algorithm=algorithm, group_size=2, rollout_batch_size=4, batch_size=2,
+                                 ppo_epochs=2, temperature=0.7, learning_rate=3e-3, warmup_ratio=0.0)
+    exp = experience(m, cfg, sampling, chat_prompts(tiny_model, 4))
+    metrics = defaultdict(list)
+    ppo_update(m, exp, cfg, cfg.kl_coef, None, None, metrics)
+    assert len(metrics["approx_kl"]) == 8                  # 2 epochs x 4 minibatches
+    assert metrics["approx_kl"][0] == 0.0 and metrics["clipfrac"][0] == 0.0
+    assert min(metrics["approx_kl"][1:]) > 0.0             # the policy moved after the first step
+    assert ("kl_loss" in metrics) == (algorithm == "grpo") and ("value_loss" in metrics) == (algorithm == "ppo")
+
+
+def test_gradient_accumulation_steps_the_optimizer_and_ema_once_per_accumulation(build_ppo, tiny_model):
+    from collections import defaultdict
+
+    from train.ppo import ppo_update
+
+    cfg, m, sampling = build_ppo(rollout_batch_size=4, batch_size=1, gradient_accumulation_steps=2,
+                                 ema=True)
+    assert cfg.optimizer_steps_per_step == 2               # 4 micro-batches, 2 per optimizer step
+    ema = EMA(m.actor.module, 0.5)
+    ppo_update(m, experience(m, cfg, sampling, chat_prompts(tiny_model, 4)), cfg, cfg.kl_coef, None, ema,
+               defaultdict(list))
+    assert m.actor.global_steps == 2 and m.critic.global_steps == 2 and ema.updates == 2
+
+
+def test_group_advantages_by_hand():
+    from train.experience import group_advantages
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    logprobs = torch.tensor([[-1.0, -1.0, 0.0], [-1.0, -1.0, -1.0], [-2.0, 0.0, 0.0], [-1.0, -1.0, 0.0]])
+    ref_logprobs = logprobs - torch.tensor([[0.5, 0.0, 0.0], [0.0] * 3, [0.0] * 3, [0.0] * 3])
+    scores = torch.tensor([1.0, 3.0, 0.0, 2.0])            # two prompts, two responses each
+    # rloo, KL in the reward (coef 2): rewards 1 - 2 * 0.5 = 0 and 3; 0 and 2
+    rewards, advantages = group_advantages(logprobs, ref_logprobs, scores, mask, 2.0, "rloo", 2)
+    torch.testing.assert_close(advantages, torch.tensor([[-3.0, -3.0, 0.0], [3.0, 3.0, 3.0],
+                                                         [-2.0, 0.0, 0.0], [2.0, 2.0, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 3.0],
+                                                      [0.0, 0.0, 0.0], [0.0, 2.0, 0.0]]))
+    # grpo, KL as a loss (coef 0 here): (score - mean) / (std + 1e-4), std of two = |a - b| / sqrt 2
+    _, advantages = group_advantages(logprobs, ref_logprobs, scores, mask, 0.0, "grpo", 2)
+    unit = 1.0 / (2 ** 0.5 + 1e-4)
+    torch.testing.assert_close(advantages[:, 0], torch.tensor([-unit, unit, -unit, unit]))
+
+
+def test_critic_free_options_are_checked():
+    assert PPOConfig(algorithm="grpo").samples_per_prompt == 4 and PPOConfig().samples_per_prompt == 1
+    assert PPOConfig(algorithm="rloo").kl_in_loss and not PPOConfig().kl_in_loss
+    assert not PPOConfig(algorithm="grpo", kl_penalty="reward").kl_in_loss
+    with pytest.raises(ConfigError, match="--group-size"):
+        PPOConfig(algorithm="grpo", group_size=1)
+    with pytest.raises(ConfigError, match="--gradient-accumulation-steps 3 must divide the 2 micro-batches"):
+        PPOConfig(rollout_batch_size=16, batch_size=8, gradient_accumulation_steps=3)
+
+
+def test_grpo_and_rloo_through_the_command_line(tmp_path, tiny_model, tiny_reward_model):
+    """No critic is built or saved; metrics carry the group spread; gradient accumulation sizes
+    the schedule in optimizer steps (linear decay to 0 over 2 steps x 2 optimizer steps)."""
+    from transformers import AutoModelForCausalLM
+
+    common = ("--actor", str(tiny_model), "--reward", str(tiny_reward_model), "--max-steps", "2",
+              "--max-new-tokens", "8", "--learning-rate", "1e-3", "--max-eval-samples", "2",
+              "--no-tensorboard", "--save-every", "1")
+    grpo, rloo = tmp_path / "grpo", tmp_path / "rloo"
+    done = run_train("ppo", *common, "--output", str(grpo), "--algorithm", "grpo", "--group-size", "2",
+                     "--rollout-batch-size", "4", "--batch-size", "2", "--gradient-accumulation-steps", "2",
+                     "--lr-scheduler", "linear", "--warmup-ratio", "0")
+    assert done.returncode == 0, done.stderr
+    steps = [r for r in read_jsonl(grpo / "metrics.jsonl") if "reward" in r]
+    assert [r["lr"] for r in steps] == pytest.approx([5e-4, 0.0])
+    assert {"reward_group_std", "kl_loss", "kl", "policy_loss", "time_score_s"} <= set(steps[0])
+    assert "value_loss" not in steps[0]
+    assert (grpo / "checkpoints" / "actor").is_dir() and not (grpo / "checkpoints" / "critic").exists()
+    assert "grpo: no critic" in (grpo / "train.log").read_text()
+
+    done = run_train("ppo", *common, "--output", str(rloo), "--algorithm", "rloo", "--group-size", "3",
+                     "--rollout-batch-size", "2", "--batch-size", "3", "--kl-penalty", "reward",
+                     "--loss-aggregation", "sequence")
+    assert done.returncode == 0, done.stderr
+    steps = [r for r in read_jsonl(rloo / "metrics.jsonl") if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2] and "kl_loss" not in steps[0]
+    assert all(r["reward_group_std"] > 0 for r in steps)
+    weight = lambda path: AutoModelForCausalLM.from_pretrained(path).model.layers[0].mlp.up_proj.weight  # noqa: E731
+    assert not torch.equal(weight(rloo / "final"), weight(tiny_model))

@@ -1,0 +1,298 @@
+"""GRPO: our step against TRL's GRPOTrainer, sampling against training numerics, and GRPO against
+our PPO at the same wall-clock budget, in one run.
+
+    python bench/grpo.py [--steps 3] [--prompts 8] [--group-size 4] [--batch-size 8]
+                         [--max-new-tokens 64] [--budget-s 600] [--reward RM_FOLDER] [--skip trl,vs-ppo]
+
+1. Step time. Ours (`python -m train ppo --algorithm grpo`) and TRL's GRPOTrainer
+   (bench/peers/trl_grpo.py, current TRL in its own venv, bench/.peer-trl, created on first use
+   with torch pinned) on the same model (the built-in one), prompts (prompts/prompts.jsonl),
+   prompts per step, group size, minibatch, response length, temperature 1.0, KL coefficient
+   (so both run a reference model) and learning rate; each at the precision this machine
+   computes fastest (ours: --precision auto; TRL: bf16 where the CPU has it natively, else fp32).
+   The reward model on both sides is the built-in model with a fresh scalar head (same cost;
+   the scores do not matter for timing). One warm-up step each, then --steps timed.
+2. Numerics: the largest difference between the log-probs the fused decoder's logits give the
+   sampled tokens (fp32) and those the training forward gives the same tokens. Zero would let
+   rollout log-probs replace the actor's scoring forward; anything else keeps the forward.
+3. GRPO vs PPO (unless skipped): both from the built-in model against one reward model (--reward,
+   else one trained here exactly as tests/conftest.py's real_reward_model fixture trains it, on
+   the RM part of HH harmless), prompts from the PPO part, 16 rollouts per step (PPO: 16 prompts;
+   GRPO: 4 prompts x 4), greedy held-out reward every --eval-every steps. Each run is stopped
+   (SIGINT: it ends the step and stops) once its training time, evaluations excluded, passes
+   --budget-s; the figure is held-out reward gained per minute of training.
+Writes bench/results/grpo.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `bench.sft`, `core` and `train` import from any working directory
+from bench.sft import TORCH_PIN, bench_env, run  # noqa: E402
+
+TRL_VERSION = "1.16.0"  # current on PyPI when written; the venv is made once with it
+PEER = ROOT / "bench" / ".peer-trl"
+TRL_DRIVER = ROOT / "bench" / "peers" / "trl_grpo.py"
+PROMPTS = "prompts/prompts.jsonl"
+HH = ROOT.parent / "shared" / "data" / "hh_harmless_base_test.jsonl.gz"
+RESULTS = ROOT / "bench" / "results" / "grpo.json"
+KL_COEF, LEARNING_RATE = 0.05, 2e-6
+PHASES = ("time_generate_s", "time_score_s", "time_train_s", "step_time_s")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=3, help="timed GRPO steps per system")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8, help="minibatch of completions")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--budget-s", type=float, default=600, help="training seconds of each run in "
+                        "the GRPO vs PPO part")
+    parser.add_argument("--eval-every", type=int, default=3, help="steps between held-out evaluations "
+                        "in the GRPO vs PPO part")
+    parser.add_argument("--reward", default="", help="reward-model folder for the GRPO vs PPO part; "
+                        "empty trains one first")
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: trl, vs-ppo")
+    args = parser.parse_args()
+    args.skip = {part for part in args.skip.split(",") if part}
+    if args.skip - {"trl", "vs-ppo"}:
+        parser.error("--skip takes a comma-separated subset of trl,vs-ppo")
+    if (args.prompts * args.group_size) % args.batch_size:
+        parser.error("TRL splits each generation batch into equal minibatches: make --prompts x "
+                     "--group-size a multiple of --batch-size")
+    return args
+
+
+# ---- 1. step time ------------------------------------------------------------------------------
+
+def run_ours(args, folder: Path, env: dict, threads: int) -> dict:
+    cmd = [sys.executable, "-m", "train", "ppo", "--algorithm", "grpo", "--actor", "default",
+           "--reward", "default", "--data", PROMPTS, "--output", str(folder), "--overwrite",
+           "--max-steps", str(args.steps + 1), "--rollout-batch-size", str(args.prompts),
+           "--group-size", str(args.group_size), "--batch-size", str(args.batch_size),
+           "--max-new-tokens", str(args.max_new_tokens), "--temperature", "1.0",
+           "--kl-coef", str(KL_COEF), "--learning-rate", str(LEARNING_RATE), "--max-eval-samples", "0",
+           "--save-every", "0", "--no-tensorboard", "--seed", "7"]
+    others = run(cmd, env, "python -m train ppo --algorithm grpo", threads)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if "reward" in r][1:]  # drop the warm-up step
+    result = {key: round(statistics.fmean(r[key] for r in timed), 3) for key in PHASES}
+    result["gen_tokens_per_s"] = round(statistics.fmean(r["gen_tokens_per_s"] for r in timed), 1)
+    result["response_length"] = round(statistics.fmean(r["response_length"] for r in timed), 1)
+    result["cpu_share_of_other_processes"] = others
+    return result
+
+
+def peer_python() -> str:
+    """bench/.peer-trl's python, creating the venv with TRL (and torch pinned) on first use."""
+    python = PEER / "bin" / "python"
+    probe = "import importlib.metadata as m; print(m.version('trl'))"
+    if python.exists() and subprocess.run([str(python), "-c", probe], capture_output=True,
+                                          text=True).stdout.strip() == TRL_VERSION:
+        return str(python)
+    print(f"bench: setting up TRL {TRL_VERSION} once in {PEER.relative_to(ROOT)}", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(PEER)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", TORCH_PIN, f"trl=={TRL_VERSION}"], check=True)
+    return str(python)
+
+
+def run_trl(args, model_path: str, precision: str, folder: Path, env: dict, threads: int) -> dict:
+    result_file = folder / "trl.json"
+    cmd = [peer_python(), str(TRL_DRIVER), "--model", model_path, "--data", str(ROOT / PROMPTS),
+           "--output", str(folder / "trl"), "--result", str(result_file), "--steps", str(args.steps + 1),
+           "--prompts", str(args.prompts), "--group-size", str(args.group_size),
+           "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
+           "--temperature", "1.0", "--kl-coef", str(KL_COEF), "--learning-rate", str(LEARNING_RATE),
+           "--precision", precision, "--seed", "7", "--threads", str(threads)]
+    others = run(cmd, env, f"TRL {TRL_VERSION} GRPOTrainer", threads)
+    peer = json.loads(result_file.read_text())
+    timed = slice(1, None)  # drop the warm-up cycle
+    lengths = peer["response_lengths"][timed]
+    result = {key: round(statistics.fmean(peer[key][timed]), 3)
+              for key in ("step_time_s", "time_generate_s", "time_score_s")}
+    result["time_train_s"] = round(result["step_time_s"] - result["time_generate_s"] - result["time_score_s"], 3)
+    result["gen_tokens_per_s"] = round(statistics.fmean(
+        sum(n) / g for n, g in zip(lengths, peer["time_generate_s"][timed])), 1)
+    result["response_length"] = round(statistics.fmean(statistics.fmean(n) for n in lengths), 1)
+    result["cpu_share_of_other_processes"] = others
+    result["setup"] = {k: peer[k] for k in ("trl", "transformers", "torch", "threads", "mixed_precision",
+                                            "loss_type", "scale_rewards", "gradient_checkpointing")}
+    return result
+
+
+# ---- 2. sampling against training numerics -----------------------------------------------------
+
+class RecordingDecoder:
+    """A SlotDecoder that keeps the logits it returns (for the sampled tokens' log-probs)."""
+
+    def __init__(self, decoder):
+        self.decoder, self.model, self.steps = decoder, decoder.model, []
+
+    def prefill(self, slots, prompts):
+        return self._keep(slots, self.decoder.prefill(slots, prompts))
+
+    def decode(self, slots, tokens):
+        return self._keep(slots, self.decoder.decode(slots, tokens))
+
+    def _keep(self, slots, logits):
+        self.steps.append((list(slots), logits))
+        return logits
+
+
+def logprob_gap(max_new_tokens: int, rows: int = 16) -> dict:
+    """Max and mean |log p_sampling - log p_training| over the sampled tokens of `rows` prompts."""
+    import torch
+
+    from core.decoder import SlotDecoder
+    from core.models import load_causal_lm, load_tokenizer, resolve_model
+    from core.sampling import Sampling
+    from train.experience import response_logprobs
+    from train.models import CausalLMWithLoss
+    from train.rollout import decode_batch
+
+    path = resolve_model("default")
+    tokenizer, lm = load_tokenizer(path), load_causal_lm(path).eval()
+    records = [json.loads(line) for line in (ROOT / PROMPTS).read_text().splitlines()][:rows]
+    prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
+                                             return_dict=False) for r in records]
+    torch.manual_seed(0)
+    decoder = RecordingDecoder(SlotDecoder(lm, rows, max(map(len, prompts)) + max_new_tokens))
+    sampling = Sampling(max_new_tokens, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    prompt_ids, prompt_mask, response_ids, action_mask = decode_batch(decoder, prompts, sampling)
+    sampled = torch.zeros(response_ids.shape)
+    for position, (slots, logits) in enumerate(decoder.steps):
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for row, slot in enumerate(slots):
+            sampled[slot, position] = logprobs[row, response_ids[slot, position]]
+    with torch.no_grad():
+        trained, _ = response_logprobs(CausalLMWithLoss(lm), torch.cat([prompt_ids, response_ids], 1),
+                                       torch.cat([prompt_mask, action_mask], 1), prompt_ids.shape[1], 1.0)
+    gap = (sampled - trained).abs() * action_mask
+    return {"decoder": "fused" if decoder.decoder.fused else decoder.decoder.reason,
+            "dtype": str(next(lm.parameters()).dtype), "tokens": int(action_mask.sum()),
+            "max_abs_diff": gap.max().item(), "mean_abs_diff": (gap.sum() / action_mask.sum()).item()}
+
+
+# ---- 3. GRPO against PPO at the same budget ------------------------------------------------------
+
+def train_reward_model(folder: Path, env: dict, threads: int) -> Path:
+    """The tests' real_reward_model recipe (tests/conftest.py): 70 steps on the RM part of HH."""
+    cmd = [sys.executable, "-m", "train", "rm", "--model", "default", "--data", str(HH),
+           "--data-split", "0,5,5", "--output", str(folder), "--max-steps", "70", "--batch-size", "8",
+           "--max-seq-len", "256", "--learning-rate", "3e-5", "--eval-fraction", "0.15",
+           "--max-eval-samples", "170", "--eval-every", "0", "--save-every", "0", "--stats-samples", "128"]
+    run(cmd, env, "python -m train rm (the reward model both RL runs optimise)", threads)
+    return folder / "final"
+
+
+def training_seconds(metrics: Path) -> float:
+    if not metrics.is_file():
+        return 0.0
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return sum(r["step_time_s"] for r in rows if "step_time_s" in r)
+
+
+def run_within_budget(algorithm: str, args, reward: Path, folder: Path, env: dict) -> dict:
+    """One RL run, stopped once its training time passes the budget; its held-out reward curve."""
+    shape = (["--rollout-batch-size", "16", "--critic-learning-rate", "1e-5"] if algorithm == "ppo"
+             else ["--rollout-batch-size", "4", "--group-size", "4"])
+    cmd = [sys.executable, "-m", "train", "ppo", "--algorithm", algorithm, "--actor", "default",
+           "--reward", str(reward), "--data", str(HH), "--data-split", "0,5,5", "--output", str(folder),
+           "--overwrite", "--max-steps", "1000", *shape, "--batch-size", "8", "--max-new-tokens", "48",
+           "--learning-rate", "1e-5" if algorithm == "ppo" else "3e-6", "--kl-coef", str(KL_COEF),
+           "--max-eval-samples", "32", "--eval-every", str(args.eval_every), "--save-every", "0",
+           "--no-tensorboard", "--seed", "7"]
+    print(f"\nbench: running {algorithm} for {args.budget_s:.0f} s of training", flush=True)
+    child = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    while child.poll() is None:
+        time.sleep(5)
+        if training_seconds(folder / "metrics.jsonl") >= args.budget_s:
+            child.send_signal(signal.SIGINT)  # ends the current step, then stops the run
+            break
+    if child.wait() != 0:
+        sys.exit(f"bench: the {algorithm} run failed (output above)")
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    elapsed, curve = 0.0, []
+    for row in rows:
+        elapsed += row.get("step_time_s", 0.0)
+        if "eval_reward" in row:
+            curve.append({"step": row["step"], "train_s": round(elapsed, 1), "eval_reward": row["eval_reward"]})
+    gained = curve[-1]["eval_reward"] - curve[0]["eval_reward"]
+    return {"curve": curve, "steps": max(r["step"] for r in rows), "eval_reward_gained": round(gained, 4),
+            "per_minute": round(gained / (curve[-1]["train_s"] / 60), 4) if curve[-1]["train_s"] else 0.0,
+            "mean_kl": round(statistics.fmean(r["kl"] for r in rows if "kl" in r), 3)}
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+def print_step_table(results: dict, args) -> None:
+    print(f"\nGRPO step, built-in model, {args.prompts} prompts x {args.group_size} samples, <= "
+          f"{args.max_new_tokens} new tokens, minibatch {args.batch_size}, mean of {args.steps} steps")
+    print(f"{'system':<28}" + "".join(f"{p.replace('time_', '').replace('_s', ''):>11}" for p in PHASES)
+          + f"{'gen tok/s':>11}{'resp len':>10}")
+    for name, row in results.items():
+        print(f"{name:<28}" + "".join(f"{row[p]:>10.2f}s" for p in PHASES)
+              + f"{row['gen_tokens_per_s']:>11.1f}{row['response_length']:>10.1f}")
+
+
+def main() -> None:
+    args = parse_args()
+    threads, env = bench_env()
+    import torch
+    from core import models
+    from core.hardware import hardware, resolve_precision
+
+    precision = resolve_precision("auto").name  # both sides: bf16 only where the CPU computes it natively
+    machine = f"{hardware().describe()}, {threads} threads, torch {torch.__version__}, precision {precision}"
+    print(f"machine: {machine}", flush=True)
+    report = {"machine": machine, "args": {**vars(args), "skip": sorted(args.skip)}}
+    with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
+        steps = {"ours (grpo)": run_ours(args, Path(tmp) / "ours", env, threads)}
+        if "trl" not in args.skip:
+            steps[f"TRL {TRL_VERSION} GRPOTrainer"] = run_trl(
+                args, models.resolve_model("default"), precision, Path(tmp), env, threads)
+        report["step"] = steps
+        report["logprob_gap"] = logprob_gap(args.max_new_tokens)
+        if "vs-ppo" not in args.skip:
+            reward = Path(args.reward) if args.reward else train_reward_model(Path(tmp) / "rm", env, threads)
+            report["vs_ppo"] = {"reward_model": str(args.reward or "trained here (real_reward_model recipe)"),
+                                "budget_s": args.budget_s}
+            for algorithm in ("grpo", "ppo"):
+                report["vs_ppo"][algorithm] = run_within_budget(algorithm, args, reward,
+                                                                Path(tmp) / algorithm, env)
+
+    print(f"\nmachine: {machine}")
+    print_step_table(report["step"], args)
+    trl = report["step"].get(f"TRL {TRL_VERSION} GRPOTrainer")
+    if trl:
+        ours = report["step"]["ours (grpo)"]
+        print(f"ratio TRL/ours: step {trl['step_time_s'] / ours['step_time_s']:.2f}x, generate "
+              f"{trl['time_generate_s'] / ours['time_generate_s']:.2f}x (TRL {trl['setup']['trl']}, "
+              f"mixed precision {trl['setup']['mixed_precision']}, loss {trl['setup']['loss_type']}, "
+              f"gradient checkpointing {trl['setup']['gradient_checkpointing']})")
+    gap = report["logprob_gap"]
+    print(f"sampling vs training log-probs ({gap['decoder']} decoder, {gap['dtype']}, {gap['tokens']} "
+          f"tokens): max |diff| {gap['max_abs_diff']:.3g}, mean {gap['mean_abs_diff']:.3g}")
+    if "vs_ppo" in report:
+        for algorithm in ("grpo", "ppo"):
+            row = report["vs_ppo"][algorithm]
+            print(f"{algorithm}: {row['steps']} steps, held-out reward {row['curve'][0]['eval_reward']} -> "
+                  f"{row['curve'][-1]['eval_reward']} after {row['curve'][-1]['train_s']:.0f} s of "
+                  f"training: {row['per_minute']:+.4f} per minute (mean KL {row['mean_kl']})")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Command line: python -m train {sft,rm,ppo,all,eval-rm} [options]; `python -m train STAGE --help`
+"""Command line: python -m train {sft,rm,ppo,dpo,all,eval-rm,report} [options]; `python -m train STAGE --help`
 lists options.
 
 Errors a user can cause (core.errors.UserError and its kinds) end in one sentence on stderr and
@@ -36,6 +36,8 @@ def runner(stage: str):
         from train.reward import main
     elif stage == "ppo":
         from train.ppo import main
+    elif stage == "dpo":
+        from train.dpo import main
     elif stage == "all":
         from train.pipeline import main
     elif stage == "eval-rm":

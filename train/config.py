@@ -162,6 +162,44 @@ class PPOConfig(RunConfig):
                           range=(0, 1_000_000))
 
 
+DPO_LOSSES = ("sigmoid", "robust", "ipo", "simpo")
+
+
+@dataclass
+class DPOConfig(RunConfig):
+    """Direct preference optimisation: the chat model learns from preference pairs against a frozen
+    reference, without a reward model (Rafailov et al. 2023; IPO, robust DPO and SimPO variants)."""
+
+    model: str = opt("default", "model to train: an SFT run's final/, default, a folder, a .gguf "
+                                "file or a hub name")
+    reference: str = opt("", "frozen reference; empty: the starting --model (with LoRA: --model "
+                             "with its adapters disabled, no second copy). Unused by simpo")
+    data: list[str] = opt(["prompts/preferences.jsonl"], "preference sources (files, datasets, "
+                          "ratings:); with --data-split DPO takes the third (step-3) part of each, "
+                          "disjoint from the SFT and reward-model parts. Ties and both-bad votes "
+                          "are never pairs: the ratings export leaves them out")
+    eval_data: list[str] = opt([], "held-out preference sources evaluated instead of an "
+                                   "--eval-fraction share of --data (at most --max-eval-samples)")
+    loss: str = opt("sigmoid", "sigmoid: DPO; robust: robust DPO, unbiased under labels flipped "
+                               "with probability --label-smoothing; ipo: IPO on length-averaged "
+                               "log-probs; simpo: SimPO, reference-free and length-normalised",
+                    choices=DPO_LOSSES)
+    beta: float = opt(0.1, "strength of the implicit KL to the reference: lower moves further "
+                           "from it (for simpo the reward scale, typically 2)", range=(1e-4, 100.0))
+    label_smoothing: float = opt(0.0, "assumed share of flipped labels (noisy human votes): "
+                                      "conservative DPO for sigmoid and simpo, the correction "
+                                      "factor for robust", range=(0.0, 0.49))
+    simpo_gamma: float = opt(0.5, "simpo's target margin between chosen and rejected rewards",
+                             range=(0.0, 100.0))
+    learning_rate: float = opt(1e-6, "peak learning rate", range=(0.0, 1.0))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ConfigError("--label-smoothing does not apply to --loss ipo: leave it at 0, or "
+                              "use sigmoid, robust or simpo.")
+
+
 @dataclass
 class AllConfig:
     """SFT, reward model and PPO in a row into <output>/sft, /rm and /ppo; a step whose folder
@@ -207,8 +245,8 @@ class EvalRMConfig:
         validate(self)
 
 
-STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "all": AllConfig,
-                           "eval-rm": EvalRMConfig}
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig,
+                           "all": AllConfig, "eval-rm": EvalRMConfig}
 
 
 def parse_split(text: str) -> list[float]:

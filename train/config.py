@@ -245,8 +245,40 @@ class EvalRMConfig:
         validate(self)
 
 
+@dataclass
+class ReportConfig:
+    """Evidence that a run made its model better: before and after on held-out data, a judge, alarms."""
+
+    POSITIONAL: ClassVar[str] = "run"  # python -m train report RUN
+    run: str = opt("", "run folder to report on (a PPO, DPO or reward-model run, or a `train all` "
+                       "folder); the report goes to report.json and report.md inside it")
+    judge: str = opt("", "judge reward model, trained on data disjoint from the run's; empty: the "
+                         "judge/ of the `train all` folder the run sits in, if any, else no judge")
+    proxy: str = opt("", "reward model of the proxy reward; empty: the run's own (PPO's --reward, "
+                         "or for DPO its implicit reward beta * log(pi / pi_ref))")
+    checkpoint: str = opt("final", "the run's checkpoint compared with its start", choices=("final", "ema"))
+    data: list[str] = opt([], "held-out sources (prompts, or pairs for a reward model); empty: the "
+                              "records the run itself held out")
+    max_samples: int = opt(64, "held-out prompts (pairs for a reward model) evaluated",
+                           range=(1, 100_000))
+    max_new_tokens: int = opt(64, "longest answer generated per prompt (greedy)", range=(1, 8192))
+    max_prompt_len: int = opt(256, "longest prompt in tokens (older tokens are cut)", range=(8, 32768))
+    batch_size: int = opt(16, "prompts answered (or pairs scored) at once", range=(1, 4096))
+    bootstrap: int = opt(2000, "bootstrap resamples behind each interval", range=(100, 1_000_000))
+    seed: int = opt(0, "seed of the bootstrap", range=(0, 2**31 - 1))
+    samples: int = opt(8, "side-by-side samples shown", range=(0, 1000))
+    length_ratio: float = opt(1.5, "alarm when answers grow longer than this many times the "
+                                   "start's", range=(1.0, 100.0))
+    chosen_logp_drop: float = opt(0.5, "alarm when a DPO run's held-out chosen log-prob falls by "
+                                       "more than this many nats per token", range=(0.0, 100.0))
+    precision: str = precision_option()
+
+    def __post_init__(self):
+        validate(self)
+
+
 STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig,
-                           "all": AllConfig, "eval-rm": EvalRMConfig}
+                           "all": AllConfig, "eval-rm": EvalRMConfig, "report": ReportConfig}
 
 
 def parse_split(text: str) -> list[float]:

@@ -200,10 +200,13 @@ class DPOConfig(RunConfig):
                               "use sigmoid, robust or simpo.")
 
 
+RL_STEPS = ("ppo", "grpo", "dpo")
+
+
 @dataclass
 class AllConfig:
-    """SFT, reward model and PPO in a row into <output>/sft, /rm and /ppo; a step whose folder
-    already holds a finished result is reused, a stopped one resumed."""
+    """SFT, reward model (+ judge), then PPO, GRPO or DPO, then the report, in a row into
+    <output>/sft, /rm, /judge, /<rl>; a finished step is reused, a stopped one resumed."""
 
     output: str = opt("", "pipeline folder, e.g. runs/demo")
     actor_model: str = opt("default", "base model of SFT (and so of the PPO actor)")
@@ -217,10 +220,19 @@ class AllConfig:
     zero_stage: int = opt(0, "DeepSpeed ZeRO stage of all steps", range=(0, 3))
     sft_max_steps: int = opt(0, "SFT optimizer steps; 0: one epoch", range=(0, 10_000_000))
     rm_max_steps: int = opt(0, "reward-model optimizer steps; 0: one epoch", range=(0, 10_000_000))
-    ppo_max_steps: int = opt(0, "PPO steps; 0: one pass over the prompts", range=(0, 10_000_000))
+    ppo_max_steps: int = opt(0, "PPO (and GRPO) steps; 0: one pass over the prompts",
+                             range=(0, 10_000_000))
+    rl: str = opt("ppo", "the third step: ppo, grpo (the PPO step with --algorithm grpo) or dpo "
+                         "(on the preference pairs of the third part)", choices=RL_STEPS)
+    judge: bool = opt(True, "train a judge reward model on the second half of the reward-model part "
+                            "(the reward model takes the first half) for the report")
+    report: bool = opt(True, "end with the report of the third step (python -m train report)")
+    dpo_max_steps: int = opt(0, "DPO optimizer steps; 0: one epoch", range=(0, 10_000_000))
     sft_config: str = opt("", "YAML file with more SFT options")
-    rm_config: str = opt("", "YAML file with more reward-model options")
-    ppo_config: str = opt("", "YAML file with more PPO options (e.g. ema: true)")
+    rm_config: str = opt("", "YAML file with more reward-model options (the judge's too)")
+    ppo_config: str = opt("", "YAML file with more PPO (and GRPO) options (e.g. ema: true)")
+    dpo_config: str = opt("", "YAML file with more DPO options (e.g. beta: 0.2)")
+    report_config: str = opt("", "YAML file with more report options (e.g. max_samples: 32)")
     overwrite: bool = opt(False, "run every step again, replacing finished ones")
 
     def __post_init__(self):

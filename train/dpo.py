@@ -15,7 +15,10 @@ under the policy with those under the reference:
 Reference log-probs are computed once per pair, the first time the pair is batched, and kept on
 the pair for later epochs and evaluations: by a frozen copy of the starting model (or of
 --reference), or, with LoRA, by the policy itself with its adapters disabled (no second copy).
-A resumed run computes them again from the same frozen weights.
+Until the first optimizer step the policy *is* the starting model, so when the reference is the
+starting model the policy's own log-probs of the first batches and of the step-0 evaluation
+are kept as reference log-probs, without a second forward pass. A resumed run computes the rest
+again from the same frozen weights.
 
 Metrics: the loss; the implicit reward beta * (log pi - log pi_ref) of chosen and rejected
 answers, its accuracy (chosen above rejected) and margin; the policy's per-token log-prob of the
@@ -81,22 +84,27 @@ class Reference:
     is batched and cached on the pair. Under ZeRO-3 with several ranks the forward pass is
     collective, so every rank joins it whenever one rank lacks a pair."""
 
-    def __init__(self, model, context=nullcontext, collective: bool = False):
+    def __init__(self, model, context=nullcontext, collective: bool = False, is_start: bool = True):
         self.model = model            # CausalLMWithLoss (or the engine wrapping it), frozen use
         self.context = context        # () -> context manager: disables LoRA adapters when asked
         self.collective = collective
+        self.is_start = is_start      # the reference is the policy's starting model
 
     @torch.no_grad()
-    def logps(self, batch: dict) -> torch.Tensor:
-        """(2B,) reference log-probs of the batch's rows: chosen answers, then rejected ones."""
+    def logps(self, batch: dict, untrained_logps: torch.Tensor | None = None) -> torch.Tensor:
+        """(2B,) reference log-probs of the batch's rows: chosen answers, then rejected ones.
+        `untrained_logps`: the policy's own, given while no optimizer step has changed it."""
         pairs = batch["pairs"]
         missing = any("ref_logps" not in pair for pair in pairs)
         if self.collective:
             missing = ds.all_reduce_sum(missing) > 0
         if missing:
-            with self.context():
-                logps, _ = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      labels=batch["labels"], per_sequence=True)
+            if untrained_logps is not None and self.is_start:
+                logps = untrained_logps.detach()
+            else:
+                with self.context():
+                    logps, _ = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          labels=batch["labels"], per_sequence=True)
             chosen, rejected = logps.float().chunk(2)
             for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
                 pair["ref_logps"] = (c, r)
@@ -120,9 +128,10 @@ def build_reference(cfg: DPOConfig, engine, model_path: str, tokenizer, log) -> 
                          f"{cfg.model}: pass a reference of the same model family.")
     model = models.CausalLMWithLoss(load_causal_lm(path, torch_dtype(ds.precision(cfg).name)))
     model.requires_grad_(False)
+    is_start = not cfg.reference
     if cfg.zero_stage == 3:  # partitioned as the policy is
-        return Reference(ds.inference_engine(model, cfg), collective=collective)
-    return Reference(model.to(ds.device()).eval())
+        return Reference(ds.inference_engine(model, cfg), collective=collective, is_start=is_start)
+    return Reference(model.to(ds.device()).eval(), is_start=is_start)
 
 
 # ---- objective ------------------------------------------------------------------------------------------
@@ -153,7 +162,8 @@ def pair_losses(cfg: DPOConfig, logps, ref_logps, counts) -> torch.Tensor:
 def dpo_forward(engine, batch, cfg: DPOConfig, reference: Reference | None):
     logps, counts = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            labels=batch["labels"], per_sequence=True)   # (2B,) each
-    ref_logps = reference.logps(batch) if reference is not None else None
+    untrained = logps if engine.global_steps == 0 else None  # the policy is still the start
+    ref_logps = reference.logps(batch, untrained) if reference is not None else None
     pair_loss = pair_losses(cfg, logps, ref_logps, counts)
     with torch.no_grad():
         chosen_rewards, rejected_rewards = implicit_rewards(cfg, logps, ref_logps, counts).chunk(2)

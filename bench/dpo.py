@@ -22,8 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `bench.*` and `train` import from any working directory
-from bench.rm import DATA, shared_pairs, summary  # noqa: E402
-from bench.sft import TORCH_PIN, WARMUP, bench_env, parse_args, run, trl_version, write_jsonl  # noqa: E402
+from bench.rm import DATA, pair_files, shared_pairs, summary  # noqa: E402
+from bench.sft import TORCH_PIN, WARMUP, bench_env, parse_args, run, trl_version  # noqa: E402
 
 TRL_VERSION = "1.16.0"  # current TRL on PyPI when this benchmark was written
 PEER_VENV = ROOT / "bench" / ".peer-trl"
@@ -61,10 +61,7 @@ def main() -> None:
               "--seed", str(args.seed)]
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         work = Path(tmp)
-        ours_data = write_jsonl(work / "ours.jsonl", pairs)
-        trl_data = write_jsonl(work / "trl.jsonl", (
-            {"prompt": p["prompt"], **{side: [{"role": "assistant", "content": p[side]}]
-                                       for side in ("chosen", "rejected")}} for p in pairs))
+        ours_data, trl_data = pair_files(work, pairs)
         ours_cmd = [sys.executable, "-m", "train", "dpo", "--model", "default",
                     "--data", str(ours_data), "--output", str(work / "ours"),
                     "--max-steps", str(args.steps), "--precision", precision, "--eval-fraction", "0",

@@ -8,10 +8,9 @@ copy, its log-probs computed every step) and otherwise TRL's defaults, and write
 to --result as JSON.
 """
 import json
-import time
 
 import torch
-from driver import driver_parser
+from driver import driver_parser, step_timer
 
 
 def main() -> None:
@@ -25,23 +24,13 @@ def main() -> None:
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self._tic = [], 0.0
-
-        def on_step_begin(self, *_, **__):
-            self._tic = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            self.times.append(time.perf_counter() - self._tic)
 
     records = [json.loads(line) for line in open(args.data, encoding="utf-8")]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    timer = StepTimer()
+    timer = step_timer()
     config = DPOConfig(
         output_dir=args.output, bf16=args.precision == "bf16", use_cpu=True,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,

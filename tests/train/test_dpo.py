@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from core import ratings
 from core.models import load_causal_lm, load_tokenizer
@@ -137,6 +136,18 @@ def test_reference_log_probs_are_computed_once_per_pair_and_match_a_direct_pass(
     torch.testing.assert_close(first[[0, 2]], direct, atol=1e-4, rtol=0)
 
 
+def test_before_the_first_step_the_policys_own_log_probs_serve_as_the_reference(tiny_model):
+    tokenizer = load_tokenizer(str(tiny_model))
+    batch = dpo.collate_pairs([tokens.encode_pair(tokenizer, PAIR, 128)[0]], tokenizer.pad_token_id)
+    model = CountingModel(models.CausalLMWithLoss(load_causal_lm(str(tiny_model))).eval())
+    untrained = torch.tensor([-3.0, -5.0])
+    assert dpo.Reference(model).logps(batch, untrained).tolist() == [-3.0, -5.0]
+    assert model.calls == 0 and batch["pairs"][0]["ref_logps"] == (-3.0, -5.0)
+    other = dpo.collate_pairs([tokens.encode_pair(tokenizer, PAIR, 128)[0]], tokenizer.pad_token_id)
+    dpo.Reference(model, is_start=False).logps(other, untrained)   # --reference elsewhere: computed
+    assert model.calls == 1 and other["pairs"][0]["ref_logps"] != (-3.0, -5.0)
+
+
 def test_with_lora_the_reference_is_the_model_with_its_adapters_disabled(tiny_model):
     tokenizer = load_tokenizer(str(tiny_model))
     cfg = DPOConfig(lora_dim=4, lora_alpha=8.0)
@@ -155,18 +166,6 @@ def test_with_lora_the_reference_is_the_model_with_its_adapters_disabled(tiny_mo
 
 
 # ---- the step through the command line ------------------------------------------------------------
-
-@pytest.fixture
-def separable_pairs(tmp_path):
-    """Chosen answers always agree, rejected ones always refuse: DPO can separate them."""
-    path = tmp_path / "pairs.jsonl"
-    topics = ["tea", "maps", "rain", "bees", "glass", "sand", "wool", "clay", "jazz", "kites",
-              "ferns", "owls", "salt", "ink", "moss", "rust"]
-    rows = [{"prompt": f"Tell me about {t}.", "chosen": f"Sure! Here is a fact about {t}.",
-             "rejected": "No. I will not talk about that."} for t in topics * 3]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 DPO_FAST = ("--batch-size", "4", "--fp32", "--save-every", "0", "--no-tensorboard")
 

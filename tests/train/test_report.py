@@ -71,23 +71,11 @@ def test_report_command_is_the_cli_with_every_value_inside_its_flag():
 
 # ---- runs on the tiny model --------------------------------------------------------------------------
 
-@pytest.fixture
-def long_and_short_pairs(tmp_path):
-    """Chosen answers are long, rejected ones a short refusal."""
-    path = tmp_path / "pairs.jsonl"
-    topics = ["tea", "maps", "rain", "bees", "glass", "sand", "wool", "clay", "jazz", "kites",
-              "ferns", "owls", "salt", "ink", "moss", "rust"]
-    rows = [{"prompt": f"Tell me about {t}.", "chosen": f"Sure! Here is a fact about {t}.",
-             "rejected": "No. I will not talk about that."} for t in topics * 3]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def test_the_report_of_an_over_optimised_dpo_run_raises_the_alarm(tmp_path, tiny_model, long_and_short_pairs):
+def test_the_report_of_an_over_optimised_dpo_run_raises_the_alarm(tmp_path, tiny_model, separable_pairs):
     """A learning rate far too high, held constant: the policy drifts far from its start and its
     answers run to the length limit: the report says so, in report.json and report.md."""
     out = tmp_path / "over"
-    done = run_train("dpo", "--model", str(tiny_model), "--data", str(long_and_short_pairs), "--output", str(out),
+    done = run_train("dpo", "--model", str(tiny_model), "--data", str(separable_pairs), "--output", str(out),
                      "--max-steps", "12", "--batch-size", "4", "--learning-rate", "3e-2", "--warmup-ratio", "0",
                      "--lr-scheduler", "constant", "--eval-fraction", "0.2", "--eval-every", "0", "--fp32",
                      "--save-every", "0", "--no-tensorboard")
@@ -105,14 +93,14 @@ def test_the_report_of_an_over_optimised_dpo_run_raises_the_alarm(tmp_path, tiny
     assert "length_growth" in markdown and markdown == render_markdown(report)
 
 
-def test_a_report_with_a_judge_and_on_a_reward_model_with_votes(tmp_path, tiny_model, long_and_short_pairs,
+def test_a_report_with_a_judge_and_on_a_reward_model_with_votes(tmp_path, tiny_model, separable_pairs,
                                                                  monkeypatch):
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "home"))
     for i in range(3):
         prompt = [{"role": "user", "content": f"Tell me about topic {i}."}]
         ratings.add_comparison(prompt, "Sure! Here is a fact.", "No.", "ckpt-a", "ckpt-b", "A")
     judge = tmp_path / "judge"
-    done = run_train("rm", "--model", str(tiny_model), "--data", str(long_and_short_pairs), "--output", str(judge),
+    done = run_train("rm", "--model", str(tiny_model), "--data", str(separable_pairs), "--output", str(judge),
                      "--max-steps", "4", "--batch-size", "4", "--learning-rate", "2e-3", "--fp32", "--eval-fraction",
                      "0.25", "--save-every", "0", "--no-tensorboard", "--stats-samples", "4")
     assert done.returncode == 0, done.stderr
@@ -127,7 +115,7 @@ def test_a_report_with_a_judge_and_on_a_reward_model_with_votes(tmp_path, tiny_m
     assert votes["votes"] == 3 and [m["model"] for m in votes["models"]] == ["ckpt-a", "ckpt-b"]
 
     policy = tmp_path / "dpo"
-    done = run_train("dpo", "--model", str(tiny_model), "--data", str(long_and_short_pairs), "--output", str(policy),
+    done = run_train("dpo", "--model", str(tiny_model), "--data", str(separable_pairs), "--output", str(policy),
                      "--max-steps", "2", "--batch-size", "4", "--learning-rate", "1e-3", "--fp32",
                      "--eval-fraction", "0.2", "--save-every", "0", "--no-tensorboard")
     assert done.returncode == 0, done.stderr

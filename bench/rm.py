@@ -44,6 +44,15 @@ def shared_pairs(tokenizer, max_seq_len: int) -> tuple[list[dict], int]:
     return kept, len(records)
 
 
+def pair_files(work: Path, pairs: list[dict]) -> tuple[Path, Path]:
+    """The pairs as our records and as TRL's conversational records (answers as messages)."""
+    ours = write_jsonl(work / "ours.jsonl", pairs)
+    trl = write_jsonl(work / "trl.jsonl", (
+        {"prompt": p["prompt"], **{side: [{"role": "assistant", "content": p[side]}]
+                                   for side in ("chosen", "rejected")}} for p in pairs))
+    return ours, trl
+
+
 def summary(system: str, times: list[float], batch_size: int) -> dict:
     timed = times[WARMUP:]
     return {"system": system, "steps_timed": len(timed), "s_per_step": round(mean(timed), 3),
@@ -68,10 +77,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-rm-") as tmp:
         work = Path(tmp)
-        ours_data = write_jsonl(work / "ours.jsonl", pairs)
-        trl_data = write_jsonl(work / "trl.jsonl", (
-            {"prompt": p["prompt"], **{side: [{"role": "assistant", "content": p[side]}]
-                                       for side in ("chosen", "rejected")}} for p in pairs))
+        ours_data, trl_data = pair_files(work, pairs)
 
         ours_cmd = [sys.executable, "-m", "train", "rm", "--model", "default",
                     "--data", str(ours_data), "--output", str(work / "ours"),

@@ -21,6 +21,13 @@ format `python -m train rm --data ratings:` reads. What is left out, and why:
   `up` and a `down` answer to the same conversation (the oldest unpaired up with the oldest
   unpaired down; each thumb is used once). Lone thumbs stay in the store for later.
 
+Rounds (the app's loop: sample, vote, train, repeat): every vote carries the `round` it was
+cast in (0 for votes outside rounds, and for every vote of a store made before rounds existed:
+opening such a store adds the column). A round starts by queueing *pending* comparisons: two
+answers to one prompt from the round's checkpoint, with their provenance, waiting in the
+`pending` table until someone votes on them in Compare (`next_pending`, `vote_pending`).
+chat/rounds.py samples them through the inference server. Exported records keep `round`.
+
 `delete` removes one vote by id (the app's undo). Left out on purpose: editing votes, user
 accounts, and deduplicating the same vote cast twice (each click is a vote).
 """
@@ -54,7 +61,22 @@ CREATE TABLE IF NOT EXISTS ratings (
     model_b     TEXT,
     sampling_a  TEXT NOT NULL DEFAULT '{}',   -- JSON: temperature, top_p, max_tokens, seed ...
     sampling_b  TEXT,
-    verdict     TEXT NOT NULL
+    verdict     TEXT NOT NULL,
+    round       INTEGER NOT NULL DEFAULT 0   -- the round of the app's loop the vote was cast in
+);
+CREATE TABLE IF NOT EXISTS pending (        -- comparisons queued for a vote
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    round       INTEGER NOT NULL,
+    created_at  REAL NOT NULL,
+    conversation TEXT NOT NULL,
+    answer_a    TEXT NOT NULL,
+    answer_b    TEXT NOT NULL,
+    model_a     TEXT NOT NULL,
+    model_b     TEXT NOT NULL,
+    sampling_a  TEXT NOT NULL DEFAULT '{}',
+    sampling_b  TEXT NOT NULL DEFAULT '{}',
+    source      TEXT NOT NULL DEFAULT '',   -- the prompt set it came from
+    rating_id   INTEGER                     -- NULL while waiting; the vote's id once voted
 );
 """
 
@@ -102,8 +124,28 @@ def connect(path: str | Path | None = None) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout = 30000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.executescript(SCHEMA)
+        _add_round_column(conn)
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def _add_round_column(conn: sqlite3.Connection) -> None:
+    """Stores made before rounds existed lack `ratings.round`: add it (their votes are round 0)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(ratings)")}
+    if "round" in columns:
+        return
+    try:
+        conn.execute("ALTER TABLE ratings ADD COLUMN round INTEGER NOT NULL DEFAULT 0")
+        conn.commit()
+    except sqlite3.OperationalError as err:  # another process added it a moment ago
+        if "duplicate column" not in str(err):
+            raise
+
+
+def check_round(round_number) -> int:
+    if isinstance(round_number, bool) or not isinstance(round_number, int) or round_number < 0:
+        raise RatingsError(f"round {round_number!r} must be a whole number, 0 or more.")
+    return round_number
 
 
 def check_conversation(conversation) -> list[dict]:
@@ -136,27 +178,35 @@ def _insert(row: dict, path) -> int:
         conn.close()
 
 
+def comparison_row(conversation, answer_a: str, answer_b: str, model_a: str, model_b: str,
+                   sampling_a: dict | None, sampling_b: dict | None, round_number: int) -> dict:
+    """The checked columns of a comparison (a vote's, or a pending one's)."""
+    return {"round": check_round(round_number),
+            "conversation": json.dumps(check_conversation(conversation)),
+            "answer_a": str(answer_a), "answer_b": str(answer_b), "model_a": str(model_a),
+            "model_b": str(model_b), "sampling_a": json.dumps(sampling_a or {}),
+            "sampling_b": json.dumps(sampling_b or {})}
+
+
 def add_comparison(conversation, answer_a: str, answer_b: str, model_a: str, model_b: str,
                    verdict: str, sampling_a: dict | None = None, sampling_b: dict | None = None,
-                   session: str = "", path=None) -> int:
-    """Store an A/B vote; returns its id. `verdict` is A, B, tie or both_bad."""
+                   session: str = "", path=None, round: int = 0) -> int:
+    """Store an A/B vote cast in `round`; returns its id. `verdict` is A, B, tie or both_bad."""
     if verdict not in COMPARISON_VERDICTS:
         raise RatingsError(f"verdict {verdict!r} is not one of {', '.join(COMPARISON_VERDICTS)}.")
-    row = {"kind": "comparison", "created_at": time.time(), "session": session,
-           "conversation": json.dumps(check_conversation(conversation)),
-           "answer_a": str(answer_a), "answer_b": str(answer_b), "model_a": str(model_a),
-           "model_b": str(model_b), "sampling_a": json.dumps(sampling_a or {}),
-           "sampling_b": json.dumps(sampling_b or {}), "verdict": verdict}
+    row = {"kind": "comparison", "created_at": time.time(), "session": session, "verdict": verdict,
+           **comparison_row(conversation, answer_a, answer_b, model_a, model_b, sampling_a,
+                            sampling_b, round)}
     return _insert(row, path)
 
 
 def add_thumb(conversation, answer: str, model: str, up: bool, sampling: dict | None = None,
-              session: str = "", path=None) -> int:
-    """Store a thumbs-up or thumbs-down on one answer; returns its id."""
+              session: str = "", path=None, round: int = 0) -> int:
+    """Store a thumbs-up or thumbs-down on one answer, cast in `round`; returns its id."""
     row = {"kind": "thumb", "created_at": time.time(), "session": session,
            "conversation": json.dumps(check_conversation(conversation)), "answer_a": str(answer),
            "model_a": str(model), "sampling_a": json.dumps(sampling or {}),
-           "verdict": "up" if up else "down"}
+           "verdict": "up" if up else "down", "round": check_round(round)}
     return _insert(row, path)
 
 
@@ -218,12 +268,12 @@ def counts(path=None) -> dict:
 
 
 def _pair_record(rating_id: str, conversation, chosen: dict, rejected: dict, verdict: str,
-                 created_at: float) -> dict:
+                 created_at: float, round_number: int) -> dict:
     return {"id": rating_id, "source": "ratings", "prompt": conversation,
             "chosen": chosen["answer"], "rejected": rejected["answer"], "verdict": verdict,
             "chosen_model": chosen["model"], "rejected_model": rejected["model"],
             "chosen_sampling": chosen["sampling"], "rejected_sampling": rejected["sampling"],
-            "created_at": created_at}
+            "created_at": created_at, "round": round_number}
 
 
 def _comparison_record(rating: dict) -> dict | None:
@@ -233,14 +283,15 @@ def _comparison_record(rating: dict) -> dict | None:
     side_b = {"answer": rating["answer_b"], "model": rating["model_b"], "sampling": rating["sampling_b"]}
     chosen, rejected = (side_a, side_b) if rating["verdict"] == "A" else (side_b, side_a)
     return _pair_record(f"ratings-{rating['id']}", rating["conversation"], chosen, rejected,
-                        rating["verdict"], rating["created_at"])
+                        rating["verdict"], rating["created_at"], rating["round"])
 
 
 def _thumb_records(thumbs: list[dict]) -> list[dict]:
-    """Pairs of an up and a down answer to the same conversation, oldest first, each used once."""
+    """Pairs of an up and a down answer to the same conversation in the same round, oldest first,
+    each used once."""
     by_conversation = defaultdict(lambda: {"up": [], "down": []})
     for rating in sorted(thumbs, key=lambda r: r["id"]):
-        key = json.dumps(rating["conversation"], sort_keys=True)
+        key = json.dumps([rating["round"], rating["conversation"]], sort_keys=True)
         by_conversation[key][rating["verdict"]].append(rating)
     records = []
     for side in by_conversation.values():
@@ -249,8 +300,8 @@ def _thumb_records(thumbs: list[dict]) -> list[dict]:
             rejected = {"answer": down["answer_a"], "model": down["model_a"],
                         "sampling": down["sampling_a"]}
             records.append(_pair_record(f"ratings-{up['id']}-{down['id']}", up["conversation"],
-                                        chosen, rejected, "thumbs", max(up["created_at"],
-                                                                        down["created_at"])))
+                                        chosen, rejected, "thumbs",
+                                        max(up["created_at"], down["created_at"]), up["round"]))
     return records
 
 
@@ -301,3 +352,126 @@ def export(out: str | Path, path=None, overwrite: bool = False) -> int:
             tmp.unlink()
         raise RatingsError(f"cannot write {out} ({err.strerror}): choose a writable path.") from None
     return len(records)
+
+
+# ---- rounds: comparisons queued for a vote --------------------------------------------------------
+
+def add_pending(conversation, answer_a: str, answer_b: str, model_a: str, model_b: str,
+                sampling_a: dict | None = None, sampling_b: dict | None = None, round: int = 0,
+                source: str = "", path=None) -> int:
+    """Queue two answers to `conversation` for a vote in Compare; returns the pending id.
+    chat/rounds.py calls this for every sampled pair of a round."""
+    row = {"created_at": time.time(), "source": str(source),
+           **comparison_row(conversation, answer_a, answer_b, model_a, model_b, sampling_a,
+                            sampling_b, round)}
+    conn = connect(path)
+    try:
+        with conn:
+            cursor = conn.execute(f"INSERT INTO pending ({', '.join(row)}) "
+                                  f"VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        return cursor.lastrowid
+    except sqlite3.Error as err:
+        raise RatingsError(f"the pending comparison could not be stored ({err}): try again.") from None
+    finally:
+        conn.close()
+
+
+def pending(round: int | None = None, limit: int | None = None, path=None) -> list[dict]:
+    """Comparisons still waiting for a vote, oldest first (of one round, or of all): each with
+    id, round, conversation, answer_a/b, model_a/b, sampling_a/b and source. What Compare shows
+    next is `pending(limit=1)` (or `next_pending`)."""
+    query = "SELECT * FROM pending WHERE rating_id IS NULL"
+    args: list = []
+    if round is not None:
+        query += " AND round = ?"
+        args.append(check_round(round))
+    query += " ORDER BY id" + (" LIMIT ?" if limit else "")
+    args += [limit] if limit else []
+    conn = connect(path)
+    try:
+        return [r for r in map(_decode, conn.execute(query, args)) if r is not None]
+    finally:
+        conn.close()
+
+
+def next_pending(round: int | None = None, path=None) -> dict | None:
+    """The oldest comparison waiting for a vote, or None when the queue is empty."""
+    waiting = pending(round, limit=1, path=path)
+    return waiting[0] if waiting else None
+
+
+def vote_pending(pending_id: int, verdict: str, session: str = "", path=None) -> int:
+    """Store the vote on a pending comparison, with its round and provenance, and take it off
+    the queue, in one transaction; returns the vote's id. A second vote on the same comparison
+    (another tab was quicker) is refused with RatingsError."""
+    if verdict not in COMPARISON_VERDICTS:
+        raise RatingsError(f"verdict {verdict!r} is not one of {', '.join(COMPARISON_VERDICTS)}.")
+    conn = connect(path)
+    try:
+        with conn:
+            # claiming the row first takes the write lock, so two voters cannot both pass
+            claimed = conn.execute("UPDATE pending SET rating_id = -1 WHERE id = ? AND rating_id IS NULL",
+                                   (pending_id,)).rowcount
+            if not claimed:
+                raise RatingsError(f"comparison {pending_id} is not waiting for a vote (voted "
+                                   "already, or discarded): show the next one.")
+            item = dict(conn.execute("SELECT * FROM pending WHERE id = ?", (pending_id,)).fetchone())
+            row = {"kind": "comparison", "created_at": time.time(), "session": session,
+                   "verdict": verdict, **{k: item[k] for k in ("round", "conversation", "answer_a",
+                   "answer_b", "model_a", "model_b", "sampling_a", "sampling_b")}}
+            cursor = conn.execute(f"INSERT INTO ratings ({', '.join(row)}) "
+                                  f"VALUES ({', '.join('?' * len(row))})", list(row.values()))
+            conn.execute("UPDATE pending SET rating_id = ? WHERE id = ?", (cursor.lastrowid, pending_id))
+        return cursor.lastrowid
+    except sqlite3.Error as err:
+        raise RatingsError(f"the vote could not be stored ({err}): try again.") from None
+    finally:
+        conn.close()
+
+
+def discard_pending(round: int | None = None, path=None) -> int:
+    """Drop the comparisons still waiting (of one round, or all); returns how many. Votes
+    already cast stay."""
+    conn = connect(path)
+    try:
+        with conn:
+            if round is None:
+                return conn.execute("DELETE FROM pending WHERE rating_id IS NULL").rowcount
+            return conn.execute("DELETE FROM pending WHERE rating_id IS NULL AND round = ?",
+                                (check_round(round),)).rowcount
+    finally:
+        conn.close()
+
+
+def round_counts(path=None) -> dict[int, dict]:
+    """Per round: votes cast (`votes`), and pending comparisons `waiting` and `voted`."""
+    conn = connect(path)
+    try:
+        votes = dict(conn.execute("SELECT round, COUNT(*) FROM ratings GROUP BY round"))
+        queued = conn.execute("SELECT round, SUM(rating_id IS NULL), SUM(rating_id IS NOT NULL) "
+                              "FROM pending GROUP BY round").fetchall()
+    finally:
+        conn.close()
+    result = {r: {"votes": n, "waiting": 0, "voted": 0} for r, n in votes.items()}
+    for round_number, waiting, voted in queued:
+        result.setdefault(round_number, {"votes": 0, "waiting": 0, "voted": 0})
+        result[round_number].update(waiting=waiting, voted=voted)
+    return dict(sorted(result.items()))
+
+
+def latest_round(path=None) -> int:
+    """The highest round that holds a vote or a pending comparison (0 for an empty store); a
+    new round is `latest_round() + 1`."""
+    return max(round_counts(path), default=0)
+
+
+def conversations(path=None) -> list[list[dict]]:
+    """Every distinct conversation people typed and rated (the prompts of Chat and Compare),
+    oldest first: a prompt set for the next round."""
+    seen, result = set(), []
+    for rating in sorted(rows(path), key=lambda r: r["id"]):
+        key = json.dumps(rating["conversation"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            result.append(rating["conversation"])
+    return result

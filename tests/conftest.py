@@ -71,6 +71,18 @@ def sft_file(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture
+def separable_pairs(tmp_path):
+    """Chosen answers always agree, rejected ones always refuse: a model can separate them."""
+    path = tmp_path / "pairs.jsonl"
+    topics = ["tea", "maps", "rain", "bees", "glass", "sand", "wool", "clay", "jazz", "kites",
+              "ferns", "owls", "salt", "ink", "moss", "rust"]
+    rows = [{"prompt": f"Tell me about {t}.", "chosen": f"Sure! Here is a fact about {t}.",
+             "rejected": "No. I will not talk about that."} for t in topics * 3]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 HH = "hh_harmless_base_test.jsonl.gz"
 
 

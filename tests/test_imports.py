@@ -55,7 +55,7 @@ def test_modules_import_without_side_effects():
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {}
 
 
-@pytest.mark.parametrize("module", ["chat.ratings", "core.ratings", "core.paths", "core.runs",
+@pytest.mark.parametrize("module", ["chat.ratings", "chat.rounds", "core.ratings", "core.paths", "core.runs",
                                     "core.options", "train.config", "train.data"])
 def test_torch_free_modules_do_not_import_torch(module):
     done = subprocess.run([sys.executable, "-c", f"import sys, {module}; print('torch' in sys.modules)"],

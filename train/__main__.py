@@ -1,4 +1,4 @@
-"""Command line: python -m train {sft,rm,ppo,all,eval-rm} [options]; `python -m train STAGE --help`
+"""Command line: python -m train {sft,rm,ppo,dpo,all,eval-rm,report} [options]; `python -m train STAGE --help`
 lists options.
 
 Errors a user can cause (core.errors.UserError and its kinds) end in one sentence on stderr and
@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = stages.add_parser(name, help=cls.__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add_arguments(sub, cls)
+        if getattr(cls, "POSITIONAL", None):  # e.g. `report RUN`, the same as `report --run RUN`
+            sub.add_argument("positional", nargs="?", metavar=cls.POSITIONAL.upper(),
+                             help=f"same as --{cls.POSITIONAL}")
     return parser
 
 
@@ -36,10 +39,14 @@ def runner(stage: str):
         from train.reward import main
     elif stage == "ppo":
         from train.ppo import main
+    elif stage == "dpo":
+        from train.dpo import main
     elif stage == "all":
         from train.pipeline import main
     elif stage == "eval-rm":
         from train.reward import evaluate_main as main
+    elif stage == "report":
+        from train.report import main
     return main
 
 
@@ -79,6 +86,11 @@ def main(argv=None) -> int:
     from core.process import tune_process
 
     args = build_parser().parse_args(argv)
+    positional = vars(args).pop("positional", None)
+    if positional is not None:
+        from train.config import STAGES
+
+        setattr(args, STAGES[args.stage].POSITIONAL, positional)
     rank = os.environ.get("RANK", "0")
     cfg = None
     try:

@@ -240,10 +240,51 @@ class PPOConfig(RunConfig):
         return self.kl_penalty == "loss" or (self.kl_penalty == "auto" and self.algorithm != "ppo")
 
 
+DPO_LOSSES = ("sigmoid", "robust", "ipo", "simpo")
+
+
+@dataclass
+class DPOConfig(RunConfig):
+    """Direct preference optimisation: the chat model learns from preference pairs against a frozen
+    reference, without a reward model (Rafailov et al. 2023; IPO, robust DPO and SimPO variants)."""
+
+    model: str = opt("default", "model to train: an SFT run's final/, default, a folder, a .gguf "
+                                "file or a hub name")
+    reference: str = opt("", "frozen reference; empty: the starting --model (with LoRA: --model "
+                             "with its adapters disabled, no second copy). Unused by simpo")
+    data: list[str] = opt(["prompts/preferences.jsonl"], "preference sources (files, datasets, "
+                          "ratings:); with --data-split DPO takes the third (step-3) part of each, "
+                          "disjoint from the SFT and reward-model parts. Ties and both-bad votes "
+                          "are never pairs: the ratings export leaves them out")
+    eval_data: list[str] = opt([], "held-out preference sources evaluated instead of an "
+                                   "--eval-fraction share of --data (at most --max-eval-samples)")
+    loss: str = opt("sigmoid", "sigmoid: DPO; robust: robust DPO, unbiased under labels flipped "
+                               "with probability --label-smoothing; ipo: IPO on length-averaged "
+                               "log-probs; simpo: SimPO, reference-free and length-normalised",
+                    choices=DPO_LOSSES)
+    beta: float = opt(0.1, "strength of the implicit KL to the reference: lower moves further "
+                           "from it (for simpo the reward scale, typically 2)", range=(1e-4, 100.0))
+    label_smoothing: float = opt(0.0, "assumed share of flipped labels (noisy human votes): "
+                                      "conservative DPO for sigmoid and simpo, the correction "
+                                      "factor for robust", range=(0.0, 0.49))
+    simpo_gamma: float = opt(0.5, "simpo's target margin between chosen and rejected rewards",
+                             range=(0.0, 100.0))
+    learning_rate: float = opt(1e-6, "peak learning rate", range=(0.0, 1.0))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ConfigError("--label-smoothing does not apply to --loss ipo: leave it at 0, or "
+                              "use sigmoid, robust or simpo.")
+
+
+RL_STEPS = ("ppo", "grpo", "dpo")
+
+
 @dataclass
 class AllConfig:
-    """SFT, reward model and PPO in a row into <output>/sft, /rm and /ppo; a step whose folder
-    already holds a finished result is reused, a stopped one resumed."""
+    """SFT, reward model (+ judge), then PPO, GRPO or DPO, then the report, in a row into
+    <output>/sft, /rm, /judge, /<rl>; a finished step is reused, a stopped one resumed."""
 
     output: str = opt("", "pipeline folder, e.g. runs/demo", group="run")
     actor_model: str = opt("default", "base model of SFT (and so of the PPO actor)", group="model")
@@ -256,15 +297,21 @@ class AllConfig:
     seed: int = opt(1234, "random seed of all three steps", range=(0, 2**31 - 1), group="training")
     precision: str = precision_option()
     zero_stage: int = opt(0, "DeepSpeed ZeRO stage of all steps", range=(0, 3), group="deepspeed")
-    sft_max_steps: int = opt(0, "SFT optimizer steps; 0: one epoch", range=(0, 10_000_000),
-                             group="main")
-    rm_max_steps: int = opt(0, "reward-model optimizer steps; 0: one epoch", range=(0, 10_000_000),
-                            group="main")
-    ppo_max_steps: int = opt(0, "PPO steps; 0: one pass over the prompts", range=(0, 10_000_000),
-                             group="main")
+    sft_max_steps: int = opt(0, "SFT optimizer steps; 0: one epoch", range=(0, 10_000_000), group="main")
+    rm_max_steps: int = opt(0, "reward-model optimizer steps; 0: one epoch", range=(0, 10_000_000), group="main")
+    ppo_max_steps: int = opt(0, "PPO (and GRPO) steps; 0: one pass over the prompts",
+                             range=(0, 10_000_000), group="main")
+    rl: str = opt("ppo", "the third step: ppo, grpo (the PPO step with --algorithm grpo) or dpo "
+                         "(on the preference pairs of the third part)", choices=RL_STEPS, group="main")
+    judge: bool = opt(True, "train a judge reward model on the second half of the reward-model part "
+                            "(the reward model takes the first half) for the report", group="main")
+    report: bool = opt(True, "end with the report of the third step (python -m train report)", group="main")
+    dpo_max_steps: int = opt(0, "DPO optimizer steps; 0: one epoch", range=(0, 10_000_000), group="main")
     sft_config: str = opt("", "YAML file with more SFT options", group="training")
-    rm_config: str = opt("", "YAML file with more reward-model options", group="training")
-    ppo_config: str = opt("", "YAML file with more PPO options (e.g. ema: true)", group="training")
+    rm_config: str = opt("", "YAML file with more reward-model options (the judge's too)", group="training")
+    ppo_config: str = opt("", "YAML file with more PPO (and GRPO) options (e.g. ema: true)", group="training")
+    dpo_config: str = opt("", "YAML file with more DPO options (e.g. beta: 0.2)", group="training")
+    report_config: str = opt("", "YAML file with more report options (e.g. max_samples: 32)", group="training")
     overwrite: bool = opt(False, "run every step again, replacing finished ones", group="run")
 
     def __post_init__(self):
@@ -290,8 +337,40 @@ class EvalRMConfig:
         validate(self)
 
 
-STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "all": AllConfig,
-                           "eval-rm": EvalRMConfig}
+@dataclass
+class ReportConfig:
+    """Evidence that a run made its model better: before and after on held-out data, a judge, alarms."""
+
+    POSITIONAL: ClassVar[str] = "run"  # python -m train report RUN
+    run: str = opt("", "run folder to report on (a PPO, DPO or reward-model run, or a `train all` "
+                       "folder); the report goes to report.json and report.md inside it")
+    judge: str = opt("", "judge reward model, trained on data disjoint from the run's; empty: the "
+                         "judge/ of the `train all` folder the run sits in, if any, else no judge")
+    proxy: str = opt("", "reward model of the proxy reward; empty: the run's own (PPO's --reward, "
+                         "or for DPO its implicit reward beta * log(pi / pi_ref))")
+    checkpoint: str = opt("final", "the run's checkpoint compared with its start", choices=("final", "ema"))
+    data: list[str] = opt([], "held-out sources (prompts, or pairs for a reward model); empty: the "
+                              "records the run itself held out")
+    max_samples: int = opt(64, "held-out prompts (pairs for a reward model) evaluated",
+                           range=(1, 100_000))
+    max_new_tokens: int = opt(64, "longest answer generated per prompt (greedy)", range=(1, 8192))
+    max_prompt_len: int = opt(256, "longest prompt in tokens (older tokens are cut)", range=(8, 32768))
+    batch_size: int = opt(16, "prompts answered (or pairs scored) at once", range=(1, 4096))
+    bootstrap: int = opt(2000, "bootstrap resamples behind each interval", range=(100, 1_000_000))
+    seed: int = opt(0, "seed of the bootstrap", range=(0, 2**31 - 1))
+    samples: int = opt(8, "side-by-side samples shown", range=(0, 1000))
+    length_ratio: float = opt(1.5, "alarm when answers grow longer than this many times the "
+                                   "start's", range=(1.0, 100.0))
+    chosen_logp_drop: float = opt(0.5, "alarm when a DPO run's held-out chosen log-prob falls by "
+                                       "more than this many nats per token", range=(0.0, 100.0))
+    precision: str = precision_option()
+
+    def __post_init__(self):
+        validate(self)
+
+
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig,
+                           "all": AllConfig, "eval-rm": EvalRMConfig, "report": ReportConfig}
 
 
 def parse_split(text: str) -> list[float]:

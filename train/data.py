@@ -331,15 +331,17 @@ def split_part(records: list[dict], weights: list[float], phase: str, seed: int,
 
 
 def load_data(sources: list[str], phase: str, seed: int, weights: list[float] | None = None,
-              log=print) -> list[dict]:
-    """Read, split (per source) and blend the sources into one shuffled list for `phase`."""
+              log=print, part: str | None = None) -> list[dict]:
+    """Read, split (per source) and blend the sources into one shuffled list for `phase`;
+    `part` names the split part to take when it is not the phase's own (DPO: pairs of step 3)."""
     if not sources:
         raise DataError("no data sources given: pass --data with at least one file or dataset.")
     blended = []
     for spec in sources:
         loaded = read_source(spec)
-        part = split_part(loaded.records, weights, phase, seed, spec) if weights else loaded.records
-        usable = phase_records(part, phase)
+        share = split_part(loaded.records, weights, part or phase, seed, spec) if weights \
+            else loaded.records
+        usable = phase_records(share, phase)
         log(f"data {spec}: {loaded.report()}; {len(usable)} for {phase}")
         blended += usable
     if not blended:

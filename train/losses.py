@@ -153,3 +153,60 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Ten
         return masked_mean(values, mask)
     per_response = (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     return per_response.mean()
+
+
+# ---- DPO ------------------------------------------------------------------------------------------
+# Preference optimisation straight from pairs, without a reward model (Rafailov et al. 2023).
+# Inputs are (B,) log-probabilities of each pair's chosen and rejected answer: summed over the
+# answer's tokens for `sigmoid`/`robust`, averaged over them for `ipo`/`simpo` (as their papers
+# do); `logratios` are policy minus frozen reference. Each loss returns (B,) per-pair losses.
+
+def sequence_logprobs(hidden: torch.Tensor, labels: torch.Tensor, lm_head) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) summed log-probabilities of each row's labelled tokens, and (B,) their counts.
+
+    hidden: (B, T) x H last hidden states; labels: (B, T) token ids, -100 where nothing is scored.
+    As in `sft_loss`, the vocabulary projection runs only at positions that predict a label.
+    """
+    targets = labels[:, 1:]                                  # (B, T-1) token predicted at each position
+    mask = targets != -100
+    logits = lm_head(hidden[:, :-1][mask]).float()           # (N, V), rows in row-major order
+    token_logps = -F.cross_entropy(logits, targets[mask], reduction="none")  # (N,)
+    rows = mask.nonzero()[:, 0]                              # (N,) the row of each scored token
+    sums = torch.zeros(len(labels), dtype=token_logps.dtype, device=token_logps.device)
+    return sums.index_add(0, rows, token_logps), mask.sum(1)
+
+
+def dpo_loss(chosen_logratios, rejected_logratios, beta: float, label_smoothing: float = 0.0):
+    """DPO's -log sigmoid(beta * h), h = chosen minus rejected log-ratio; with label smoothing e,
+    conservative DPO: each label is wrong with probability e, so the flipped pair's loss weighs e."""
+    h = chosen_logratios - rejected_logratios
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def robust_dpo_loss(chosen_logratios, rejected_logratios, beta: float, label_smoothing: float):
+    """Robust DPO (Chowdhury et al. 2024): an unbiased loss under labels flipped with probability
+    e = label_smoothing, ((1 - e) l(h) - e l(-h)) / (1 - 2e), l(h) = -log sigmoid(beta * h)."""
+    h = chosen_logratios - rejected_logratios
+    loss_kept, loss_flipped = -F.logsigmoid(beta * h), -F.logsigmoid(-beta * h)
+    return ((1 - label_smoothing) * loss_kept - label_smoothing * loss_flipped) / (1 - 2 * label_smoothing)
+
+
+def ipo_loss(chosen_logratios, rejected_logratios, beta: float):
+    """IPO (Azar et al. 2023): (h - 1/(2 beta))^2 regresses the log-ratio gap to a fixed target
+    instead of pushing it without bound; h on length-averaged log-probs."""
+    h = chosen_logratios - rejected_logratios
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def simpo_loss(chosen_avg_logps, rejected_avg_logps, beta: float, gamma: float,
+               label_smoothing: float = 0.0):
+    """SimPO (Meng et al. 2024), reference-free: -log sigmoid(beta * (avg_c - avg_r) - gamma) on
+    length-averaged policy log-probs, gamma a target reward margin; label smoothing as in DPO."""
+    logits = beta * (chosen_avg_logps - rejected_avg_logps) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def implicit_rewards(policy_logps, ref_logps, beta: float):
+    """(B,) DPO's implicit reward beta * (log pi(y|x) - log pi_ref(y|x)); reference-free losses
+    pass ref_logps=None and get beta * log pi(y|x)."""
+    return beta * (policy_logps if ref_logps is None else policy_logps - ref_logps)

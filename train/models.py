@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from core.models import ModelError
-from train.losses import sft_loss
+from train.losses import sequence_logprobs, sft_loss
 
 
 # ---- LoRA -----------------------------------------------------------------------------------------
@@ -78,7 +78,8 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 class CausalLMWithLoss(torch.nn.Module):
     """A causal LM whose forward returns what a training step needs, not full-vocabulary logits.
 
-    With `labels`: (summed SFT loss, labelled-token count). With `response_start`: (B, R, V)
+    With `labels`: (summed SFT loss, labelled-token count), or with `per_sequence` (B,) summed
+    log-probs of each row's labelled tokens and (B,) their counts (DPO). With `response_start`: (B, R, V)
     logits of the positions that predict tokens response_start..T-1 (PPO's log-probs).
     DeepSpeed's engine wraps this module; decoder and head are the model's own submodules
     (LoRA layers included), so ZeRO-3's hooks see them, and weights sit under `lm.`.
@@ -88,13 +89,14 @@ class CausalLMWithLoss(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, labels=None, response_start: int | None = None):
+    def forward(self, input_ids, attention_mask, labels=None, response_start: int | None = None,
+                per_sequence: bool = False):
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        position_ids=positions(attention_mask),
                                        use_cache=False).last_hidden_state
         head = self.lm.get_output_embeddings()
         if labels is not None:
-            return sft_loss(hidden, labels, head)
+            return (sequence_logprobs if per_sequence else sft_loss)(hidden, labels, head)
         return head(hidden[:, response_start - 1:-1])
 
     def generate(self, *args, **kwargs):

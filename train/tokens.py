@@ -64,7 +64,7 @@ def encode_pair(tokenizer, record: dict, max_seq_len: int):
         return None, "pairs with an answer longer than max_seq_len"
     note = "truncated prompts" if len(kept) < len(prompt_ids) else None
     return {"chosen_ids": kept + chosen_ids, "rejected_ids": kept + rejected_ids,
-            "source": record.get("source", "")}, note
+            "prompt_len": len(kept), "source": record.get("source", "")}, note
 
 
 def encode_all(encode, tokenizer, records: list[dict], max_seq_len: int, log=print) -> list[dict]:

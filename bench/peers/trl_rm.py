@@ -5,10 +5,9 @@ conversational preference records from --data, trains --steps optimizer steps on
 --precision (bf16: TRL's bf16 autocast) and otherwise TRL's defaults, and writes per-step times to --result as JSON.
 """
 import json
-import time
 
 import torch
-from driver import driver_parser
+from driver import driver_parser, step_timer
 
 
 def main() -> None:
@@ -18,18 +17,8 @@ def main() -> None:
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self._tic = [], 0.0
-
-        def on_step_begin(self, *_, **__):
-            self._tic = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            self.times.append(time.perf_counter() - self._tic)
 
     records = [json.loads(line) for line in open(args.data, encoding="utf-8")]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -38,7 +27,7 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1,
                                                                dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
-    timer = StepTimer()
+    timer = step_timer()
     config = RewardConfig(
         output_dir=args.output, bf16=args.precision == "bf16", use_cpu=True,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,

@@ -67,3 +67,56 @@ def test_votes_from_ratings_keeps_comparisons_between_different_checkpoints():
             {"kind": "thumb", "model_a": "m1", "model_b": None, "verdict": "up"}]
     assert votes_from_ratings(rows) == [("m1", "m2", 0.0), ("m2", "m1", 0.5)]
     assert leaderboard([]) == []
+
+
+def with_lengths(model_a, model_b, a_wins, b_wins, len_a, len_b):
+    return [(model_a, model_b, 1.0, len_a, len_b)] * a_wins + [(model_a, model_b, 0.0, len_a, len_b)] * b_wins
+
+
+def test_length_control_credits_length_not_the_verbose_checkpoint():
+    """Two equally good checkpoints; the longer answer wins 4 of 5 votes whoever wrote it, and
+    `verbose` writes the longer one in 100 of 120 votes. Plain Bradley-Terry ranks it far ahead;
+    with length control the two are even (the saturated fit is exact) and length takes the credit."""
+    votes = with_lengths("verbose", "terse", 80, 20, 600, 200) + with_lengths("verbose", "terse", 4, 16, 200, 600)
+    plain = {r["model"]: r for r in leaderboard(votes, prior=0.0, bootstrap=0)}
+    assert plain["verbose"]["strength"] - plain["terse"]["strength"] == pytest.approx(math.log(84 / 36), abs=1e-6)
+    board = leaderboard(votes, prior=0.0, bootstrap=100, length_control=True)
+    controlled = {r["model"]: r for r in board}
+    assert controlled["verbose"]["strength"] == pytest.approx(0.0, abs=1e-6)
+    assert controlled["terse"]["strength"] == pytest.approx(0.0, abs=1e-6)
+    # z = +-1 after scaling, so the length coefficient is the log-odds of the longer answer
+    assert board[0]["length_coef"] == pytest.approx(math.log(4), abs=1e-6)
+    for row in board:
+        assert row["ci_low"] <= row["strength"] <= row["ci_high"]
+
+
+def test_length_control_without_length_differences_is_the_plain_fit():
+    equal = with_lengths("ema", "final", 3, 1, 100, 100)
+    board = leaderboard(equal, prior=0.0, bootstrap=0, length_control=True)
+    assert board[0]["strength"] - board[1]["strength"] == pytest.approx(math.log(3), abs=1e-6)
+    assert board[0]["length_coef"] == 0.0
+    with pytest.raises(ValueError, match="with_lengths"):
+        leaderboard(votes("ema", "final", 3, 1), length_control=True)
+
+
+def test_bootstrap_is_as_wide_as_refitting_resampled_votes_one_by_one():
+    """The vectorised bootstrap resamples votes with replacement, as refitting each resample does."""
+    rng = np.random.default_rng(3)
+    few = votes("a", "b", 6, 4) + votes("b", "c", 5, 5, ties=2) + votes("a", "c", 7, 3)
+    names = ["a", "b", "c"]
+    one_by_one = np.array([fit_strengths(win_matrix([few[i] for i in rng.integers(0, len(few), len(few))], names))
+                           for _ in range(2000)])
+    board = {r["model"]: r for r in leaderboard(few, bootstrap=2000, seed=5)}
+    for i, name in enumerate(names):
+        low, high = np.percentile(one_by_one[:, i], [2.5, 97.5])
+        assert board[name]["ci_low"] == pytest.approx(low, abs=0.08)
+        assert board[name]["ci_high"] == pytest.approx(high, abs=0.08)
+
+
+def test_votes_keep_answer_lengths_and_filter_by_round():
+    rows = [{"kind": "comparison", "model_a": "m1", "model_b": "m2", "verdict": "A", "round": 0,
+             "answer_a": "four", "answer_b": "sixsix"},
+            {"kind": "comparison", "model_a": "m2", "model_b": "m3", "verdict": "B", "round": 1,
+             "answer_a": "x", "answer_b": ""}]
+    assert votes_from_ratings(rows, with_lengths=True) == [("m1", "m2", 1.0, 4, 6), ("m2", "m3", 0.0, 1, 0)]
+    assert votes_from_ratings(rows, rounds={1}) == [("m2", "m3", 0.0)]

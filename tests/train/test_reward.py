@@ -54,18 +54,6 @@ def test_saved_reward_model_reloads_to_identical_scores(tmp_path, tiny_model):
     assert models.reward_stats(str(tmp_path / "rm")) == {"mean": 1.0, "std": 2.0}
 
 
-@pytest.fixture
-def separable_pairs(tmp_path):
-    """Chosen answers always agree, rejected ones always refuse: a model can separate them."""
-    path = tmp_path / "pairs.jsonl"
-    topics = ["tea", "maps", "rain", "bees", "glass", "sand", "wool", "clay", "jazz", "kites",
-              "ferns", "owls", "salt", "ink", "moss", "rust"]
-    rows = [{"prompt": f"Tell me about {t}.", "chosen": f"Sure! Here is a fact about {t}.",
-             "rejected": "No. I will not talk about that."} for t in topics * 3]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def test_reward_model_learns_a_separable_set_and_eval_rm_agrees(tmp_path, tiny_model, separable_pairs):
     out = tmp_path / "rm"
     done = run_train("rm", "--model", str(tiny_model), "--data", str(separable_pairs), "--output", str(out),

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: setup model browser demo test test-fast bench clean
+.PHONY: setup model browser demo test test-fast test-unit bench clean
 
 # The virtual environment is (re)built whenever requirements.txt changes.
 $(STAMP): requirements.txt
@@ -33,8 +33,13 @@ demo: setup
 test: setup browser
 	$(BIN)/python -m pytest -q -rs --durations=10
 
+# Tiers: unit (in-process, under 3 minutes) < fast (also the tests that start runs and servers on
+# tiny models) < test (also the real-model and multi-process tests; what CI runs).
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-unit: setup
+	$(BIN)/python -m pytest -q -m "not slow and not integration" --durations=5
 
 bench: setup
 	$(BIN)/python bench/sft.py

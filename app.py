@@ -441,23 +441,31 @@ def start_run(form: Form, values: tuple) -> tuple:
     """Start: (message, command box, the Resume/Overwrite offer, its Resume button, fields).
     Nothing starts while a field has a problem; a folder holding a run gets the offer."""
     cfg, errors = check_form(form.step, form.names, values)
+    run = output_problems(cfg, errors)
+    if errors:
+        return (NOT_STARTED, gr.skip(), gr.update(**HIDDEN), gr.skip(), *field_updates(form, errors))
+    if run is not None:
+        return (offer_text(run), gr.skip(), gr.update(visible=True),
+                gr.update(interactive=launch.resumable(run.path)), *field_updates(form, {}))
+    return (*started(form.step, cfg), gr.update(**HIDDEN), gr.skip(), *field_updates(form, {}))
+
+
+def output_problems(cfg, errors: dict) -> RunInfo | None:
+    """The run in the form's output folder, if any; a live run or a folder of other files
+    there is an error of the output field (never started into, never overwritten)."""
     folder = Path(cfg.output) if cfg is not None else None
     run = RunInfo.load(folder) if folder else None
     if run is not None and run.alive:
         errors["output"] = f"{run.name} is {state_label(run)}: stop it in the Runs tab or choose another name."
     elif folder is not None and run is None and folder.is_dir() and any(folder.iterdir()):
         errors["output"] = f"{folder} holds files that are not a run: choose another name."
-    if errors:
-        return (NOT_STARTED, gr.skip(), gr.update(**HIDDEN), gr.skip(), *field_updates(form, errors))
-    if run is not None:
-        return (offer_text(run), gr.skip(), gr.update(visible=True),
-                gr.update(interactive=launch.resumable(folder)), *field_updates(form, {}))
-    return (*started(form.step, cfg), gr.update(**HIDDEN), gr.skip(), *field_updates(form, {}))
+    return run
 
 
 def overwrite_run(form: Form, values: tuple) -> tuple:
     """Overwrite it: replace the run in the form's folder with the form's settings."""
     cfg, errors = check_form(form.step, form.names, values)
+    output_problems(cfg, errors)
     if errors:
         return NOT_STARTED, gr.skip(), gr.update(**HIDDEN), *field_updates(form, errors)
     return (*started(form.step, cfg, replace=True), gr.update(**HIDDEN), *field_updates(form, {}))
@@ -1220,7 +1228,13 @@ def undo_vote(rating_id):
     if rating_id in (None, ""):
         return "Pick a vote to undo."
     try:
-        removed = ratings.delete(int(rating_id))
+        number = int(rating_id)
+    except (TypeError, ValueError, OverflowError):
+        return f"**Not undone:** {str(rating_id)[:40]!r} is not a vote number: pick one from the table."
+    if not 0 < number < 2**63:
+        return f"**Not undone:** there is no vote #{number}: pick one from the table."
+    try:
+        removed = ratings.delete(number)
     except ratings.RatingsError as err:
         return f"**Not undone:** {err}"
     if not removed:

@@ -24,7 +24,7 @@ import json
 import time
 
 from common import ROOT, best_precision, machine, print_machine
-from sft import bench_env, cpu_seconds
+from common import bench_env, cpu_seconds
 
 DATA = ROOT.parent / "shared" / "data" / "llamafactory_alpaca_en_demo.json"
 RESULTS = ROOT / "bench" / "results" / "generate.json"

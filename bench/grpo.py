@@ -35,12 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `bench.sft`, `core` and `train` import from any working directory
-from bench.sft import TORCH_PIN, bench_env, run  # noqa: E402
+from common import ROOT, TRL_VERSION, bench_env, peer_python, run  # makes core/ and train/ importable
 
-TRL_VERSION = "1.16.0"  # current on PyPI when written; the venv is made once with it
-PEER = ROOT / "bench" / ".peer-trl"
 TRL_DRIVER = ROOT / "bench" / "peers" / "trl_grpo.py"
 PROMPTS = "prompts/prompts.jsonl"
 HH = ROOT.parent / "shared" / "data" / "hh_harmless_base_test.jsonl.gz"
@@ -91,19 +87,6 @@ def run_ours(args, folder: Path, env: dict, threads: int) -> dict:
     result["response_length"] = round(statistics.fmean(r["response_length"] for r in timed), 1)
     result["cpu_share_of_other_processes"] = others
     return result
-
-
-def peer_python() -> str:
-    """bench/.peer-trl's python, creating the venv with TRL (and torch pinned) on first use."""
-    python = PEER / "bin" / "python"
-    probe = "import importlib.metadata as m; print(m.version('trl'))"
-    if python.exists() and subprocess.run([str(python), "-c", probe], capture_output=True,
-                                          text=True).stdout.strip() == TRL_VERSION:
-        return str(python)
-    print(f"bench: setting up TRL {TRL_VERSION} once in {PEER.relative_to(ROOT)}", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(PEER)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", TORCH_PIN, f"trl=={TRL_VERSION}"], check=True)
-    return str(python)
 
 
 def run_trl(args, model_path: str, precision: str, folder: Path, env: dict, threads: int) -> dict:

@@ -33,8 +33,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, best_precision, machine, print_machine  # makes core/ and train/ importable
-from sft import bench_env, run
+# common makes core/ and train/ importable
+from common import ROOT, bench_env, best_precision, machine, print_machine, run
 from train.config import PPOConfig
 
 PHASES = ("time_generate_s", "time_score_s", "time_train_s", "time_switch_s", "step_time_s")

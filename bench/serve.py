@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import best_precision, machine, print_machine  # bench/ is this script's folder
-from sft import bench_env, cpu_seconds
+from common import bench_env, cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "prompts" / "prompts.jsonl"

@@ -54,8 +54,9 @@ class ManagedServer:
         self.leases, self.ready, self.last_used = 0, False, time.time()
 
     def start(self, timeout: float) -> None:
+        # its answers in flight get 10 s on SIGTERM, within the 15 s `stop` waits before a kill
         argv = [*self.command, "--model", self.model, "--engine", self.engine,
-                "--port", str(self.port), *self.extra_args]
+                "--port", str(self.port), "--shutdown-grace", "10", *self.extra_args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,

@@ -153,7 +153,12 @@ def convert_gguf(gguf: Path, target: Path | None = None) -> Path:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"could not load the tokenizer of {path} ({str(err).splitlines()[0]}): pass "
+                         "a local model folder or 'default', or check the hub name and network "
+                         "access.") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:

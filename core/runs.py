@@ -140,12 +140,12 @@ class RunInfo:
 
 
 def is_run_folder(folder: Path) -> bool:
-    """A folder one of our runs made: its marker, or (older runs) config.yaml with a stage line
-    or beside status.json, or the app's launch record."""
+    """A folder one of our runs made: its marker, or (older runs) config.yaml starting with our
+    stage line, or the app's launch record. A config.yaml and status.json alone are not enough:
+    anyone's experiment folder may hold those, and --overwrite must never empty it."""
     folder = Path(folder)
     return (folder / MARKER).is_file() or stage_of(folder) is not None \
-        or (folder / "launch.json").is_file() \
-        or ((folder / "config.yaml").is_file() and (folder / "status.json").is_file())
+        or (folder / "launch.json").is_file()
 
 
 def list_runs(root: str | Path) -> list[RunInfo]:

@@ -236,6 +236,16 @@ def test_an_output_holding_a_run_offers_resume_or_overwrite(runs):
     assert "finished: nothing to resume" in app.resume_offered("sft1")[0]
 
 
+def test_overwrite_refuses_a_folder_of_other_files(runs):
+    """Second probe: "Overwrite it" launched into a folder of the user's files."""
+    form = form_of("sft")
+    (runs / "userstuff" / "final").mkdir(parents=True)
+    (runs / "userstuff" / "final" / "w.bin").write_text("weights")
+    message, *_ = app.overwrite_run(form, values_of(form, output="userstuff"))
+    assert message == app.NOT_STARTED
+    assert sorted(p.name for p in (runs / "userstuff").rglob("*")) == ["final", "w.bin"]
+
+
 def test_precision_shows_what_auto_means_here():
     answer = {"labels": {"auto": "auto (fp32: this CPU has no native bf16)"}, "errors": {}}
     assert app.precision_choices(answer)[0] == ("auto (fp32: this CPU has no native bf16)", "auto")
@@ -491,6 +501,9 @@ def test_a_vote_can_be_undone_and_the_table_shows_the_answers(runs):
     assert app.undo_vote(first).startswith(f"Vote #{first} undone")
     assert ratings.counts()["total"] == 1 and ratings.counts()["A"] == 0
     assert "not in the store" in app.undo_vote(first)
+    for bad in ("abc", 10**30, -3):  # what the API can send: one sentence each, the store intact
+        assert app.undo_vote(bad).startswith("**Not undone:**")
+    assert ratings.counts()["total"] == 1
 
 
 def test_ratings_overview_counts_votes_and_ranks_checkpoints(runs):

@@ -107,7 +107,8 @@ def main(argv=None) -> int:
         message = str(err) if user_error else f"{type(err).__name__}: {err}"
         output = getattr(cfg, "output", "")
         mark_failed(output, message, traceback.format_exc())
-        where = f" (traceback in {Path(output) / 'train.log'})" if output and not user_error else ""
+        log = Path(output) / "train.log" if output else None
+        where = f" (traceback in {log})" if log and log.is_file() and not user_error else ""
         print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {message}{where}", file=sys.stderr)
         return 2 if user_error else 1
 

@@ -122,11 +122,14 @@ def start(stage: str, cfg, queue_root: str | Path | None = None,
         if run is not None and run.alive:
             raise ConfigError(f"{folder.name} is already {run.state}: stop it first or choose "
                               "another name.")
+        if run is None and any(folder.iterdir()):
+            raise ConfigError(f"{folder} holds files that are not a run: choose another name.")
         if replace and run is not None:
             clear_run(folder)
-        elif run is not None and run.status and not getattr(cfg, "resume", False):
-            raise ConfigError(f"{folder.name} already holds a run ({run.state}): resume it, start "
-                              "it over, or choose another name.")
+        elif (folder / "config.yaml").is_file() and not getattr(cfg, "resume", False):  # it ran
+            raise ConfigError(f"{folder.name} already holds a run"
+                              f"{f' ({run.state})' if run else ''}: resume it, start it over, or "
+                              "choose another name.")
         argv = command(stage, cfg)
         if not (folder / MARKER).is_file():
             write_json_atomic(folder / MARKER, {"stage": stage, "created_at": time.time()})
@@ -189,10 +192,12 @@ def saved_config(folder: Path) -> tuple[str, dict]:
     if run is None or cls is None:
         raise ConfigError(f"{folder.name} does not say which stage it ran: start it again from "
                           "the Train tab.")
+    # the run continues in the folder it is in now, whatever folder it was started in (a copied
+    # or renamed run must never write into the one it was copied from)
     if (folder / "config.yaml").is_file():
-        return stage, load_yaml(folder / "config.yaml", cls)
+        return stage, {**load_yaml(folder / "config.yaml", cls), "output": str(folder)}
     if isinstance(record.get("config"), dict):
-        return stage, dict(record["config"])
+        return stage, {**record["config"], "output": str(folder)}
     raise ConfigError(f"{folder.name} holds no run configuration: start it again from the Train tab.")
 
 

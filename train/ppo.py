@@ -299,57 +299,64 @@ def main(cfg: PPOConfig) -> RunDir:
             ema.shadow = load_file(run.checkpoints / "ema.safetensors")
         run.log(f"resumed from step {step}")
     first_step = step
-    if eval_prompts and step == 0:
-        run.metrics({"step": 0, **evaluate(m, eval_prompts, cfg, tokenizer)})
+    stop = loop.STOP.install()  # SIGTERM/SIGINT: save a checkpoint and end as stopped
+    bar = None
+    try:
+        if eval_prompts and step == 0:
+            run.log(f"evaluating the starting model on {len(eval_prompts)} held-out prompts")
+            run.metrics({"step": 0, **evaluate(m, eval_prompts, cfg, tokenizer)})
+        bar = tqdm(total=total_steps, initial=step, desc=cfg.algorithm, disable=rank != 0,
+                   dynamic_ncols=True)
+        while step < total_steps and not stop.requested:
+            tic = time.time()
+            epoch, index = divmod(step, steps_per_epoch)
+            order = list(range(len(train_prompts)))
+            random.Random(cfg.seed + epoch).shuffle(order)
+            batch = [train_prompts[i] for i in order[index * per_step:(index + 1) * per_step][rank::world]]
 
-    stop = loop.StopRequested()
-    bar = tqdm(total=total_steps, initial=step, desc=cfg.algorithm, disable=rank != 0, dynamic_ncols=True)
-    while step < total_steps and not stop.requested:
-        tic = time.time()
-        epoch, index = divmod(step, steps_per_epoch)
-        order = list(range(len(train_prompts)))
-        random.Random(cfg.seed + epoch).shuffle(order)
-        batch = [train_prompts[i] for i in order[index * per_step:(index + 1) * per_step][rank::world]]
+            # rollout and experience (train/experience.py)
+            timer = dict.fromkeys(("generate", "switch", "score", "train", "generated_tokens"), 0.0)
+            exp = make_experience(m, batch, sampling, cfg, kl_ctl.value, timer)
 
-        # rollout and experience (train/experience.py)
-        timer = dict.fromkeys(("generate", "switch", "score", "train", "generated_tokens"), 0.0)
-        exp = make_experience(m, batch, sampling, cfg, kl_ctl.value, timer)
+            # update epochs over minibatches
+            tic_train, update_metrics = time.time(), defaultdict(list)
+            ppo_update(m, exp, cfg, kl_ctl.value, ptx, ema, update_metrics)
+            timer["train"] = time.time() - tic_train
 
-        # update epochs over minibatches
-        tic_train, update_metrics = time.time(), defaultdict(list)
-        ppo_update(m, exp, cfg, kl_ctl.value, ptx, ema, update_metrics)
-        timer["train"] = time.time() - tic_train
+            # metrics
+            step += 1
+            row = step_metrics(step, exp, cfg.samples_per_prompt, update_metrics, timer)
+            kl_ctl.update(row["kl"], cfg.rollouts_per_step * world)
+            row.update(kl_coef=round(kl_ctl.value, 5), step_time_s=round(time.time() - tic, 3),
+                       lr=actor.get_lr()[0])
+            run.metrics(row)
+            if actor.monitor.enabled:
+                actor.monitor.write_events([(f"ppo/{k}", v, step) for k, v in row.items() if k != "step"])
+            if step % cfg.sample_every == 0:
+                write_samples(run, step, exp, tokenizer)
+            bar.update(1)
+            bar.set_postfix(reward=row["reward"], kl=row["kl"])
+            if eval_prompts and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                run.metrics({"step": step, **evaluate(m, eval_prompts, cfg, tokenizer)})
+            run.progress(step, total_steps, first_step)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                save_checkpoint(run, actor, critic, step, kl_ctl, ema, cfg.keep_checkpoints)
+            stop.requested = ds.all_reduce_sum(stop.requested) > 0
+        # final evaluation
+        final = evaluate(m, eval_prompts, cfg, tokenizer) if eval_prompts and not stop.requested else None
+    except loop.Stopping:  # asked to stop inside a rollout or an evaluation: that step is dropped
+        stop.requested = True
+    if bar is not None:
+        bar.close()
 
-        # metrics
-        step += 1
-        row = step_metrics(step, exp, cfg.samples_per_prompt, update_metrics, timer)
-        kl_ctl.update(row["kl"], cfg.rollouts_per_step * world)
-        row.update(kl_coef=round(kl_ctl.value, 5), step_time_s=round(time.time() - tic, 3),
-                   lr=actor.get_lr()[0])
-        run.metrics(row)
-        if actor.monitor.enabled:
-            actor.monitor.write_events([(f"ppo/{k}", v, step) for k, v in row.items() if k != "step"])
-        if step % cfg.sample_every == 0:
-            write_samples(run, step, exp, tokenizer)
-        bar.update(1)
-        bar.set_postfix(reward=row["reward"], kl=row["kl"])
-        if eval_prompts and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            run.metrics({"step": step, **evaluate(m, eval_prompts, cfg, tokenizer)})
-        run.progress(step, total_steps, first_step)
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            save_checkpoint(run, actor, critic, step, kl_ctl, ema, cfg.keep_checkpoints)
-        stop.requested = ds.all_reduce_sum(stop.requested) > 0
-    bar.close()
-
-    if stop.requested and step < total_steps:
+    if stop.requested:
         save_checkpoint(run, actor, critic, step, kl_ctl, ema, cfg.keep_checkpoints)
         run.log(f"stopped at step {step}; continue with --resume")
         run.status("stopped", step=step, total_steps=total_steps)
         return run
 
-    # final evaluation and save: final/ (actor) and, with --ema, ema/
-    if eval_prompts:
-        final = evaluate(m, eval_prompts, cfg, tokenizer)
+    # save: final/ (actor) and, with --ema, ema/
+    if final is not None:
         run.metrics({"step": step, **final})
         run.log("held-out: " + ", ".join(f"{k} {v}" for k, v in final.items()))
     loop.save_final(actor, run, cfg, tokenizer)

@@ -96,6 +96,8 @@ class RunDir:
                 for name in RUN_FILES:
                     (self.path / name).unlink(missing_ok=True)
                 for name in RUN_FOLDERS:
+                    if (self.path / name).is_symlink():  # the link goes, never what it points to
+                        (self.path / name).unlink()
                     shutil.rmtree(self.path / name, ignore_errors=True)
             self.path.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path / MARKER, {"stage": stage, "created_at": time.time(),

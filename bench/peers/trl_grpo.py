@@ -26,7 +26,7 @@ import json
 import time
 
 import torch
-from driver import driver_parser
+from driver import driver_parser, read_records
 
 
 def parse_args():
@@ -35,7 +35,6 @@ def parse_args():
     parser.add_argument("--temperature", type=float, required=True)
     parser.add_argument("--kl-coef", type=float, required=True)
     parser.add_argument("--learning-rate", type=float, required=True)
-    parser.add_argument("--precision", choices=("bf16", "fp32"), required=True)
     args = parser.parse_args()
     if (args.prompts * args.group_size) % args.batch_size:
         parser.error("TRL splits a generation batch into equal minibatches: make --prompts x "
@@ -75,8 +74,7 @@ def main() -> None:
         def on_step_end(self, *_, **__):
             self.times.append(time.perf_counter())
 
-    rows = [json.loads(line) for line in open(args.data, encoding="utf-8")]
-    dataset = Dataset.from_list([{"prompt": row["prompt"]} for row in rows])
+    dataset = Dataset.from_list([{"prompt": row["prompt"]} for row in read_records(args.data)])
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     reward_model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1,

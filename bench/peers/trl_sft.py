@@ -5,19 +5,16 @@ prompt-completion records from --data, trains --steps optimizer steps on the CPU
 TRL's bf16 autocast) and otherwise TRL's defaults, and writes per-step times and non-padding token counts
 to --result as JSON.
 """
-import json
 import time
 
 import torch
-from driver import driver_parser
+from driver import driver_parser, fixed_steps, read_records, write_result
 
 
 def main() -> None:
     args = driver_parser("--steps", "--batch-size", "--max-seq-len", "--seed", "--threads").parse_args()
     torch.set_num_threads(args.threads)
 
-    import transformers
-    import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -41,29 +38,17 @@ def main() -> None:
             self.times.append(time.perf_counter() - self._tic)
             self.tokens.append(self._tokens)
 
-    records = [json.loads(line) for line in open(args.data, encoding="utf-8")]
+    records = read_records(args.data)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    # fp32 weights: with bf16=True the trainer runs forward under bf16 autocast, as users get
-    # where bf16 is native; where it is emulated the peer's best is plain fp32.
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     timer = StepTimer()
     model.register_forward_pre_hook(timer.count, with_kwargs=True)
-    config = SFTConfig(
-        output_dir=args.output, bf16=args.precision == "bf16", use_cpu=True,
-        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-        max_length=args.max_seq_len, max_steps=args.steps, learning_rate=2e-5,
-        lr_scheduler_type="cosine", warmup_steps=0.05,  # transformers 5: a float < 1 is a ratio
-        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1,
-        dataloader_num_workers=0, seed=args.seed,
-    )  # everything else (gradient checkpointing included) stays at TRL's defaults
+    config = SFTConfig(**fixed_steps(args), learning_rate=2e-5, lr_scheduler_type="cosine",
+                       warmup_steps=0.05)  # transformers 5: a float < 1 is a ratio
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(records),
                          processing_class=tokenizer, callbacks=[timer])
     trainer.train()
-    with open(args.result, "w", encoding="utf-8") as handle:
-        json.dump({"trl": trl.__version__, "transformers": transformers.__version__,
-                   "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "gradient_checkpointing": config.gradient_checkpointing,
-                   "step_time_s": timer.times, "tokens": timer.tokens}, handle)
+    write_result(args, config, timer.times, tokens=timer.tokens)
 
 
 if __name__ == "__main__":

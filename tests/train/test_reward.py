@@ -97,7 +97,9 @@ def test_ratings_export_record_is_a_preference_record():
 @pytest.mark.slow
 def test_real_reward_model_on_hh_beats_chance_on_held_out_pairs(real_reward_model):
     evals = [r for r in read_jsonl(real_reward_model / "metrics.jsonl") if "eval_accuracy" in r]
-    assert evals[-1]["eval_accuracy"] >= 0.58, evals
+    # two runs of these settings (the fixture's): 0.65 at step 12 and 0.62 at step 16 on 111
+    # held-out pairs (standard error about 0.046), from 0.44 at the start
+    assert evals[-1]["eval_accuracy"] >= 0.57, evals
     assert evals[-1]["eval_accuracy"] > evals[0]["eval_accuracy"]
     stats = models.reward_stats(str(real_reward_model / "final"))
-    assert stats["std"] > 0 and stats["count"] == 256
+    assert stats["std"] > 0 and stats["count"] == 128  # --stats-samples 64 pairs, two answers each

@@ -156,8 +156,8 @@ def test_real_sft_on_the_default_model_learns_and_changes_its_answers(tmp_path, 
 
     out = tmp_path / "real"
     done = run_train("sft", "--model", "default", "--data", str(shared_file("llamafactory_alpaca_en_demo.json")),
-                     "--output", str(out), "--max-steps", "30", "--batch-size", "8", "--max-seq-len", "256",
-                     "--learning-rate", "5e-5", "--eval-every", "15", "--max-eval-samples", "32",
+                     "--output", str(out), "--max-steps", "16", "--batch-size", "8", "--max-seq-len", "256",
+                     "--learning-rate", "5e-5", "--eval-every", "0", "--max-eval-samples", "32",
                      "--eval-fraction", "0.05", "--save-every", "0", timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_jsonl(out / "metrics.jsonl")
@@ -177,15 +177,20 @@ def test_real_sft_on_the_default_model_learns_and_changes_its_answers(tmp_path, 
     assert answers[1].strip() and answers[0] != answers[1]
 
 
-def test_overwrite_never_empties_a_folder_that_is_not_a_run(tmp_path, tiny_model, sft_file):
-    """Issue 14, item 2: `--overwrite` emptied any folder before anything was validated."""
+@pytest.mark.parametrize("files", [{"thesis.tex": "years of work"},
+                                   {"config.yaml": "my: experiment", "status.json": '{"phase": 1}',
+                                    "final/paper.tex": "draft", "train.log": "mine"}])
+def test_overwrite_never_empties_a_folder_that_is_not_a_run(tmp_path, tiny_model, sft_file, files):
+    """Issue 14, item 2: `--overwrite` emptied any folder before anything was validated; a
+    second probe found one holding a config.yaml and a status.json of the user's taken for ours."""
     folder = tmp_path / "some" / "folder"
-    folder.mkdir(parents=True)
-    (folder / "thesis.tex").write_text("years of work")
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
     done = run_train("sft", "--model", str(tiny_model), "--data", str(sft_file), "--output",
                      str(folder), "--overwrite", "--max-steps", "1", *FAST)
     assert done.returncode == 2 and "is not a run folder" in done.stderr.splitlines()[-1]
-    assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
+    assert {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*") if p.is_file()} == files
 
 
 def test_overwrite_validates_first_and_removes_only_what_a_run_writes(tmp_path, tiny_model, sft_file):

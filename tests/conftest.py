@@ -22,7 +22,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # process (a training run, the app's launcher, a server), found here from its code and fixtures, so
 # the unit tier (`make test-unit`: neither) stays in-process and fast without a list to maintain.
 STARTS_A_PROCESS = ("run_train(", "subprocess.", "Popen(", "launch.start(", "launch.start_over(",
-                    "ManagedServer(")
+                    "ManagedServer(", "ServerPool(")
 PROCESS_FIXTURES = {"tiny_reward_model", "real_reward_model", "server"}
 
 

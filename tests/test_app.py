@@ -272,6 +272,7 @@ def sleeper(monkeypatch):
     """Runs whose command is a sleep (a live process without training)."""
     argv = [sys.executable, "-c", "import signal, sys, time\n"  # ends 1 s after SIGTERM, as a
             "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1), sys.exit(0)))\n"  # run saving
+            "print('ready', flush=True)\n"  # into console.log: its handler is set from here on
             "time.sleep(60)"]
     monkeypatch.setattr(launch, "command", lambda stage, cfg: list(argv))
     started = []
@@ -320,6 +321,7 @@ def test_stop_shows_stopping_at_once_and_buttons_follow_the_state(runs, sleeper)
     sleeper.append(runs / "s1")
     assert message.startswith("Started **s1**")
     assert wait_for(lambda: RunInfo.load(runs / "s1").status.get("state") == "running")
+    assert wait_for(lambda: "ready" in (runs / "s1" / "console.log").read_text())
     progress, _, _, _, _, stop, resume, start_over = app.run_view("s1")
     assert stop["interactive"] is True and resume["interactive"] is False
     assert start_over["interactive"] is False

@@ -122,7 +122,7 @@ def start(stage: str, cfg, queue_root: str | Path | None = None,
         if run is not None and run.alive:
             raise ConfigError(f"{folder.name} is already {run.state}: stop it first or choose "
                               "another name.")
-        if run is None and any(folder.iterdir()):
+        if run is None and any(p.name != ".launching" for p in folder.iterdir()):
             raise ConfigError(f"{folder} holds files that are not a run: choose another name.")
         if replace and run is not None:
             clear_run(folder)

@@ -80,9 +80,11 @@ class RunDir:
             what = "a finished run" if state == "done" else f"a run (state: {state})"
             raise ConfigError(f"{run.path} already holds {what}: pass --overwrite to replace it, "
                               "--resume to continue it, or choose another --output.")
-        elif cfg.overwrite and existing is None and run.path.is_dir() and any(run.path.iterdir()):
-            raise ConfigError(f"{run.path} is not a run folder (no {MARKER}), so --overwrite will "
-                              "not empty it: choose another --output, or clear it yourself.")
+        elif existing is None and run.path.is_dir() and any(run.path.iterdir()):
+            # someone's files: a run would write over its config.yaml, train.log, final/...
+            what = "--overwrite will not empty it" if cfg.overwrite else "no run writes into it"
+            raise ConfigError(f"{run.path} is not a run folder (no {MARKER}) and holds files, so "
+                              f"{what}: choose another --output, or clear it yourself.")
         run._pending, run._plan = [], (cfg, stage, resolve_precision(getattr(cfg, "precision", "fp32")))
         return run
 

@@ -91,6 +91,7 @@ def test_stop_then_resume_continues_the_same_loss_curve(tmp_path, tiny_model, sf
 def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_file):
     finished = tmp_path / "finished"
     finished.mkdir()
+    (finished / "run.json").write_text('{"stage": "sft"}')
     (finished / "config.yaml").write_text("model: x\n")
     (finished / "status.json").write_text('{"state": "done"}')
     (finished / "final").mkdir()

@@ -3,7 +3,8 @@
     python -m chat.ratings [--db FILE] export --out prefs.jsonl
     python -m chat.ratings [--db FILE] counts
 
-Torch-free: it reads SQLite and writes JSONL, nothing more.
+Torch-free: it reads SQLite and writes JSONL, nothing more. Both commands only read the store
+(read-only: a store that is not there is one sentence, never created).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import argparse
 import json
 import sys
 
-from core.ratings import RatingsError, counts, export, left_out
+from core.ratings import RatingsError, counts, db_path, export, left_out
 
 
 def main(argv=None) -> int:
@@ -25,12 +26,13 @@ def main(argv=None) -> int:
     export_cmd.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     commands.add_parser("counts", help="print the number of votes by verdict as JSON")
     args = parser.parse_args(argv)
+    db = args.db or str(db_path())  # named, so a missing store is an error here, not "no votes"
     try:
         if args.command == "counts":
-            print(json.dumps(counts(args.db)))
+            print(json.dumps(counts(db)))
             return 0
-        written = export(args.out, args.db, overwrite=args.overwrite)
-        skipped = left_out(args.db)
+        written = export(args.out, db, overwrite=args.overwrite)
+        skipped = left_out(db)
         note = f" (left out: {', '.join(f'{n} {why}' for why, n in skipped.items())})" if skipped else ""
         print(f"wrote {written} preference records to {args.out}{note}")
         return 0

@@ -28,6 +28,17 @@ answers to one prompt from the round's checkpoint, with their provenance, waitin
 `pending` table until someone votes on them in Compare (`next_pending`, `vote_pending`).
 chat/rounds.py samples them through the inference server. Exported records keep `round`.
 
+Opening the store: only writes (`add_comparison`, `add_thumb`, `delete`, `add_pending`,
+`vote_pending`, `discard_pending`) create it, with its folder. Reads (`read`, `rows`,
+`counts`, `export_records`, `export`, `left_out`, `conversations`, the leaderboard's votes)
+open an existing store read-only and never change a byte of it: a store that is not there is
+one sentence when its path was named (the default store is simply empty until the first
+vote); the queue's reads (`pending`, `round_counts`, `latest_round`) find a missing store
+empty. A write first looks at an existing file read-only: a file that is not a ratings store
+is refused, and before the one-time setup that rewrites the header (WAL mode, tables, the
+round column) the whole file is checked (`PRAGMA quick_check`), so "nothing was changed" in
+an error is true.
+
 `delete` removes one vote by id (the app's undo). Left out on purpose: editing votes, user
 accounts, and deduplicating the same vote cast twice (each click is a vote).
 """
@@ -38,7 +49,7 @@ import os
 import sqlite3
 import time
 from collections import Counter, defaultdict
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 
 from core.errors import UserError
@@ -89,6 +100,16 @@ def db_path() -> Path:
     return rlhf_home() / "ratings.db"
 
 
+def store_file(path=None) -> Path:
+    """The store's file: `path`, or the default store `db_path()`."""
+    return Path(path).expanduser() if path else db_path()
+
+
+def missing_store(path: Path) -> RatingsError:
+    return RatingsError(f"no ratings store at {path}: vote in the app first, or pass --db with "
+                        "the right path.")
+
+
 def store_error(path: Path, err: Exception) -> RatingsError:
     """One sentence for what went wrong with the store file, with the fix that fits."""
     text = str(err)
@@ -112,19 +133,78 @@ def _reading(path):
     try:
         yield
     except (OSError, sqlite3.Error) as err:
-        raise store_error(Path(path) if path else db_path(), err) from None
+        raise store_error(store_file(path), err) from None
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write to the file (SQLite may add its -wal/-shm side files)."""
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _not_a_store(path: Path) -> RatingsError:
+    return RatingsError(f"{path} is an SQLite database but not a ratings store (it has no "
+                        "ratings table): point --db (or $RLHF_HOME) at the right file; nothing "
+                        "was changed.")
+
+
+@contextmanager
+def _reader(path=None, missing_ok: bool = False):
+    """A read-only connection to an existing store, or None when there is none and that is
+    fine (`missing_ok`, or the default store before its first vote); a named store that is not
+    there is a RatingsError. Store errors inside become one sentence."""
+    file = store_file(path)
+    if not file.exists():
+        if missing_ok or not path:
+            yield None
+            return
+        raise missing_store(file)
+    with _reading(file), closing(_open_read_only(file)) as conn:
+        if "ratings" not in _tables(conn):
+            raise _not_a_store(file)
+        yield conn
+
+
+def _needs_setup(path: Path) -> bool:
+    """Whether an existing file still needs the setup `connect` writes (WAL mode, tables, the
+    round column), found read-only; a file that is not a healthy store is refused here, before
+    anything is written (so the error's "nothing was changed" holds)."""
+    with closing(_open_read_only(path)) as conn:
+        tables = _tables(conn)
+        if tables and "ratings" not in tables:
+            raise _not_a_store(path)
+        ready = (conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+                 and {"ratings", "pending"} <= tables and "round" in _columns(conn, "ratings"))
+        if not ready:  # the setup rewrites the header: check every page first
+            found = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if found != "ok":  # its first line names the database, the next the damage
+                detail = [line for line in found.splitlines() if not line.startswith("***")]
+                raise sqlite3.DatabaseError(f"database disk image is malformed: {detail[0] if detail else found}")
+        return not ready
 
 
 def connect(path: str | Path | None = None) -> sqlite3.Connection:
-    """A connection to the store (created on first use), in WAL mode with a busy timeout."""
-    path = Path(path) if path else db_path()
+    """A read-write connection to the store, created (with its folder) on first use, in WAL mode
+    with a busy timeout: for writes (reads use `_reader`). An existing file is checked first."""
+    path = store_file(path)
     with _reading(path):
+        setup = _needs_setup(path) if path.exists() else True
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=30.0)
         conn.execute("PRAGMA busy_timeout = 30000")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.executescript(SCHEMA)
-        _add_round_column(conn)
+        if setup:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.executescript(SCHEMA)
+            _add_round_column(conn)
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -226,6 +306,7 @@ def _decode(row: sqlite3.Row) -> dict | None:
     """A stored vote with its JSON fields decoded, or None when the row is malformed (written by
     another tool, or damaged): such rows are skipped and counted, never fatal."""
     record = dict(row)
+    record.setdefault("round", 0)  # a store made before rounds, read as it is
     try:
         for key in ("conversation", "sampling_a", "sampling_b"):
             record[key] = json.loads(record[key]) if record[key] else None
@@ -238,13 +319,9 @@ def _decode(row: sqlite3.Row) -> dict | None:
 def read(path=None, limit: int | None = None) -> tuple[list[dict], int]:
     """(every well-formed vote, newest first, with its JSON fields decoded; how many rows were
     malformed and skipped)."""
-    conn = connect(path)
-    try:
-        with _reading(path):
-            query = "SELECT * FROM ratings ORDER BY id DESC" + (" LIMIT ?" if limit else "")
-            decoded = [_decode(r) for r in conn.execute(query, (limit,) if limit else ())]
-    finally:
-        conn.close()
+    with _reader(path) as conn:
+        query = "SELECT * FROM ratings ORDER BY id DESC" + (" LIMIT ?" if limit else "")
+        decoded = [] if conn is None else [_decode(r) for r in conn.execute(query, (limit,) if limit else ())]
     good = [r for r in decoded if r is not None]
     return good, len(decoded) - len(good)
 
@@ -256,12 +333,9 @@ def rows(path=None, limit: int | None = None) -> list[dict]:
 
 def counts(path=None) -> dict:
     """Votes by verdict, the total, and how many preference records an export would write."""
-    conn = connect(path)
-    try:
-        with _reading(path):
-            by_verdict = dict(conn.execute("SELECT verdict, COUNT(*) FROM ratings GROUP BY verdict"))
-    finally:
-        conn.close()
+    with _reader(path) as conn:
+        query = "SELECT verdict, COUNT(*) FROM ratings GROUP BY verdict"
+        by_verdict = {} if conn is None else {row[0]: row[1] for row in conn.execute(query)}
     by_verdict = {v: by_verdict.get(v, 0) for v in COMPARISON_VERDICTS + THUMB_VERDICTS}
     return {**by_verdict, "total": sum(by_verdict.values()),
             "exportable": len(export_records(path))}
@@ -332,7 +406,7 @@ def export(out: str | Path, path=None, overwrite: bool = False) -> int:
 
     Never onto the store itself (or its WAL files); an existing file only with `overwrite`.
     The file appears whole or not at all (written beside it, then renamed over it)."""
-    out, store = Path(out).expanduser(), Path(path) if path else db_path()
+    out, store = Path(out).expanduser(), store_file(path)
     if out.resolve() in {Path(f"{store}{suffix}").resolve() for suffix in ("", "-wal", "-shm")}:
         raise RatingsError(f"{out} is the ratings store itself: export to another file, such as "
                            "prefs.jsonl.")
@@ -387,11 +461,10 @@ def pending(round: int | None = None, limit: int | None = None, path=None) -> li
         args.append(check_round(round))
     query += " ORDER BY id" + (" LIMIT ?" if limit else "")
     args += [limit] if limit else []
-    conn = connect(path)
-    try:
+    with _reader(path, missing_ok=True) as conn:
+        if conn is None or "pending" not in _tables(conn):
+            return []
         return [r for r in map(_decode, conn.execute(query, args)) if r is not None]
-    finally:
-        conn.close()
 
 
 def next_pending(round: int | None = None, path=None) -> dict | None:
@@ -445,13 +518,17 @@ def discard_pending(round: int | None = None, path=None) -> int:
 
 def round_counts(path=None) -> dict[int, dict]:
     """Per round: votes cast (`votes`), and pending comparisons `waiting` and `voted`."""
-    conn = connect(path)
-    try:
-        votes = dict(conn.execute("SELECT round, COUNT(*) FROM ratings GROUP BY round"))
-        queued = conn.execute("SELECT round, SUM(rating_id IS NULL), SUM(rating_id IS NOT NULL) "
-                              "FROM pending GROUP BY round").fetchall()
-    finally:
-        conn.close()
+    votes, queued = {}, []
+    with _reader(path, missing_ok=True) as conn:
+        if conn is not None:
+            if "round" in _columns(conn, "ratings"):
+                votes = dict(conn.execute("SELECT round, COUNT(*) FROM ratings GROUP BY round"))
+            else:  # a store made before rounds: every vote is round 0
+                total = conn.execute("SELECT COUNT(*) FROM ratings").fetchone()[0]
+                votes = {0: total} if total else {}
+            if "pending" in _tables(conn):
+                queued = conn.execute("SELECT round, SUM(rating_id IS NULL), SUM(rating_id IS NOT "
+                                      "NULL) FROM pending GROUP BY round").fetchall()
     result = {r: {"votes": n, "waiting": 0, "voted": 0} for r, n in votes.items()}
     for round_number, waiting, voted in queued:
         result.setdefault(round_number, {"votes": 0, "waiting": 0, "voted": 0})

@@ -8,16 +8,17 @@ Routes:
     GET  /health                {"status", "model", "engine", "active", "queued"}
 
 Errors are JSON in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a
-malformed request (serving/validation.py; FastAPI's 422 becomes 400), 401 for a missing or
-wrong API key, 413 for a body over the limit (refused before it is read), 429 with Retry-After
+malformed request (serving/validation.py; FastAPI's 422 becomes 400) or one with both
+Content-Length and Transfer-Encoding, 401 for a missing or wrong API key, 413 for a body over
+the limit (refused before it is read; a chunked one by the bytes received), 429 with Retry-After
 when the queue is full, 503 while shutting down. An error inside one request answers that
 request alone (500 before a stream starts, else an error event and `data: [DONE]`) and leaves
 the connection usable. With an API key every /v1 route and /openapi.json need `Authorization:
 Bearer KEY`, as OpenAI's do; /docs and /redoc are then off; /health stays open for
 supervisors. A model that cannot be loaded gets one sentence whatever the reason (missing, not
 a model, pickled weights, a hub name not cached: hub names are never downloaded here), so a
-client cannot probe the server's files; the server's log has the reason. Prompts are
-tokenised on worker threads, never on the event loop. The `model` field of a chat request is
+client cannot probe the server's files; the server's log has the reason. Chat bodies are
+parsed and checked, and prompts tokenised, on worker threads, never on the event loop. The `model` field of a chat request is
 accepted and ignored: the server serves the one loaded checkpoint.
 
 Left out: tools and function calling, logprobs, response_format, penalties (other fields are
@@ -45,7 +46,7 @@ from starlette.requests import ClientDisconnect
 from serving.request import Failure, Request
 from serving.scheduler import QueueFull, Scheduler, ShuttingDown
 from serving.validation import (BODY_HINT, ApiError, ChatRequest, Limits, LoadRequest,
-                                answer_room, check_request, encode, error_response,
+                                answer_room, check_request, encode, error_response, parse_chat,
                                 validation_message)
 
 __all__ = ["Limits", "bind", "create_app", "uvicorn_server"]
@@ -133,12 +134,14 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
             state.loaded_at = int(time.time())
         return model_entry(state)
 
-    @app.post("/v1/chat/completions", dependencies=key_required)
-    async def chat_completions(body: ChatRequest, http_request: HttpRequest):
+    @app.post("/v1/chat/completions", dependencies=key_required, openapi_extra=CHAT_BODY_SCHEMA)
+    async def chat_completions(http_request: HttpRequest):
         if scheduler.closing:
             raise shutting_down()
+        raw = await http_request.body()
         engine = scheduler.engine
-        messages, params, requested = check_request(body, state.limits, engine)
+        body, messages, params, requested = await asyncio.to_thread(
+            read_chat_request, raw, http_request.headers.get("content-type"), state.limits, engine)
         prompt_ids = await asyncio.to_thread(encode, engine, messages)
         params.max_tokens = answer_room(prompt_ids, requested, engine, state.limits)
         request = Request(prompt_ids, params, asyncio.get_running_loop(), stream=body.stream)
@@ -158,6 +161,18 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
         return await reply.whole(http_request)
 
     return app
+
+
+# the body is parsed by hand (off the event loop, see read_chat_request): its schema for /docs
+CHAT_BODY_SCHEMA = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": ChatRequest.model_json_schema()}}}}
+
+
+def read_chat_request(raw: bytes, content_type: str | None, limits: Limits, engine):
+    """(body, messages, params, max_tokens asked for) of a chat request, or a 400 ApiError; on
+    a worker thread, since parsing and checking megabytes of JSON takes a while."""
+    body = parse_chat(raw, content_type)
+    return (body, *check_request(body, limits, engine))
 
 
 def model_entry(state: ServerState) -> dict:
@@ -197,7 +212,10 @@ def add_error_handlers(app: FastAPI) -> None:
 
 class Guard:
     """The app's outer layer (pure ASGI). A body over `max_body_bytes` is answered 413 before it
-    is read: at once by its Content-Length, or as soon as a chunked one grows past the limit.
+    is read: at once by its Content-Length, or as soon as a chunked one grows past the limit
+    (counting the bytes received, never trusting a header). A request with both Content-Length
+    and Transfer-Encoding (or two lengths) is refused 400 unread: its length is ambiguous, the
+    classic way to smuggle a body past a limit. Both answers close the connection.
     An error no handler took becomes a 500 in OpenAI's shape here, logged once, instead of
     reaching uvicorn, which would print an ASGI traceback and drop the connection."""
 
@@ -207,14 +225,18 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is None:
-            receive = await self._buffered(receive)
-        if receive is None or (length is not None and int(length) > self.max_body_bytes):
-            return await self._send_error(send, ApiError(
-                413, f"the request body is over this server's limit of {self.max_body_bytes} "
-                     "bytes: send a shorter conversation (the server's --max-body-mb sets it).",
-                code="request_too_large"))
+        refused = self._framing_error(scope["headers"])
+        if refused is None:
+            lengths = [v for k, v in scope["headers"] if k.lower() == b"content-length"]
+            if not lengths:
+                receive = await self._buffered(receive)
+            if receive is None or (lengths and int(lengths[0]) > self.max_body_bytes):
+                refused = ApiError(413, f"the request body is over this server's limit of "
+                                        f"{self.max_body_bytes} bytes: send a shorter conversation "
+                                        "(the server's --max-body-mb sets it).",
+                                   code="request_too_large")
+        if refused is not None:
+            return await self._send_error(send, refused, close=True)
         started = False
 
         async def tracked(message):
@@ -234,6 +256,21 @@ class Guard:
             else:  # a stream already under way: end it, if the client is still there
                 with contextlib.suppress(Exception):
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    def _framing_error(headers) -> ApiError | None:
+        """A 400 for a request whose body length is ambiguous or not a number, else None."""
+        names = [k.lower() for k, _ in headers]
+        lengths = [v for k, v in headers if k.lower() == b"content-length"]
+        if lengths and b"transfer-encoding" in names:
+            return ApiError(400, "the request has both Content-Length and Transfer-Encoding "
+                                 "headers: send only one (a chunked body needs no Content-Length).",
+                            code="ambiguous_body_length")
+        if len(lengths) > 1 or (lengths and not lengths[0].strip().isdigit()):
+            return ApiError(400, "the request's Content-Length is given twice or is not a number: "
+                                 "send one header with the body's size in bytes.",
+                            code="ambiguous_body_length")
+        return None
 
     async def _buffered(self, receive):
         """A chunked body read up to the limit and replayed, or None once it is over."""
@@ -258,11 +295,13 @@ class Guard:
         return replay
 
     @staticmethod
-    async def _send_error(send, error: ApiError) -> None:
+    async def _send_error(send, error: ApiError, close: bool = False) -> None:
+        """The error as JSON; `close`: the body was left unread, so the connection cannot carry
+        another request (uvicorn closes it after this answer)."""
         body = json.dumps(error.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": error.status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+                    "headers": headers + ([(b"connection", b"close")] if close else [])})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -10,10 +10,13 @@ passes can never fail inside a decode step shared with others:
   context leaves after the prompt;
 - `stop`: at most `MAX_STOPS` strings of at most `MAX_STOP_CHARS` characters;
 - `messages`: system, user and assistant turns (text, or a list of text parts), ending with a
-  user turn (an empty list, only a system prompt or an assistant turn last is refused); a
-  conversation longer than the prompt limit is refused, by a byte bound before tokenising when
-  it is far too long, else by its token count.
+  user turn (an empty list, only a system prompt or an assistant turn last is refused); at most
+  `MAX_MESSAGES` (2048) of them, counted before they are validated one by one; a conversation
+  longer than the prompt limit is refused, by a byte bound before tokenising when it is far too
+  long, else by its token count.
 Other OpenAI fields are accepted and ignored. JSON's NaN and Infinity are refused everywhere.
+`parse_chat` reads a body (JSON, then these fields); the API runs it on a worker thread, so a
+body of megabytes never holds up the event loop that streams other answers.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import from_json
 
 from serving.request import Params
 
@@ -30,6 +34,7 @@ MAX_STOPS = 4
 MAX_STOP_CHARS = 200
 MAX_SEED = 2**63 - 1
 MIN_TEMPERATURE = 0.01
+MAX_MESSAGES = 2048
 BODY_HINT = "send a JSON object with 'messages', a list of chat messages ending with a user turn"
 
 
@@ -114,6 +119,33 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if error["type"] == "missing":
         return f"'{param}' is required: {BODY_HINT}.", param
     return f"'{param}': {error['msg'].rstrip('.')}.", param
+
+
+def parse_chat(raw: bytes, content_type: str | None) -> ChatRequest:
+    """The chat request in a body (call it off the event loop: megabytes take a while), or a
+    400 ApiError. A body of another content type is refused, as FastAPI's own parsing does."""
+    media = (content_type or "application/json").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(400, f"the request body is {media}, not JSON: send it with the header "
+                            "'Content-Type: application/json'.")
+    if not raw.strip():
+        raise ApiError(400, f"the request body is empty: {BODY_HINT}.")
+    try:
+        data = from_json(raw)
+    except ValueError as err:
+        raise ApiError(400, f"the request body is not valid JSON ({err}): {BODY_HINT}.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body is not a JSON object: {BODY_HINT}.")
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
+        raise ApiError(400, f"the conversation has {len(messages)} messages, over this server's "
+                            f"limit of {MAX_MESSAGES}: drop early turns.", param="messages",
+                       code="context_length_exceeded")
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as err:
+        message, param = validation_message(err.errors())
+        raise ApiError(400, message, param=param) from None
 
 
 def check_request(body: ChatRequest, limits: Limits, engine) -> tuple[list[dict], Params, int | None]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -127,6 +128,7 @@ def test_cli_export_writes_jsonl_and_says_what_it_left_out(store, tmp_path):
 
 
 def test_cli_export_to_an_unwritable_path_is_one_sentence(store, tmp_path):
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A")
     blocker = tmp_path / "file"
     blocker.write_text("")
     done = subprocess.run([sys.executable, "-m", "chat.ratings", "export", "--out",
@@ -216,3 +218,76 @@ def test_a_malformed_row_is_skipped_and_counted_on_export(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "wrote 1 preference records" in done.stdout and "1 malformed rows" in done.stdout
     assert len(read_jsonl(out)) == 1
+
+
+def ratings_cli(*args, db=None):
+    argv = [sys.executable, "-m", "chat.ratings", *(["--db", str(db)] if db else []), *args]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_reading_a_store_that_is_not_there_is_one_sentence_and_creates_nothing(tmp_path, monkeypatch):
+    """`--db /some/typo.db counts` (and export) once created the store and its folders."""
+    typo = tmp_path / "typo" / "folder" / "ratings.db"
+    for args in (["counts"], ["export", "--out", str(tmp_path / "prefs.jsonl")]):
+        done = ratings_cli(*args, db=typo)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith(f"error: no ratings store at {typo}: vote in the app first")
+    for read in (ratings.counts, ratings.export_records, ratings.left_out, ratings.read):
+        with pytest.raises(ratings.RatingsError, match="no ratings store at"):
+            read(typo)
+    assert list(tmp_path.iterdir()) == []  # no folder, no store, no export
+    # the app's default store: empty until the first vote, which creates it
+    home = tmp_path / "home"
+    monkeypatch.setenv("RLHF_HOME", str(home))
+    assert ratings.counts()["total"] == 0 and ratings.export_records() == []
+    assert ratings.next_pending() is None and ratings.latest_round() == 0 and not home.exists()
+    ratings.add_thumb(CONVERSATION, "Ada.", "m", up=True)
+    assert (home / "ratings.db").is_file() and ratings.counts()["up"] == 1
+
+
+def damaged_store(path, wal: bool):
+    """A store of several pages whose header is valid and whose other pages are noise."""
+    for i in range(300):
+        ratings.add_thumb([{"role": "user", "content": f"question {i} " * 20}], "answer " * 30, "m",
+                          up=True, path=path)
+    if not wal:  # as a store copied by a tool that left it in rollback-journal mode
+        conn = ratings.connect(path)
+        conn.execute("PRAGMA journal_mode = DELETE")
+        conn.close()
+    raw = bytearray(path.read_bytes())
+    raw[4096:len(raw) - 4096] = bytes(range(256)) * ((len(raw) - 8192) // 256) + \
+        bytes((len(raw) - 8192) % 256)
+    path.write_bytes(bytes(raw))
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("wal", [True, False], ids=["wal", "rollback-journal"])
+def test_a_damaged_store_is_left_exactly_as_it_was(tmp_path, wal):
+    """'nothing was changed' is true: reading it (CLI and library) and trying to vote on it
+    leave every byte as it was (switching it to WAL once rewrote its header)."""
+    db = tmp_path / "damaged.db"
+    before = damaged_store(db, wal)
+    for args in (["counts"], ["export", "--out", str(tmp_path / "out.jsonl")]):
+        done = ratings_cli(*args, db=db)
+        assert done.returncode == 2 and f"the ratings store {db} is damaged" in done.stderr, done.stderr
+        assert "nothing was changed" in done.stderr and db.read_bytes() == before
+    with pytest.raises(ratings.RatingsError, match="is damaged"):
+        ratings.rows(db)
+    if not wal:  # a vote on it is refused before anything is written
+        with pytest.raises(ratings.RatingsError, match="is damaged.*nothing was changed"):
+            ratings.add_thumb(CONVERSATION, "Ada.", "m", up=True, path=db)
+    assert db.read_bytes() == before and not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_sqlite_file_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE notes (text TEXT)")
+    conn.commit()
+    conn.close()
+    before = other.read_bytes()
+    for action in (lambda: ratings.counts(other),
+                   lambda: ratings.add_thumb(CONVERSATION, "Ada.", "m", up=True, path=other)):
+        with pytest.raises(ratings.RatingsError, match="not a ratings store"):
+            action()
+    assert other.read_bytes() == before

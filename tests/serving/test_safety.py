@@ -7,7 +7,10 @@ greedy."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -19,6 +22,7 @@ import torch
 import serving.scheduler
 from serving.api import Limits
 from serving.engines import load_engine
+from serving.validation import MAX_MESSAGES
 from tests.serving import GatedTokenizer, running_server, slowed
 
 LIMITS = Limits(max_tokens=900, max_prompt_tokens=100)
@@ -197,3 +201,82 @@ def test_every_model_that_cannot_be_loaded_gets_the_same_sentence(engine, untied
             assert http.get(f"{url}/v1/models").json()["data"][0]["id"] == str(untied_model)
         assert len(sentences) == 1, sentences
         assert "not found or is not a model" in sentences.pop()
+
+
+def raw_exchange(url: str, head: bytes, parts: list[bytes], timeout: float = 20) -> tuple[int, bytes]:
+    """Send a request's head and these body parts over a raw socket, leaving the body unfinished,
+    and read the answer: (status, body). A request the server waits on times out here."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head)
+        for part in parts:
+            sock.sendall(part)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < \
+                int(re.search(rb"content-length: (\d+)", answer.lower()).group(1)):
+            data = sock.recv(65536)
+            assert data, f"the server closed the connection without an answer: {answer!r}"
+            answer += data
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.split(b"\r\n\r\n", 1)[1]
+
+
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def test_a_body_with_both_length_headers_is_refused_unread(engine):
+    """Content-Length: 3 beside a chunked body once let 85 MB past the 4 MB limit (the limit
+    trusted the length, the server read the chunks): now refused at once, before the body."""
+    with running_server(engine, limits=LIMITS, max_body_bytes=1_000_000) as url:
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
+        status, body = raw_exchange(url, head, [chunk(b'{"messages": [' + b" " * 100_000)])
+        error = json.loads(body)["error"]
+        assert status == 400 and error["code"] == "ambiguous_body_length"
+        assert "both Content-Length and Transfer-Encoding" in error["message"]
+        assert answer(url, HELLO, max_tokens=2)  # the server is serving
+
+
+def test_a_chunked_body_is_refused_413_once_the_bytes_received_pass_the_limit(engine):
+    """No length header at all: the bytes counted as they arrive; 413 before the body ends."""
+    with running_server(engine, limits=LIMITS, max_body_bytes=100_000) as url:
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        status, body = raw_exchange(url, head, [chunk(b" " * 30_000)] * 4)  # never ends
+        assert status == 413 and "limit of 100000 bytes" in json.loads(body)["error"]["message"]
+
+
+def test_a_body_being_checked_blocks_neither_health_nor_other_streams(engine, monkeypatch):
+    """Reading and checking a request's messages (megabytes take seconds) happens off the event
+    loop: while one request's check waits on a gate, /health and a stream are served."""
+    from serving.validation import Message
+
+    gate, waiting, plain = threading.Event(), threading.Event(), Message.plain
+
+    def gated_plain(message):
+        if message.content == "SLOW BODY":
+            waiting.set()
+            gate.wait(timeout=60)
+        return plain(message)
+
+    monkeypatch.setattr(Message, "plain", gated_plain)
+    with running_server(engine, limits=LIMITS) as url, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post, url, {"messages": [{"role": "user", "content": "SLOW BODY"}],
+                                       "max_tokens": 2})
+        try:
+            assert waiting.wait(timeout=30)
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+            assert stream_text(url, HELLO, max_tokens=5)[1][-1] == "data: [DONE]"
+            assert not slow.done()
+        finally:
+            gate.set()
+        assert slow.result().status_code == 200
+
+
+def test_a_conversation_of_too_many_messages_is_one_sentence(url):
+    many = [{"role": "user", "content": "a"}] * (MAX_MESSAGES + 1)
+    response = post(url, {"messages": many})
+    message = response.json()["error"]["message"]
+    assert response.status_code == 400 and f"limit of {MAX_MESSAGES}" in message, message
+    assert f"{MAX_MESSAGES + 1} messages" in message and message.endswith(".")

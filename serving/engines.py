@@ -14,7 +14,8 @@ implementation), the end-of-turn token ids, and the names /v1/models and /health
 
 Only safetensors weights are loaded (core/models.py refuses a folder of pickles). With
 `offline=True` (what /v1/models/load uses) a hub name is taken from the local hub cache only:
-no download, so an unknown name fails at once instead of after a minute of retries.
+no download, so an unknown name fails at once instead of after a minute of retries. So it is
+on the command line under HF_HUB_OFFLINE=1, with an error that says to unset it.
 
 Left out: tensor parallelism over several ranks (`--tp` above 1 is refused), quantisation,
 unmerged LoRA adapters.
@@ -97,8 +98,8 @@ def load_engine(model: str, engine: str = "auto", tp: int = 1, slots: int = 16,
                           "--tp 1 (one process, one device).")
     kind = pick_engine(engine)
     path = resolve_model(model)
-    if offline and not Path(path).exists():
-        path = cached_hub_model(path)
+    if (offline or hub_offline()) and not Path(path).exists():
+        path = cached_hub_model(path, offline)
     tokenizer = load_tokenizer(path)
     if kind == "mii":
         decoder, dtype = mii_decoder(path, slots, max_len)
@@ -113,15 +114,27 @@ def load_engine(model: str, engine: str = "auto", tp: int = 1, slots: int = 16,
     return Engine(kind, model, path, tokenizer, decoder, end_ids, str(dtype).replace("torch.", ""))
 
 
-def cached_hub_model(name: str) -> str:
-    """The local folder of hub model `name` from the hub cache, without the network."""
+def hub_offline() -> bool:
+    """Whether the environment forbids the hub (HF_HUB_OFFLINE=1, as huggingface_hub reads it)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def cached_hub_model(name: str, by_server: bool = True) -> str:
+    """The local folder of hub model `name` from the hub cache, without the network; `by_server`:
+    the server refuses to download (/v1/models/load), else HF_HUB_OFFLINE does."""
     from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(name, local_files_only=True)
     except Exception:  # noqa: BLE001  (not cached, or not a valid repository name)
-        raise ModelError(f"model {name!r} is not in the local hub cache and this server does not "
-                         "download: pass a local model folder, or download it first.") from None
+        if by_server:
+            raise ModelError(f"model {name!r} is not in the local hub cache and this server does "
+                             "not download: pass a local model folder, or download it first.") from None
+        raise ModelError(f"model {name!r} is not in the local hub cache and HF_HUB_OFFLINE is set, "
+                         "so it cannot be downloaded: unset HF_HUB_OFFLINE (or download it "
+                         "elsewhere first), or pass a local model folder or 'default'.") from None
 
 
 def pick_engine(engine: str) -> str:

@@ -1,8 +1,13 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from core import models
 from core.models import ModelError
+from tests.conftest import ROOT
 
 
 def test_unknown_paths_are_refused_with_the_fix(tmp_path):
@@ -13,6 +18,18 @@ def test_unknown_paths_are_refused_with_the_fix(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         models.resolve_model(str(tmp_path / "x.gguf"))
     assert models.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_a_hub_model_that_cannot_be_loaded_is_one_sentence(tmp_path):
+    """Second probe: offline, `train --model someone/not-a-real-model` ended in transformers'
+    two-line OSError (the server's case: tests/serving/test_cli.py)."""
+    done = subprocess.run([sys.executable, "-m", "train", "sft", "--output", str(tmp_path / "o"),
+                           "--model", "someone/not-a-real-model"],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "RLHF_HOME": str(tmp_path)},
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "could not load the tokenizer of someone/not-a-real-model" in last and "'default'" in last
 
 
 def test_a_folder_of_pickled_weights_is_refused_in_one_sentence(tiny_model, tmp_path):

@@ -179,3 +179,12 @@ def test_sigterm_lets_running_answers_finish_then_ends_the_rest_cleanly(long_con
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_a_hub_name_with_the_hub_switched_off_is_one_error_line(tmp_path):
+    """HF_HUB_OFFLINE=1 and a hub name not in the cache: the cause and the fix, exit 2."""
+    done = subprocess.run([sys.executable, "-m", "serving", "--model", "someone/not-a-real-model",
+                           "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=user_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub")))
+    assert_one_error_line(done, "'someone/not-a-real-model'", "not in the local hub cache",
+                          "unset HF_HUB_OFFLINE")

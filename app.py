@@ -841,6 +841,7 @@ class RunsTab:
     remember: gr.BrowserState
     refresh_outputs: list
     refresh: typing.Callable
+    show: typing.Callable
 
 
 def build_runs_tab(remember: gr.BrowserState) -> RunsTab:
@@ -882,6 +883,15 @@ def build_runs_tab(remember: gr.BrowserState) -> RunsTab:
         viewed = run_view(name) if one != last[1] else (gr.skip(),) * len(view_outputs)
         return (*listed, *viewed, (listing, one), gr.Timer(2.0 if live else 10.0, active=True))
 
+    def show(name, saved):
+        """The tab opened: the picked run, or else the one kept in the browser (the page-load
+        restore can arrive after the tab is opened, or read the browser's store too early)."""
+        names = [r.name for r in list_runs(RUNS)]
+        name = name or (saved if saved in names else None)
+        shown = list(refresh(name))
+        shown[1] = gr.update(choices=names, value=name)
+        return tuple(shown)
+
     def on_pick(name):
         return (*run_view(name), name or "")
 
@@ -898,7 +908,7 @@ def build_runs_tab(remember: gr.BrowserState) -> RunsTab:
     start_over.click(start_over_run, pick, [note, *view_outputs])
     at_once.submit(on_at_once, at_once, [note, queue])
     at_once.blur(on_at_once, at_once, [note, queue])
-    return RunsTab(pick, timer, remember, outputs, refresh)
+    return RunsTab(pick, timer, remember, outputs, refresh, show)
 
 
 # ---- Chat tab -------------------------------------------------------------------------------------
@@ -1343,7 +1353,7 @@ def wire_app(app, forms, runs: RunsTab, train_tab, runs_tab, chat_tab, compare_t
     for tab in (chat_tab, compare_tab):
         tab.select(lambda: [gr.update(choices=model_choices("chat"))] * len(checkpoints), None,
                    checkpoints)
-    runs_tab.select(lambda name: runs.refresh(name), runs.pick, runs.refresh_outputs,
+    runs_tab.select(runs.show, [runs.pick, runs.remember], runs.refresh_outputs,
                     show_progress="hidden")
     for tab in (train_tab, chat_tab, compare_tab, ratings_tab):
         tab.select(lambda: gr.Timer(active=False), None, runs.timer)

@@ -401,6 +401,17 @@ def test_the_picked_run_survives_a_reload(runs):
     assert app.restore_pick("gone")["value"] is None
 
 
+def test_opening_the_runs_tab_after_a_reload_shows_the_kept_run_even_before_the_restore(runs):
+    for name in ("sft1", "rm2"):
+        write_run(runs / name, {"state": "done", "step": 2, "total_steps": 2}, stage="sft")
+    with gr.Blocks():
+        tab = app.build_runs_tab(gr.BrowserState(""))
+    shown = tab.show(None, "rm2")  # nothing picked yet, the browser kept rm2
+    assert shown[1]["value"] == "rm2" and "rm2" in shown[3]
+    assert tab.show("sft1", "rm2")[1]["value"] == "sft1"  # a run picked now wins
+    assert tab.show(None, "gone")[1]["value"] is None  # a kept run that was deleted
+
+
 # ---- chat and compare -----------------------------------------------------------------------------
 
 class SlowClient:

@@ -116,11 +116,21 @@ class ValueHeadModel(torch.nn.Module):
         self.backbone = backbone
         self.v_head = torch.nn.Linear(hidden_size, 1, bias=False)
         torch.nn.init.normal_(self.v_head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        self.offset = 0.0  # set by normalise_output; a float, so no precision or ZeRO touches it
 
     def forward(self, input_ids, attention_mask):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=positions(attention_mask), use_cache=False).last_hidden_state
-        return self.v_head(hidden).squeeze(-1).float()
+        return self.v_head(hidden).squeeze(-1).float() - self.offset
+
+    def normalise_output(self, mean: float, std: float) -> None:
+        """Answer (value - mean) / std from now on. A critic that starts as the reward model
+        then predicts the normalised scores PPO is paid in: with raw values, its error at the
+        last token (the reward model's mean, a few units) would flow back through GAE as an
+        advantage that grows towards each response's end, whatever the response."""
+        with torch.no_grad():
+            self.v_head.weight.div_(std)
+        self.offset = mean / std
 
 
 VALUE_HEAD_FILE = "value_head.safetensors"

@@ -227,7 +227,11 @@ def build_models(cfg: PPOConfig, run, total_steps: int, tokenizer) -> PPOModels:
 
     critic = None
     if cfg.algorithm == "ppo":
-        critic_model = models.load_value_model(resolve_model(cfg.critic) if cfg.critic else reward_path)
+        critic_path = resolve_model(cfg.critic) if cfg.critic else reward_path
+        critic_model = models.load_value_model(critic_path)
+        stats = models.reward_stats(critic_path)
+        if cfg.normalize_reward and stats and models.reward_stats(reward_path):
+            critic_model.normalise_output(stats["mean"], stats["std"])  # the scale of the scores
         critic_model.backbone = models.make_trainable(critic_model.backbone, cfg, task="FEATURE_EXTRACTION")
         critic = ds.initialize(critic_model, cfg, total_steps, learning_rate=cfg.critic_learning_rate)
     else:

@@ -1307,8 +1307,9 @@ def build_ratings_tab(rm_form: Form, tabs: gr.Tabs, train_tabs: gr.Tabs, ratings
 def build_app(pool: ServerPool | None = None) -> gr.Blocks:
     pool = pool or ServerPool(engine=os.environ.get("RLHF_CHAT_ENGINE", "auto"), notify=say)
     with gr.Blocks(title="RLHF Studio") as app:
-        gr.Markdown("# RLHF Studio\nSFT, reward model and PPO through DeepSpeed, on the built-in "
-                    "SmolLM2-135M-Instruct or any chat model; chat with the result and rate it.")
+        gr.Markdown("# RLHF Studio\nSFT, reward model, then PPO, GRPO, RLOO or DPO through DeepSpeed, "
+                    "on the built-in SmolLM2-135M-Instruct or any chat model; chat with the result, "
+                    "rate it, and train the next round on the votes.")
         remember = gr.BrowserState("", storage_key="rlhf-studio-run")
         with gr.Tabs() as tabs:
             with gr.Tab("Train", id="train") as train_tab:

@@ -5,6 +5,10 @@ port in use fails at once. Errors a user can cause (a missing model folder, pick
 port in use, an engine this machine cannot run, an unreadable key file) end in one `error:`
 line and exit code 2.
 
+Connections are capped (--max-connections; beyond them 503), a request body must arrive within
+--body-timeout seconds (else 408), and the soft limit on open files is raised to the hard one at
+start, so a flood of slow clients fails itself rather than every client.
+
 The API key comes from --api-key, --api-key-file or the environment variable RLHF_API_KEY (in
 that order; the flag is visible to every user in `ps`, the other two are not).
 

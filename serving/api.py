@@ -5,12 +5,13 @@ Routes:
                                 max_completion_tokens), stop, n, seed, stream, stream_options
     GET  /v1/models             the loaded checkpoint, as given on the command line or to load
     POST /v1/models/load        {"model": "PATH or default"}: switch checkpoints without a restart
-    GET  /health                {"status", "model", "engine", "active", "queued"}
+    GET  /health                {"status", "model", "engine", "active", "queued"} (HEAD too)
 
 Errors are JSON in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a
 malformed request (serving/validation.py; FastAPI's 422 becomes 400) or one with both
 Content-Length and Transfer-Encoding, 401 for a missing or wrong API key, 413 for a body over
-the limit (refused before it is read; a chunked one by the bytes received), 429 with Retry-After
+the limit (refused before it is read; a chunked one by the bytes received), 408 for a body that
+has not arrived within the body timeout (its connection is closed), 429 with Retry-After
 when the queue is full, 503 while shutting down. An error inside one request answers that
 request alone (500 before a stream starts, else an error event and `data: [DONE]`) and leaves
 the connection usable. With an API key every /v1 route and /openapi.json need `Authorization:
@@ -112,13 +113,16 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
         async def openapi():
             return app.openapi()
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.get("/health")
     async def health():
         active, queued = scheduler.counts()
         engine = scheduler.engine
         body = {"status": "shutting down" if scheduler.closing else "ok", "model": engine.model_name,
                 "engine": engine.name, "active": active, "queued": queued}
         return JSONResponse(body, status_code=503 if scheduler.closing else 200)
+
+    # supervisors may probe with HEAD (same answer, no body); one entry in the schema
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/v1/models", dependencies=key_required)
     async def list_models():

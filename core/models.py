@@ -32,6 +32,10 @@ class ModelError(UserError, ValueError):
     """A model path or name cannot be used; the message says why and what to pass instead."""
 
 
+class DefaultModelMissing(ModelError):
+    """The built-in model is not prepared and the caller may not download (the server's loads)."""
+
+
 # ---- resolving a --model value to a loadable folder -------------------------------------------
 
 def resolve_model(name: str) -> str:
@@ -71,6 +75,17 @@ def check_model_folder(folder: Path) -> None:
                          "where you trust the file, and pass new_folder.")
     raise ModelError(f"{folder} holds no model weights (*.safetensors): pass a run's final/ or "
                      "ema/ folder, a Hugging Face model folder, or 'default'.")
+
+
+def prepared_default_model() -> Path:
+    """The built-in model's folder when it is already prepared, else DefaultModelMissing (no
+    download, no conversion: for callers that must not take minutes or reach the network)."""
+    target = models_dir() / DEFAULT_NAME
+    if (target / "model.safetensors").is_file():
+        return target
+    raise DefaultModelMissing(f"the built-in model is not prepared on this machine ({target} is "
+                              "missing): run `make setup` (or `python -m core.models`) first, then "
+                              "load 'default' again.")
 
 
 def ensure_default_model() -> Path:

@@ -37,7 +37,10 @@ vote); the queue's reads (`pending`, `round_counts`, `latest_round`) find a miss
 empty. A write first looks at an existing file read-only: a file that is not a ratings store
 is refused, and before the one-time setup that rewrites the header (WAL mode, tables, the
 round column) the whole file is checked (`PRAGMA quick_check`), so "nothing was changed" in
-an error is true.
+an error is true. A store path must name a regular file (SQLite hangs on a FIFO); a file
+beside the store where SQLite expects its journal is named when it keeps the store from
+opening. Export never writes onto the store or its side files, nor over anything but a
+regular file.
 
 `delete` removes one vote by id (the app's undo). Left out on purpose: editing votes, user
 accounts, and deduplicating the same vote cast twice (each click is a vote).
@@ -47,6 +50,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections import Counter, defaultdict
 from contextlib import closing, contextmanager, suppress
@@ -105,6 +109,10 @@ def store_file(path=None) -> Path:
     return Path(path).expanduser() if path else db_path()
 
 
+SIDE_FILES = ("-journal", "-wal", "-shm")  # SQLite's files beside a database
+JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")  # how a rollback journal starts
+
+
 def missing_store(path: Path) -> RatingsError:
     return RatingsError(f"no ratings store at {path}: vote in the app first, or pass --db with "
                         "the right path.")
@@ -113,6 +121,8 @@ def missing_store(path: Path) -> RatingsError:
 def store_error(path: Path, err: Exception) -> RatingsError:
     """One sentence for what went wrong with the store file, with the fix that fits."""
     text = str(err)
+    if "readonly" in text and (stray := _stray_journal(path)) is not None:
+        return stray
     if "not a database" in text:
         return RatingsError(f"{path} is not a ratings database (not SQLite): move it aside or point "
                             "--db (or $RLHF_HOME) at the right file; nothing was changed.")
@@ -125,6 +135,41 @@ def store_error(path: Path, err: Exception) -> RatingsError:
                             "for over 30 s): try again in a moment.")
     return RatingsError(f"the ratings store {path} cannot be used ({text}): check that its folder "
                         "($RLHF_HOME) is writable and the file is readable.")
+
+
+def _stray_journal(path: Path) -> RatingsError | None:
+    """The sentence for a `-journal` file beside the store that keeps SQLite from reading it
+    (a hot journal: read-only connections cannot roll it back), or None when there is none."""
+    journal = Path(f"{path}-journal")
+    try:
+        with open(journal, "rb") as handle:
+            head = handle.read(len(JOURNAL_MAGIC))
+    except OSError:
+        return None
+    if head != JOURNAL_MAGIC:
+        return RatingsError(f"the ratings store {path} cannot be read because of {journal} beside "
+                            "it, which is not SQLite's journal (a file written there by mistake?): "
+                            "move that file away; the store itself was not changed.")
+    return RatingsError(f"the ratings store {path} has an unfinished write in {journal} (a program "
+                        f"stopped mid-write): run `sqlite3 {path} 'PRAGMA quick_check'` once to roll "
+                        "it back (do not delete the journal), then try again.")
+
+
+def _existing_store(file: Path) -> bool:
+    """Whether the store file is there; a path that cannot be a store file (a folder, a FIFO, a
+    device: SQLite would hang or fail on them, a name too long) is a RatingsError."""
+    try:
+        info = file.stat()
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        raise RatingsError(f"the ratings store {file} cannot be used ({err.strerror}): pass --db "
+                           "(or $RLHF_HOME) with the path of a ratings database.") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise RatingsError(f"the ratings store {file} is not a regular file (a folder, device, FIFO "
+                           "or socket): pass --db (or $RLHF_HOME) with the path of a ratings "
+                           "database.")
+    return True
 
 
 @contextmanager
@@ -163,7 +208,7 @@ def _reader(path=None, missing_ok: bool = False):
     fine (`missing_ok`, or the default store before its first vote); a named store that is not
     there is a RatingsError. Store errors inside become one sentence."""
     file = store_file(path)
-    if not file.exists():
+    if not _existing_store(file):
         if missing_ok or not path:
             yield None
             return
@@ -197,7 +242,7 @@ def connect(path: str | Path | None = None) -> sqlite3.Connection:
     with a busy timeout: for writes (reads use `_reader`). An existing file is checked first."""
     path = store_file(path)
     with _reading(path):
-        setup = _needs_setup(path) if path.exists() else True
+        setup = _needs_setup(path) if _existing_store(path) else True
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=30.0)
         conn.execute("PRAGMA busy_timeout = 30000")
@@ -292,10 +337,15 @@ def add_thumb(conversation, answer: str, model: str, up: bool, sampling: dict | 
 
 def delete(rating_id: int, path=None) -> bool:
     """Remove the vote `rating_id` (an undo); False when there is no such vote."""
+    if isinstance(rating_id, bool) or not isinstance(rating_id, int):
+        raise RatingsError(f"vote id {rating_id!r} is not a vote number: pass the whole number "
+                           "of a vote (its id).")
+    if not 0 < rating_id < 2**63:  # no vote has such an id (SQLite's ids are positive 64-bit)
+        return False
     conn = connect(path)
     try:
         with conn:
-            return conn.execute("DELETE FROM ratings WHERE id = ?", (int(rating_id),)).rowcount > 0
+            return conn.execute("DELETE FROM ratings WHERE id = ?", (rating_id,)).rowcount > 0
     except sqlite3.Error as err:
         raise store_error(Path(path) if path else db_path(), err) from None
     finally:
@@ -404,17 +454,18 @@ def left_out(path=None) -> Counter:
 def export(out: str | Path, path=None, overwrite: bool = False) -> int:
     """Write the preference records as JSONL to `out`; returns how many were written.
 
-    Never onto the store itself (or its WAL files); an existing file only with `overwrite`.
-    The file appears whole or not at all (written beside it, then renamed over it)."""
-    out, store = Path(out).expanduser(), store_file(path)
-    if out.resolve() in {Path(f"{store}{suffix}").resolve() for suffix in ("", "-wal", "-shm")}:
-        raise RatingsError(f"{out} is the ratings store itself: export to another file, such as "
-                           "prefs.jsonl.")
-    if out.exists() and not overwrite:
-        raise RatingsError(f"{out} already exists: choose a new file name, or pass --overwrite to "
-                           "replace it.")
+    Never onto the store itself or its side files (-journal, -wal, -shm: SQLite would read a
+    file there as its own); an existing file only with `overwrite`, and only a regular file
+    (never a device, FIFO, socket or folder). The file appears whole or not at all (written
+    beside it, then renamed over it)."""
+    out = Path(out).expanduser()
+    try:
+        _check_export_target(out, store_file(path), overwrite)
+    except OSError as err:  # a name too long, a folder that cannot be searched ...
+        raise RatingsError(f"cannot write {out} ({err.strerror}): choose a writable path.") from None
     records = export_records(path)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    # a short name beside it (a long --out name plus a suffix could pass the file-name limit)
+    tmp = out.with_name(f".{out.name[:64]}.{os.getpid()}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -426,6 +477,26 @@ def export(out: str | Path, path=None, overwrite: bool = False) -> int:
             tmp.unlink()
         raise RatingsError(f"cannot write {out} ({err.strerror}): choose a writable path.") from None
     return len(records)
+
+
+def _check_export_target(out: Path, store: Path, overwrite: bool) -> None:
+    """Refuse an export onto the store or its side files (by resolved path, and by identity for
+    files that exist, so symlinks, hard links and other spellings count), onto anything that is
+    not a regular file, and onto an existing file without `overwrite`."""
+    store_files = [Path(f"{store}{suffix}") for suffix in ("",) + SIDE_FILES]
+    same = out.resolve() in {f.resolve() for f in store_files}
+    if not same and out.exists():
+        same = any(f.exists() and os.path.samefile(out, f) for f in store_files)
+    if same:
+        raise RatingsError(f"{out} is the ratings store itself or one of its SQLite side files "
+                           "(-journal, -wal, -shm): export to another file, such as prefs.jsonl.")
+    if out.is_symlink() or out.exists():
+        if out.exists() and not out.is_file():
+            raise RatingsError(f"{out} is not a regular file (a folder, device, FIFO or socket): "
+                               "export to a file name, such as prefs.jsonl.")
+        if not overwrite:
+            raise RatingsError(f"{out} already exists: choose a new file name, or pass --overwrite "
+                               "to replace it.")
 
 
 # ---- rounds: comparisons queued for a vote --------------------------------------------------------

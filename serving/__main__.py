@@ -5,6 +5,10 @@ port in use fails at once. Errors a user can cause (a missing model folder, pick
 port in use, an engine this machine cannot run, an unreadable key file) end in one `error:`
 line and exit code 2.
 
+Connections are capped (--max-connections; beyond them 503), a request body must arrive within
+--body-timeout seconds (else 408), and the soft limit on open files is raised to the hard one at
+start, so a flood of slow clients fails itself rather than every client.
+
 The API key comes from --api-key, --api-key-file or the environment variable RLHF_API_KEY (in
 that order; the flag is visible to every user in `ps`, the other two are not).
 
@@ -18,13 +22,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
+import stat
 import sys
 import threading
 from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 API_KEY_VARIABLE = "RLHF_API_KEY"
+MAX_KEY_FILE_BYTES = 64 * 1024
+FILES_KEPT_BACK = 100  # open files left for the model, logs and the listening socket
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,14 +63,52 @@ def read_api_key(cfg, environ) -> str | None:
         return cfg.api_key or environ.get(API_KEY_VARIABLE, "").strip() or None
     path = Path(cfg.api_key_file).expanduser()
     try:
-        lines = path.read_text().splitlines()
+        lines = read_small_text(path, MAX_KEY_FILE_BYTES).splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"--api-key-file {path} cannot be read "
                           f"({getattr(err, 'strerror', None) or type(err).__name__}): pass a "
                           "readable text file whose first line is the key.") from None
+    except ValueError as err:  # not a regular file, or too big for a key file
+        raise ConfigError(f"--api-key-file {path} {err}: pass a text file whose first line is "
+                          "the key.") from None
     if not lines or not lines[0].strip():
         raise ConfigError(f"--api-key-file {path} has no key on its first line: write the key there.")
     return lines[0].strip()
+
+
+def read_small_text(path: Path, limit: int) -> str:
+    """A regular file's text, opened without blocking (a FIFO would wait for a writer for ever)
+    and read only up to `limit` bytes; ValueError says why another kind of file is refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("is not a regular file (a folder, device, FIFO or socket)")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"is over {limit // 1024} KB, too big for a key file")
+    return data.decode("utf-8")
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (every connection costs
+    one); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for wanted in (hard, 1 << 20):  # an unlimited hard limit cannot be the soft one on Linux
+        if wanted == resource.RLIM_INFINITY or wanted <= soft:
+            continue
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return wanted
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_limit(cfg, open_files: int) -> int:
+    """--max-connections, or (0) room for every slot and queued request plus idle keep-alive
+    connections; never more than the open files leave."""
+    wanted = cfg.max_connections or cfg.slots + cfg.max_queue + 64
+    return max(1, min(wanted, open_files - FILES_KEPT_BACK))
 
 
 def main(argv=None) -> int:
@@ -73,6 +119,7 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     tune_process()  # before torch allocates anything
+    open_files = raise_open_files_limit()
     try:
         cfg = from_namespace(ServeConfig, args)
         api_key = read_api_key(cfg, os.environ)
@@ -113,8 +160,9 @@ def main(argv=None) -> int:
               "can use the model and switch it.", file=sys.stderr, flush=True)
     limits = Limits(max_tokens=cfg.max_tokens_limit, max_prompt_tokens=cfg.max_prompt_tokens)
     scheduler = Scheduler(engine, cfg.max_queue, own_thread=False)
-    app = create_app(scheduler, loader, limits, api_key, max_body_bytes=int(cfg.max_body_mb * 2**20))
-    server = uvicorn_server(app)
+    app = create_app(scheduler, loader, limits, api_key, max_body_bytes=int(cfg.max_body_mb * 2**20),
+                     body_timeout_s=cfg.body_timeout)
+    server = uvicorn_server(app, max_connections=connection_limit(cfg, open_files))
     # HTTP on a thread, generation on the main thread (see Scheduler); SIGINT and SIGTERM reach
     # the main thread and start the graceful shutdown (also where the parent ignored SIGINT)
     web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)

@@ -5,12 +5,13 @@ Routes:
                                 max_completion_tokens), stop, n, seed, stream, stream_options
     GET  /v1/models             the loaded checkpoint, as given on the command line or to load
     POST /v1/models/load        {"model": "PATH or default"}: switch checkpoints without a restart
-    GET  /health                {"status", "model", "engine", "active", "queued"}
+    GET  /health                {"status", "model", "engine", "active", "queued"} (HEAD too)
 
 Errors are JSON in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a
 malformed request (serving/validation.py; FastAPI's 422 becomes 400) or one with both
 Content-Length and Transfer-Encoding, 401 for a missing or wrong API key, 413 for a body over
-the limit (refused before it is read; a chunked one by the bytes received), 429 with Retry-After
+the limit (refused before it is read; a chunked one by the bytes received), 408 for a body that
+has not arrived within the body timeout (its connection is closed), 429 with Retry-After
 when the queue is full, 503 while shutting down. An error inside one request answers that
 request alone (500 before a stream starts, else an error event and `data: [DONE]`) and leaves
 the connection usable. With an API key every /v1 route and /openapi.json need `Authorization:
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import secrets
@@ -43,6 +45,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from core.models import DefaultModelMissing
 from serving.request import Failure, Request
 from serving.scheduler import QueueFull, Scheduler, ShuttingDown
 from serving.validation import (BODY_HINT, ApiError, ChatRequest, Limits, LoadRequest,
@@ -52,6 +55,7 @@ from serving.validation import (BODY_HINT, ApiError, ChatRequest, Limits, LoadRe
 __all__ = ["Limits", "bind", "create_app", "uvicorn_server"]
 log = logging.getLogger("serving")
 MAX_BODY_BYTES = 4 * 2**20
+BODY_TIMEOUT_S = 30.0
 
 
 def shutting_down() -> ApiError:
@@ -84,13 +88,15 @@ class ServerState:
 
 
 def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Limits | None = None,
-               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     """The FastAPI app around a (not yet started) scheduler; starts and stops it with the app."""
     state = ServerState(scheduler, limits or Limits(), api_key, loader, int(time.time()))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         state.load_lock = asyncio.Lock()
+        asyncio.get_running_loop().set_exception_handler(ResourceErrorLog())
         scheduler.start()
         yield
         scheduler.stop()
@@ -98,7 +104,7 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
     docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="RLHF Studio inference server", lifespan=lifespan, **docs)
     app.state.server = state
-    app.add_middleware(Guard, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
     add_error_handlers(app)
     key_required = [Depends(api_key_checker(api_key))]
 
@@ -115,6 +121,9 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
                 "engine": engine.name, "active": active, "queued": queued}
         return JSONResponse(body, status_code=503 if scheduler.closing else 200)
 
+    # supervisors may probe with HEAD (same answer, no body); one entry in the schema
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/v1/models", dependencies=key_required)
     async def list_models():
         return {"object": "list", "data": [model_entry(state)]}
@@ -126,6 +135,8 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
         async with state.load_lock:
             try:
                 engine = await asyncio.to_thread(state.loader, body.model)
+            except DefaultModelMissing as err:  # says what to run; nothing about the user's files
+                raise ApiError(400, str(err), code="model_not_prepared", param="model") from None
             except Exception as err:  # noqa: BLE001  (the same answer for every reason: see above)
                 log.warning("cannot load model %r: %s: %s", body.model, type(err).__name__, err)
                 raise load_refused(body.model) from None
@@ -211,16 +222,20 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 class Guard:
-    """The app's outer layer (pure ASGI). A body over `max_body_bytes` is answered 413 before it
-    is read: at once by its Content-Length, or as soon as a chunked one grows past the limit
-    (counting the bytes received, never trusting a header). A request with both Content-Length
-    and Transfer-Encoding (or two lengths) is refused 400 unread: its length is ambiguous, the
-    classic way to smuggle a body past a limit. Both answers close the connection.
-    An error no handler took becomes a 500 in OpenAI's shape here, logged once, instead of
-    reaching uvicorn, which would print an ASGI traceback and drop the connection."""
+    """The app's outer layer (pure ASGI). Every body is read here, before the app sees it, and
+    replayed to it. A body over `max_body_bytes` is answered 413 before it is read: at once by
+    its Content-Length, or as soon as a chunked one grows past the limit (counting the bytes
+    received, never trusting a header). A body that has not arrived whole `body_timeout_s`
+    after its request's headers is answered 408: a client that sends headers and then stalls
+    (or trickles) cannot hold a connection, and the file it costs, for ever. A request with
+    both Content-Length and Transfer-Encoding (or two lengths) is refused 400 unread: its
+    length is ambiguous, the classic way to smuggle a body past a limit. These answers close
+    the connection. An error no handler took becomes a 500 in OpenAI's shape here, logged
+    once, instead of reaching uvicorn, which would print an ASGI traceback and drop the
+    connection."""
 
-    def __init__(self, app, max_body_bytes: int):
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app, max_body_bytes: int, body_timeout_s: float = BODY_TIMEOUT_S):
+        self.app, self.max_body_bytes, self.body_timeout_s = app, max_body_bytes, body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -228,13 +243,20 @@ class Guard:
         refused = self._framing_error(scope["headers"])
         if refused is None:
             lengths = [v for k, v in scope["headers"] if k.lower() == b"content-length"]
-            if not lengths:
+            if lengths and int(lengths[0]) > self.max_body_bytes:
+                receive = None
+            else:
                 receive = await self._buffered(receive)
-            if receive is None or (lengths and int(lengths[0]) > self.max_body_bytes):
+            if receive is None:
                 refused = ApiError(413, f"the request body is over this server's limit of "
                                         f"{self.max_body_bytes} bytes: send a shorter conversation "
                                         "(the server's --max-body-mb sets it).",
                                    code="request_too_large")
+            elif receive is TIMED_OUT:
+                refused = ApiError(408, f"the request body did not arrive within "
+                                        f"{self.body_timeout_s:g} s: send the whole body at once "
+                                        "(the server's --body-timeout sets the limit).",
+                                   code="request_timeout")
         if refused is not None:
             return await self._send_error(send, refused, close=True)
         started = False
@@ -273,10 +295,15 @@ class Guard:
         return None
 
     async def _buffered(self, receive):
-        """A chunked body read up to the limit and replayed, or None once it is over."""
+        """The body read up to the limit and replayed; None once it is over the limit,
+        TIMED_OUT when it has not arrived whole within the body timeout."""
         chunks, size, more = [], 0, True
+        deadline = time.monotonic() + self.body_timeout_s
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return TIMED_OUT
             if message["type"] != "http.request":
                 return receive  # the client left; the app sees it on its first receive
             chunks.append(message.get("body", b""))
@@ -303,6 +330,32 @@ class Guard:
         await send({"type": "http.response.start", "status": error.status,
                     "headers": headers + ([(b"connection", b"close")] if close else [])})
         await send({"type": "http.response.body", "body": body})
+
+
+TIMED_OUT = object()  # _buffered's answer for a body that did not arrive in time
+
+
+class ResourceErrorLog:
+    """The event loop's exception handler: running out of file descriptors (EMFILE, ENFILE:
+    every failed accept and connection logs one, with a traceback) is one line per
+    `every_s` seconds with a count, so a flood of connections cannot flood the log too;
+    anything else goes to asyncio's default handler."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s, self.last, self.suppressed = every_s, float("-inf"), 0
+
+    def __call__(self, loop, context):
+        err = context.get("exception")
+        if not (isinstance(err, OSError) and err.errno in (errno.EMFILE, errno.ENFILE)):
+            return loop.default_exception_handler(context)
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            self.suppressed += 1
+            return
+        more = f" ({self.suppressed} more since the last report)" if self.suppressed else ""
+        log.error("out of file descriptors: %s%s; raise `ulimit -n` or lower --max-connections.",
+                  context.get("message", err), more)
+        self.last, self.suppressed = now, 0
 
 
 # ---- replies --------------------------------------------------------------------------------------
@@ -401,8 +454,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def uvicorn_server(app: FastAPI, log_level: str = "info"):
-    """A uvicorn server for `app`; run it with `.run(sockets=[bind(host, port)])`."""
+def uvicorn_server(app: FastAPI, log_level: str = "info", max_connections: int | None = None):
+    """A uvicorn server for `app`; run it with `.run(sockets=[bind(host, port)])`. Beyond
+    `max_connections` open connections (or requests in flight) a new request gets 503 at once
+    and its connection is closed, so a flood of connections fails itself, not the process."""
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
+                                         limit_concurrency=max_connections))

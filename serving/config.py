@@ -39,6 +39,12 @@ class ServeConfig:
                                  range=(1, 1_000_000))
     max_body_mb: float = opt(4.0, "the largest request body accepted, in MiB; larger ones get 413 "
                                   "before they are read", range=(0.01, 1024))
+    body_timeout: float = opt(30.0, "seconds a request's body may take to arrive after its "
+                                    "headers; a slower one gets 408 and its connection is closed",
+                              range=(0.1, 3600))
+    max_connections: int = opt(0, "open connections served at once; beyond them a new request "
+                                  "gets 503 (0: slots + max_queue + 64, within the process's "
+                                  "open-files limit)", range=(0, 1_000_000))
     shutdown_grace: float = opt(30.0, "seconds running answers may take to finish after SIGTERM "
                                       "or Ctrl-C; then they end with an error", range=(0, 3600))
     # renamed: old name -> (type, value -> new options)

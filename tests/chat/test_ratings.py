@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -220,9 +222,9 @@ def test_a_malformed_row_is_skipped_and_counted_on_export(tmp_path):
     assert len(read_jsonl(out)) == 1
 
 
-def ratings_cli(*args, db=None):
+def ratings_cli(*args, db=None, timeout=120):
     argv = [sys.executable, "-m", "chat.ratings", *(["--db", str(db)] if db else []), *args]
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def test_reading_a_store_that_is_not_there_is_one_sentence_and_creates_nothing(tmp_path, monkeypatch):
@@ -291,3 +293,62 @@ def test_an_sqlite_file_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
         with pytest.raises(ratings.RatingsError, match="not a ratings store"):
             action()
     assert other.read_bytes() == before
+
+
+def test_export_never_writes_onto_a_side_file_of_the_store(tmp_path):
+    """Issue 14 (third probe), F2: `export --out ratings.db-journal` wrote JSONL where SQLite
+    reads a hot journal, and every later count, export and vote failed with a misleading hint.
+    Each side file, however spelled, is refused; a stray journal is named when reading fails."""
+    db = tmp_path / "ratings.db"
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A", path=db)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "ratings.db-journal")
+    for out in (f"{db}-journal", f"{db}-wal", f"{db}-shm", tmp_path / "sub" / ".." / "ratings.db-journal",
+                tmp_path / "link"):
+        done = ratings_cli("export", "--out", str(out), "--overwrite", db=db)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "SQLite side files" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ratings.db-journal").exists()
+    done = ratings_cli("counts", db=db)
+    assert done.returncode == 0 and json.loads(done.stdout)["A"] == 1
+    # a file someone else left there: named, with the fix, instead of "check the folder"
+    (tmp_path / "ratings.db-journal").write_text('{"prompt": "hi"}\n')
+    done = ratings_cli("counts", db=db)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"because of {db}-journal" in done.stderr and "move that file away" in done.stderr
+
+
+def test_export_replaces_only_a_regular_file_and_a_store_must_be_one(tmp_path):
+    """F4: `--overwrite` renamed a regular file over /dev/full; `--db` on a FIFO hung forever;
+    a 300-character --out name ended in a traceback. Each is one sentence; nothing is touched."""
+    db = tmp_path / "ratings.db"
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A", path=db)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for out in (fifo, tmp_path):
+        done = ratings_cli("export", "--out", str(out), "--overwrite", db=db)
+        assert done.returncode == 2 and "is not a regular file" in done.stderr, done.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    done = ratings_cli("counts", db=fifo, timeout=30)
+    assert done.returncode == 2 and "is not a regular file" in done.stderr, done.stderr
+    with pytest.raises(ratings.RatingsError, match="not a regular file"):
+        ratings.add_thumb(CONVERSATION, "Ada.", "m", up=True, path=fifo)
+    done = ratings_cli("export", "--out", str(tmp_path / ("x" * 300)), db=db)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "cannot write" in done.stderr and "File name too long" in done.stderr
+    long_name = tmp_path / ("y" * 250)  # allowed: the temporary file beside it must be too
+    assert ratings_cli("export", "--out", str(long_name), db=db).returncode == 0
+    assert read_jsonl(long_name)[0]["chosen"] == "Ada."
+    left = {p.name for p in tmp_path.iterdir()} - {"ratings.db-wal", "ratings.db-shm"}
+    assert left == {"ratings.db", "fifo", long_name.name}  # no temporary file left behind
+
+
+@pytest.mark.parametrize("bad", [True, 1.5, "1", None])
+def test_undo_refuses_an_id_that_is_not_a_whole_number(tmp_path, bad):
+    """`delete(True)` deleted vote #1 and `delete(1.5)` vote #1 too."""
+    db = tmp_path / "x.db"
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A", path=db)
+    with pytest.raises(ratings.RatingsError, match="not a vote number"):
+        ratings.delete(bad, path=db)
+    assert len(ratings.rows(db)) == 1
+    assert not ratings.delete(2**64, path=db) and ratings.delete(1, path=db) and not ratings.rows(db)

@@ -14,7 +14,7 @@ import torch
 
 @contextmanager
 def running_server(engine, loader=None, max_queue: int = 64, api_key: str | None = None, limits=None,
-                   **app_options):
+                   max_connections: int | None = None, **app_options):
     """Serve `engine` until the block ends; yields the base URL (http://127.0.0.1:PORT)."""
     from serving.api import bind, create_app, uvicorn_server
     from serving.scheduler import Scheduler
@@ -23,7 +23,7 @@ def running_server(engine, loader=None, max_queue: int = 64, api_key: str | None
     port = sock.getsockname()[1]
     app = create_app(Scheduler(engine, max_queue), loader or (lambda name: engine), limits, api_key,
                      **app_options)
-    server = uvicorn_server(app, log_level="warning")
+    server = uvicorn_server(app, log_level="warning", max_connections=max_connections)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 60

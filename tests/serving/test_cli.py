@@ -110,6 +110,20 @@ def test_unreadable_or_doubled_api_key_is_one_error_line(tmp_path):
                           "--api-key", "only one")
 
 
+def test_a_key_file_that_is_not_a_regular_file_or_too_big_is_one_error_line(tmp_path):
+    """F4: --api-key-file on a FIFO waited for a writer for ever (a device: read until memory
+    ran out); now refused without reading, as is a file over 64 KB."""
+    fifo = tmp_path / "key-fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big-key"
+    big.write_text("k" * 70_000 + "\n")
+    for path, words in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                        (big, "over 64 KB")):
+        done = subprocess.run([sys.executable, "-m", "serving", "--api-key-file", str(path)],
+                              cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=60)
+        assert_one_error_line(done, "--api-key-file", str(path), words)
+
+
 @pytest.fixture(scope="module")
 def long_context_model(tiny_model, tmp_path_factory):
     """The tiny model with room for 32k-token answers (rotary positions: only the config

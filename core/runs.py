@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MARKER = "run.json"
+PIPELINE_STEPS = ("sft", "rm", "judge", "ppo", "grpo", "dpo")  # run folders inside a `train all` one
 LIVE_STATES = ("queued", "running", "stopping")
 
 
@@ -146,6 +147,25 @@ def is_run_folder(folder: Path) -> bool:
     folder = Path(folder)
     return (folder / MARKER).is_file() or stage_of(folder) is not None \
         or (folder / "launch.json").is_file()
+
+
+def enclosing_run(folder: str | Path) -> Path | None:
+    """The nearest run folder of ours that `folder` lies inside (not `folder` itself), or None:
+    a run written there would be deleted by that run's --overwrite or Start over."""
+    for parent in Path(folder).resolve().parents:
+        if is_run_folder(parent):
+            return parent
+    return None
+
+
+def runs_inside(folder: str | Path) -> list[Path]:
+    """Run folders of ours within `folder`, itself included (links are not followed): what
+    removing `folder` would take with it."""
+    found = []
+    for top, dirs, files in os.walk(folder):
+        if {MARKER, "launch.json", "config.yaml"} & set(files) and is_run_folder(Path(top)):
+            found.append(Path(top))
+    return found
 
 
 def list_runs(root: str | Path) -> list[RunInfo]:

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,6 +301,55 @@ def test_resume_clicked_twice_starts_one_process(runs, sleeper):
     assert second.startswith("**Not resumed:**") and "sft1 is" in second
     with launch.launching(folder), pytest.raises(launch.ConfigError, match="being started already"):
         launch.start("sft", config.SFTConfig(output=str(folder)))  # a click while one is made
+
+
+def test_resume_and_start_over_queue_in_the_runs_folder_not_where_a_file_says(runs, sleeper, tmp_path):
+    """Issue 14 (third probe, F5): Resume followed the queue path of an edited launch.json and
+    made /tmp/x/victim/.slots/0.lock."""
+    victim = tmp_path / "x" / "victim"
+    write_run(runs / "sft1", {"state": "stopped", "step": 3, "total_steps": 9}, stage="sft",
+              checkpoint=True)
+    for name in ("copied", "copied2"):
+        shutil.copytree(runs / "sft1", runs / name)
+        (runs / name / "launch.json").write_text(json.dumps(
+            {"pid": 999998, "stage": "sft", "queue": str(victim), "started_at": 1}))
+        sleeper.append(runs / name)
+    assert app.resume_run("copied")[0] == "**copied** resumed."
+    assert app.start_over_run("copied2")[0] == "**copied2** started over."
+    assert wait_for(lambda: (runs / ".slots" / "0.lock").is_file())
+    assert wait_for(lambda: {RunInfo.load(runs / n).status.get("state") for n in ("copied", "copied2")}
+                    == {"running", "queued"})
+    assert not (tmp_path / "x").exists()
+    assert "queue" not in json.loads((runs / "copied" / "launch.json").read_text())
+
+
+def test_a_link_in_the_runs_folder_never_takes_a_run_outside_it(runs, sleeper, tmp_path):
+    """Issue 14 (third probe, F6): Start with the name of a link in the runs folder wrote the
+    run where the link pointed."""
+    target = tmp_path / "x" / "emptyout"
+    target.mkdir(parents=True)
+    os.symlink(target, runs / "lnout")
+    form = form_of("sft")
+    for handler in (app.start_run, app.overwrite_run):
+        message, *rest = handler(form, values_of(form, output="lnout"))
+        assert message == app.NOT_STARTED
+        problem = info_of(rest[-len(form.names):], form, "output")
+        assert "is a link to" in problem and problem.endswith(".") and "\n" not in problem
+    assert app.resume_offered("lnout")[0].startswith("**Not resumed:**")
+    assert list(target.iterdir()) == []
+
+
+def test_start_over_never_removes_a_run_inside_the_run(runs, sleeper):
+    """Issue 14 (third probe, F3 in the app): Start over removes final/ and checkpoints/, with
+    any run someone put inside them."""
+    outer = write_run(runs / "outer", {"state": "failed"}, stage="sft", checkpoint=True)
+    sleeper.append(outer)
+    (outer / "final" / "nested").mkdir(parents=True)
+    (outer / "final" / "nested" / "run.json").write_text('{"stage": "sft"}')
+    note, *_ = app.start_over_run("outer")
+    assert note.startswith("**Not started over:**") and "holds another run in" in note
+    assert (outer / "final" / "nested" / "run.json").is_file()
+    assert (outer / "checkpoints" / "latest").is_file()  # nothing was removed
 
 
 def test_a_killed_run_is_failed_process_gone_and_can_be_resumed_or_started_over(runs):

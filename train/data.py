@@ -73,6 +73,9 @@ def read_source(spec: str) -> Loaded:
         return _normalise_all(_iter_file(path), spec)
     if path.is_dir():
         return _normalise_all(_iter_datasets_folder(path), spec)
+    if path.exists():  # a device, pipe or socket: reading it would never end, or block
+        raise DataError(f"data source {spec} is not a regular file (a device, pipe or socket): "
+                        "pass a JSON or JSONL file or a folder.")
     looks_like_path = spec.endswith((".json", ".jsonl", ".gz")) or spec.startswith((".", "/", "~")) \
         or spec.count("/") > 1
     if looks_like_path:

@@ -14,6 +14,7 @@ import deepspeed
 import torch
 
 from core.distributed import init_distributed  # noqa: F401  (the steps start their group here)
+from core.errors import UserError
 from core.hardware import Precision, hardware, resolve_precision
 from core.hardware import device as hardware_device
 
@@ -151,12 +152,22 @@ def save_checkpoint(engine, folder: Path, step: int, client_state: dict, keep: i
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def load_checkpoint(engine, folder: Path) -> dict | None:
-    """Restore the newest checkpoint in `folder`; its client state, or None if there is none."""
-    if not (folder / "latest").is_file():
-        return None
-    path, client_state = engine.load_checkpoint(str(folder))
-    return client_state if path else None
+class CheckpointError(UserError):
+    """A run's checkpoint is missing or cannot be loaded."""
+
+
+def load_checkpoint(engine, folder: Path) -> dict:
+    """Restore the newest checkpoint in `folder` (the one `latest` names); its client state."""
+    try:
+        path, client_state = engine.load_checkpoint(str(folder))
+        why = "" if path else "not found"
+    except Exception as err:  # noqa: BLE001  DeepSpeed asserts (no message) on a folder without states
+        path, client_state = None, None
+        why = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    if not path or not isinstance(client_state, dict):
+        raise CheckpointError(f"the checkpoint in {folder} cannot be loaded ({why or 'no saved state'}): "
+                              "restore it, or train again without --resume (--overwrite).")
+    return client_state
 
 
 def full_state_dict(engine) -> dict | None:

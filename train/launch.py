@@ -9,7 +9,8 @@ process sees the same runs.
 
 The queue: `start` marks the run `queued` (with the time of the click: its place in line) and
 starts `python -m train.launch wait FOLDER QUEUE -- ARGV`, a small torch-free process that waits
-until its run is first in line among the queued runs of the QUEUE folder and a slot is free,
+until its run is first in line among the queued runs of the QUEUE folder (the folder the run
+lies in: the app's runs folder; always derived, never read from a file) and a slot is free,
 then replaces itself with the run's command (same pid, so `launch.json` stays right). A slot is an exclusive `flock` on
 `QUEUE/.slots/N.lock`, held across the exec until the run ends, however it ends (a killed run
 frees its slot). `QUEUE/queue.json` says how many runs may hold a slot at once (default 1: on a
@@ -35,8 +36,8 @@ import time
 from pathlib import Path
 
 from core.options import ConfigError, build, load_yaml, to_argv, to_dict
-from core.runs import (LIVE_STATES, MARKER, RunInfo, is_run_folder, pid_alive, read_json,
-                       read_status, write_json_atomic)
+from core.runs import (LIVE_STATES, MARKER, PIPELINE_STEPS, RunInfo, enclosing_run, is_run_folder,
+                       pid_alive, read_json, read_status, runs_inside, write_json_atomic)
 from train.config import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,6 @@ POLL_S = 1.0
 RUN_ENTRIES = ("run.json", "config.yaml", "status.json", "metrics.jsonl", "train.log", "console.log",
                "launch.json", "samples.jsonl", "summary.json", "checkpoints", "final", "ema",
                "tensorboard")
-PIPELINE_STEPS = ("sft", "rm", "ppo")  # the run folders inside a `train all` folder
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -60,15 +60,19 @@ def command(stage: str, cfg) -> list[str]:
 
 
 def run_folder(name: str, root: str | Path) -> Path:
-    """The folder of the run called `name` directly under `root`; a path or anything that could
-    leave `root` is refused."""
+    """The folder of the run called `name` directly under `root`; a path, or a link that leads
+    anywhere else (even elsewhere in `root`), is refused."""
     name = (name or "").strip()
     if not name:
         raise ConfigError("a run needs a name, such as sft1: it becomes its folder in the runs folder.")
     if not NAME.fullmatch(name):
         raise ConfigError(f"run name {name!r} is not a plain name: use letters, digits, '.', '_' "
                           "and '-' (no slashes, no leading dot), such as sft1.")
-    return Path(root) / name
+    folder = Path(root) / name
+    if folder.is_symlink() or folder.resolve() != Path(root).resolve() / name:
+        raise ConfigError(f"{folder} is a link to {folder.resolve()}: a run's folder is a folder "
+                          "of its own in the runs folder, so choose another name.")
+    return folder
 
 
 def _folder(cfg) -> Path:
@@ -109,13 +113,16 @@ def _pid_exists(pid: int) -> bool:
         return False
 
 
-def start(stage: str, cfg, queue_root: str | Path | None = None,
-          replace: bool = False) -> subprocess.Popen:
-    """Queue a run in the background; it starts when first in line (see the module docstring).
+def start(stage: str, cfg, replace: bool = False) -> subprocess.Popen:
+    """Queue a run in the background; it starts when first in line (see the module docstring)
+    among the runs of the folder it lies in (its queue: derived, never read from a file).
     With `replace`, the run already in the folder is cleared first (clear_run). Its console
     output goes to <output>/console.log."""
     folder = _folder(cfg)
-    queue_root = Path(queue_root) if queue_root else folder.parent
+    outer = enclosing_run(folder)
+    if outer is not None:
+        raise ConfigError(f"{folder} lies inside the run folder {outer}, whose Start over would "
+                          "delete it: choose another name.")
     folder.mkdir(parents=True, exist_ok=True)
     with launching(folder):
         run = RunInfo.load(folder)
@@ -135,13 +142,13 @@ def start(stage: str, cfg, queue_root: str | Path | None = None,
             write_json_atomic(folder / MARKER, {"stage": stage, "created_at": time.time()})
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         queued_at = time.time()  # its place in line: the time of the click
-        waiter = [sys.executable, "-m", "train.launch", "wait", str(folder), str(queue_root), "--"]
+        waiter = [sys.executable, "-m", "train.launch", "wait", str(folder), str(folder.parent), "--"]
         with open(folder / "console.log", "ab") as console:
             proc = subprocess.Popen(waiter + argv, cwd=ROOT, env=env, stdout=console,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         write_json_atomic(folder / "launch.json", {"pid": proc.pid, "argv": argv, "stage": stage,
-                                                   "config": to_dict(cfg), "queue": str(queue_root),
+                                                   "config": to_dict(cfg),
                                                    "started_at": queued_at})
         # in line before this returns: a run started next cannot overtake it
         _update_status(folder, state="queued", pid=proc.pid, queued_at=queued_at)
@@ -221,7 +228,7 @@ def resume(folder: str | Path) -> subprocess.Popen:
         values.update(resume=started, overwrite=False)
     elif "overwrite" in fields:
         values.update(overwrite=False)
-    return start(stage, build(STAGES[stage], values), read_json(folder / "launch.json").get("queue"))
+    return start(stage, build(STAGES[stage], values))  # queued among the runs beside it
 
 
 def restartable(folder: str | Path) -> bool:
@@ -246,18 +253,25 @@ def resumable(folder: str | Path) -> bool:
 
 def clear_run(folder: str | Path) -> None:
     """Remove what a run wrote into `folder` (RUN_ENTRIES, a pipeline's step runs), nothing
-    else; only in a folder that holds a run of ours, and never while it is alive."""
+    else; only in a folder that holds a run of ours, never while it is alive, and never when
+    another run lies inside what it would remove (nothing is removed then)."""
     folder = Path(folder)
     run = RunInfo.load(folder)
     if run is None:
         raise ConfigError(f"{folder} holds no run of ours: nothing was deleted.")
     if run.alive:
         raise ConfigError(f"{folder.name} is {run.state}: stop it before replacing it.")
-    for entry in folder.iterdir():
-        ours = entry.name in RUN_ENTRIES or (entry.name.startswith(".") and entry.name.endswith(".tmp")) \
-            or (entry.name in PIPELINE_STEPS and is_run_folder(entry))
-        if not ours:
-            continue
+    steps = [e for e in folder.iterdir()
+             if run.stage == "all" and e.name in PIPELINE_STEPS and is_run_folder(e)]
+    entries = steps + [e for e in folder.iterdir() if e.name in RUN_ENTRIES
+                       or (e.name.startswith(".") and e.name.endswith(".tmp"))]
+    # a run someone put inside (final/x, sft/final/x) is not this run's to remove
+    nested = [p for e in entries if e.is_dir() and not e.is_symlink()
+              for p in runs_inside(e) if not (p == e and e in steps)]
+    if nested:
+        raise ConfigError(f"{folder.name} holds another run in {nested[0]}: move that run out "
+                          "first; nothing was deleted.")
+    for entry in entries:
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
@@ -271,7 +285,7 @@ def start_over(folder: str | Path, stage: str | None = None, cfg=None) -> subpro
         stage, values = saved_config(folder)
         cfg = build(STAGES[stage], values)
     fresh = dataclasses.replace(cfg, **{k: False for k in ("resume", "overwrite") if hasattr(cfg, k)})
-    return start(stage, fresh, read_json(folder / "launch.json").get("queue"), replace=True)
+    return start(stage, fresh, replace=True)
 
 
 # ---- the queue ---------------------------------------------------------------------------------

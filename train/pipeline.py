@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 from core.options import ConfigError, build, load_yaml, to_yaml
-from core.runs import MARKER, read_metrics, read_status, write_json_atomic
+from core.runs import MARKER, RunInfo, read_metrics, read_status, write_json_atomic
 from train import config, dpo, ppo, report, reward, sft
 from train.config import AllConfig, parse_split
-from train.rundir import RunDir
+from train.rundir import RunDir, refuse_foreign, refuse_nesting
 
 STEP_METRICS = {"sft": ("eval_loss", "eval_ppl", "loss"),
                 "rm": ("eval_accuracy", "eval_margin", "accuracy"),
@@ -35,8 +35,9 @@ STEP_METRICS = {"sft": ("eval_loss", "eval_ppl", "loss"),
 
 def step_config(cls, cfg: AllConfig, name: str, extra_yaml: str, **values):
     folder = Path(cfg.output) / name
-    state = read_status(folder).get("state")
-    has_checkpoint = (folder / "checkpoints" / "latest").is_file()
+    step = RunInfo.load(folder)  # only a run of ours is resumed (RunDir.prepare refuses others)
+    state = step.status.get("state") if step else None
+    has_checkpoint = step is not None and step.has_checkpoint()
     options = load_yaml(extra_yaml, cls) if extra_yaml else {}
     options.update(output=str(folder), data=cfg.data, data_split=cfg.data_split, seed=cfg.seed,
                    precision=cfg.precision, zero_stage=cfg.zero_stage,
@@ -114,10 +115,22 @@ def report_metrics(result: dict) -> dict:
     return row
 
 
+def check_root(root: Path) -> None:
+    """The pipeline folder is new, empty or a pipeline of ours, and inside no other run: its
+    marker and config.yaml never go over someone's files or another stage's run."""
+    refuse_foreign(root, "no pipeline writes into it")
+    refuse_nesting(root)
+    existing = RunInfo.load(root)
+    if existing is not None and existing.stage != "all":
+        raise ConfigError(f"{root} holds a {existing.stage or 'training'} run, not a pipeline: "
+                          "choose another --output.")
+
+
 def main(cfg: AllConfig) -> dict:
     if not cfg.output:
         raise ConfigError("--output is required: name the pipeline folder, e.g. runs/demo.")
     root = Path(cfg.output)
+    check_root(root)
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / MARKER, {"stage": "all", "created_at": time.time()})
     (root / "config.yaml").write_text(to_yaml(cfg))
@@ -129,7 +142,8 @@ def main(cfg: AllConfig) -> dict:
         pipeline.status("running", step=index, total_steps=total, current=name)
         folder = root / name
         tic = time.time()
-        if read_status(folder).get("state") == "done" and not cfg.overwrite:
+        step = RunInfo.load(folder)  # a finished run of ours, not any folder saying "done"
+        if step is not None and step.status.get("state") == "done" and not cfg.overwrite:
             pipeline.log(f"{name}: reusing the finished run in {folder}")
             wall = None
         else:

@@ -83,6 +83,9 @@ def check_source(spec: str, roots: list[Path] | None) -> str | None:
                 f"({', '.join(str(r) for r in roots)}): copy it into one of them.")
     if not full.exists():
         return f"data file {spec} does not exist: check the path."
+    if not (full.is_file() or full.is_dir()):
+        return (f"data source {spec} is not a regular file (a device, pipe or socket): pass a "
+                "JSON or JSONL file or a folder.")
     return None
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from core.hardware import resolve_precision
 from core.options import ConfigError, to_yaml
-from core.runs import MARKER, RunInfo, pid_alive, read_status, write_json_atomic
+from core.runs import (MARKER, PIPELINE_STEPS, RunInfo, enclosing_run, pid_alive, read_status,
+                       runs_inside, stage_of, write_json_atomic)
 
 
 def _ancestry() -> set[int]:
@@ -41,6 +42,30 @@ def _barrier() -> None:
 RUN_FILES = (MARKER, "config.yaml", "status.json", "metrics.jsonl", "train.log", "samples.jsonl",
              "summary.json", "report.json", "report.md")
 RUN_FOLDERS = ("checkpoints", "final", "ema", "tensorboard", "final.tmp", "ema.tmp")
+
+
+def refuse_foreign(folder: Path, why: str) -> None:
+    """Refuse a folder that holds files but no run of ours (`why` says what would not happen)."""
+    if folder.is_dir() and any(folder.iterdir()) and RunInfo.load(folder) is None:
+        raise ConfigError(f"{folder} is not a run folder (no {MARKER}) and holds files, so "
+                          f"{why}: choose another --output, or clear it yourself.")
+
+
+def refuse_nesting(folder: Path, overwrite: bool = False) -> None:
+    """A run never goes inside another run's folder (that run's --overwrite or Start over would
+    delete it), except a `train all` step in its pipeline's folder; and --overwrite never
+    removes a folder that holds another run."""
+    outer = enclosing_run(folder)
+    pipeline_step = outer == folder.resolve().parent and stage_of(outer) == "all" \
+        and folder.name in PIPELINE_STEPS
+    if outer is not None and not pipeline_step:
+        raise ConfigError(f"{folder} lies inside the run folder {outer}, whose --overwrite would "
+                          "delete it: choose an --output outside every run folder.")
+    inside = [p for name in RUN_FOLDERS if overwrite and (folder / name).is_dir()
+              and not (folder / name).is_symlink() for p in runs_inside(folder / name)]
+    if inside:
+        raise ConfigError(f"{folder} holds another run in {inside[0]}, which --overwrite would "
+                          "delete: move that run out first, or choose another --output.")
 
 
 class RunDir:
@@ -71,6 +96,10 @@ class RunDir:
                               "or choose another --output.")
         # the launcher above this process wrote the status (queued, then running): this is that run
         launched = existing is not None and bool(existing.pids) and all(int(p) in ours for p in existing.pids)
+        if existing is None:  # someone's files: a run would write over config.yaml, final/...
+            refuse_foreign(run.path, "there is no run of ours to resume in it" if cfg.resume else
+                           "--overwrite will not empty it" if cfg.overwrite else "no run writes into it")
+        refuse_nesting(run.path, cfg.overwrite and existing is not None)
         if cfg.resume:
             if not (run.checkpoints / "latest").is_file():
                 raise ConfigError(f"{run.path} has no checkpoint to resume from: start it again "
@@ -80,11 +109,6 @@ class RunDir:
             what = "a finished run" if state == "done" else f"a run (state: {state})"
             raise ConfigError(f"{run.path} already holds {what}: pass --overwrite to replace it, "
                               "--resume to continue it, or choose another --output.")
-        elif existing is None and run.path.is_dir() and any(run.path.iterdir()):
-            # someone's files: a run would write over its config.yaml, train.log, final/...
-            what = "--overwrite will not empty it" if cfg.overwrite else "no run writes into it"
-            raise ConfigError(f"{run.path} is not a run folder (no {MARKER}) and holds files, so "
-                              f"{what}: choose another --output, or clear it yourself.")
         run._pending, run._plan = [], (cfg, stage, resolve_precision(getattr(cfg, "precision", "fp32")))
         return run
 

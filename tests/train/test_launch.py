@@ -124,7 +124,7 @@ def fake_runs(tmp_path, monkeypatch):
 def start_fake(root, name, seconds=None, fake=None):
     if seconds is not None:
         fake[name] = seconds
-    return launch.start("sft", SFTConfig(output=str(root / name)), root)
+    return launch.start("sft", SFTConfig(output=str(root / name)))
 
 
 def test_runs_take_turns_one_at_a_time_by_default(tmp_path, fake_runs):
@@ -161,7 +161,7 @@ def test_the_queue_survives_the_process_that_started_it(tmp_path, fake_runs):
                "from train import launch\nfrom train.config import SFTConfig\n"
                f"launch.command = lambda stage, cfg: [sys.executable, {str(script)!r}, cfg.output, '1.5']\n"
                f"for name in ('a', 'b'):\n"
-               f"    launch.start('sft', SFTConfig(output={str(root)!r} + '/' + name), {str(root)!r})\n")
+               f"    launch.start('sft', SFTConfig(output={str(root)!r} + '/' + name))\n")
     done = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert wait_for(lambda: state_of(root, "a") == state_of(root, "b") == "done", 90)

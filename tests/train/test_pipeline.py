@@ -70,3 +70,27 @@ def test_all_with_dpo_trains_dpo_on_the_third_part_and_reports_it(tmp_path, tiny
     report = json.loads((out / "dpo" / "report.json").read_text())
     assert report["stage"] == "dpo" and "DPO implicit reward" in report["figures"]["proxy"]["kind"]
     assert {"eval_accuracy", "chosen_logp"} <= set(report["figures"])
+
+
+def test_all_never_resumes_or_writes_into_folders_that_are_not_its_runs(tmp_path, tiny_model, sft_file):
+    """Issue 14 (third probe, F1 through `train all`): a step folder holding checkpoints/latest
+    was resumed into whether or not it was a run of ours; nor may the pipeline's own folder be
+    someone's."""
+    out = tmp_path / "demo"
+    (out / "sft" / "checkpoints").mkdir(parents=True)
+    (out / "run.json").write_text('{"stage": "all"}')
+    (out / "sft" / "checkpoints" / "latest").write_text("my-ckpt")
+    (out / "sft" / "config.yaml").write_text("my: experiment")
+    args = ["all", "--actor-model", str(tiny_model), "--reward-model", str(tiny_model), "--data",
+            str(sft_file), "--sft-max-steps", "1", "--rm-max-steps", "1", "--ppo-max-steps", "1"]
+    done = run_train(*args, "--output", str(out))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{out / 'sft'} is not a run folder" in done.stderr.splitlines()[-1]
+    assert sorted(p.name for p in (out / "sft").rglob("*")) == ["checkpoints", "config.yaml", "latest"]
+    assert (out / "sft" / "config.yaml").read_text() == "my: experiment"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.yaml").write_text("my: experiment")
+    done = run_train(*args, "--output", str(theirs))
+    assert done.returncode == 2 and "is not a run folder" in done.stderr.splitlines()[-1]
+    assert [p.name for p in theirs.iterdir()] == ["config.yaml"]

@@ -87,7 +87,8 @@ def test_stop_then_resume_continues_the_same_loss_curve(tmp_path, tiny_model, sf
 
 
 @pytest.mark.parametrize("case", ["malformed line", "missing file", "unknown model", "zero stage 5",
-                                  "finished run", "resume without checkpoint"])
+                                  "finished run", "resume without checkpoint", "config list",
+                                  "data device", "data fifo"])
 def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_file):
     finished = tmp_path / "finished"
     finished.mkdir()
@@ -97,13 +98,20 @@ def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_fi
     (finished / "final").mkdir()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi", "response": "ok"}\n{"prompt": "hi" "response": "ok"}\n')
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("overwrite: [false]\n")  # was read as true: the finished run was replaced
+    os.mkfifo(tmp_path / "fifo.jsonl")
     args = {"malformed line": ["--data", str(bad)],
             "missing file": ["--data", str(tmp_path / "nope.jsonl")],
             "unknown model": ["--model", str(tmp_path / "no-model")],
             "zero stage 5": ["--zero-stage", "5"],
             "finished run": [],
-            "resume without checkpoint": ["--resume"]}[case]
-    output = str(finished) if case in ("finished run", "resume without checkpoint") else str(tmp_path / "o")
+            "resume without checkpoint": ["--resume"],
+            "config list": ["--config", str(listed)],
+            "data device": ["--data", "/dev/zero"],
+            "data fifo": ["--data", str(tmp_path / "fifo.jsonl")]}[case]
+    in_finished = ("finished run", "resume without checkpoint", "config list")
+    output = str(finished) if case in in_finished else str(tmp_path / "o")
     defaults = ["--model", str(tiny_model), "--data", str(sft_file), "--output", output]
     done = run_train("sft", *defaults, *args, "--max-steps", "1")
     expected = {"malformed line": "bad.jsonl, line 2: invalid JSON",
@@ -111,7 +119,10 @@ def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_fi
                 "unknown model": "not found",
                 "zero stage 5": "--zero-stage 5 is out of range",
                 "finished run": "already holds a finished run: pass --overwrite",
-                "resume without checkpoint": "has no checkpoint to resume from"}[case]
+                "resume without checkpoint": "has no checkpoint to resume from",
+                "config list": "--overwrite (overwrite in a config file) must be one value (bool), not [False]",
+                "data device": "/dev/zero is not a regular file",
+                "data fifo": "fifo.jsonl is not a regular file"}[case]
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert "Traceback" not in done.stderr and lines[-1].startswith("error: ")
@@ -209,6 +220,68 @@ def test_overwrite_validates_first_and_removes_only_what_a_run_writes(tmp_path, 
     assert again.returncode == 0, again.stderr
     assert (out / "my-notes.txt").read_text() == "keep"
     assert len(losses(out)) == 2  # the earlier run's metrics were replaced, not appended to
+
+
+def files_of(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_resume_never_writes_into_a_folder_that_is_not_a_run(tmp_path, tiny_model, sft_file):
+    """Issue 14 (third probe, F1): --resume wrote into someone's folder holding a
+    checkpoints/latest (config.yaml replaced, run.json added), so --overwrite then deleted it."""
+    mine = tmp_path / "mine"
+    for name, text in {"checkpoints/latest": "my-ckpt", "checkpoints/my-ckpt/w.bin": "weights",
+                       "config.yaml": "my: experiment", "train.log": "mine"}.items():
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
+        (mine / name).write_text(text)
+    before = files_of(mine)
+    args = ["--model", str(tiny_model), "--data", str(sft_file), "--output", str(mine),
+            "--max-steps", "1", *FAST]
+    for flag in ("--resume", "--overwrite"):
+        done = run_train("sft", *args, flag)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert "is not a run folder (no run.json)" in done.stderr.splitlines()[-1]
+        assert files_of(mine) == before and sorted(p.name for p in mine.iterdir()) == \
+            ["checkpoints", "config.yaml", "train.log"]
+
+
+def test_a_damaged_checkpoint_of_our_run_is_one_sentence(tmp_path, tiny_model, sft_file):
+    """F1's second half: resuming from a checkpoint folder without DeepSpeed's states ended in
+    "error: AssertionError: " (an assert with no message inside DeepSpeed)."""
+    ours = tmp_path / "ours"
+    (ours / "checkpoints" / "step-00000003").mkdir(parents=True)
+    (ours / "checkpoints" / "latest").write_text("step-00000003")
+    (ours / "run.json").write_text('{"stage": "sft"}')
+    (ours / "status.json").write_text('{"state": "stopped"}')
+    done = run_train("sft", "--model", str(tiny_model), "--data", str(sft_file), "--output",
+                     str(ours), "--resume", "--max-steps", "1", *FAST)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the checkpoint in") and "cannot be loaded (AssertionError)" in last
+    assert (ours / "checkpoints" / "latest").read_text() == "step-00000003"
+
+
+def test_a_run_is_never_put_inside_another_nor_removed_with_it(tmp_path, tiny_model, sft_file):
+    """Issue 14 (third probe, F3): a run inside another run's folder was accepted, and the
+    outer run's --overwrite then deleted it."""
+    outer = tmp_path / "outer"
+    (outer / "final").mkdir(parents=True)
+    (outer / "run.json").write_text('{"stage": "sft"}')
+    (outer / "status.json").write_text('{"state": "done"}')
+    args = ["--model", str(tiny_model), "--data", str(sft_file), "--max-steps", "1", *FAST]
+    nested = run_train("sft", *args, "--output", str(outer / "final" / "nested"))
+    assert nested.returncode == 2 and "Traceback" not in nested.stderr
+    assert "lies inside the run folder" in nested.stderr.splitlines()[-1]
+    assert not (outer / "final" / "nested").exists()
+    # one put there some other way (an older version, a move) survives the outer --overwrite
+    (outer / "final" / "moved").mkdir()
+    (outer / "final" / "moved" / "run.json").write_text('{"stage": "sft"}')
+    replaced = run_train("sft", *args, "--output", str(outer), "--overwrite")
+    assert replaced.returncode == 2 and "Traceback" not in replaced.stderr
+    assert "holds another run in" in replaced.stderr.splitlines()[-1]
+    assert (outer / "final" / "moved" / "run.json").is_file()
+    assert json.loads((outer / "status.json").read_text()) == {"state": "done"}
 
 
 def test_a_live_run_is_not_resumed_or_overwritten_by_a_second_process(tmp_path, tiny_model, sft_file):

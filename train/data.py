@@ -323,9 +323,11 @@ def phase_records(records: list[dict], phase: str) -> list[dict]:
 
 def split_part(records: list[dict], weights: list[float], phase: str, seed: int,
                source: str) -> list[dict]:
-    """This phase's disjoint share of one source, the same for every step given the seed."""
+    """This phase's disjoint share of one source, the same for every step given the seed. The
+    shuffle is keyed by the source's file name, not by how its path is spelled, so steps that
+    name one file differently (relative, absolute, another checkout) still take disjoint parts."""
     order = list(range(len(records)))
-    random.Random(f"{seed}:{source}").shuffle(order)
+    random.Random(f"{seed}:{Path(source).name}").shuffle(order)
     total = sum(weights)
     index = PHASES.index(phase)
     start = round(len(order) * sum(weights[:index]) / total)

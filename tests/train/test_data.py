@@ -89,6 +89,13 @@ def test_split_parts_are_disjoint_complete_and_reproducible():
     assert data.split_part(records, [2, 4, 4], "rm", 8, "src") != parts[1]
 
 
+def test_one_file_named_two_ways_is_split_the_same_so_steps_stay_disjoint():
+    records = [{"prompt": [{"role": "user", "content": str(i)}], "response": "r"} for i in range(103)]
+    rm = data.split_part(records, [0, 5, 5], "rm", 1234, "../shared/data/hh.jsonl.gz")
+    ppo = data.split_part(records, [0, 5, 5], "ppo", 1234, "/work/checkout/../shared/data/hh.jsonl.gz")
+    assert not {id(r) for r in rm} & {id(r) for r in ppo} and len(rm) + len(ppo) == 103
+
+
 def test_sft_phase_uses_the_chosen_side_of_pairs():
     records = [{"prompt": [{"role": "user", "content": "q"}], "chosen": "c", "rejected": "r"}]
     assert data.phase_records(records, "sft")[0]["response"] == "c"

@@ -138,7 +138,7 @@ def report(s: Setup, stage: str, ours: dict, trl: dict, peer: dict, rate: str, d
     print()
     print_machine(info, {"ours": s.precision, f"TRL {peer['trl']}": s.precision})
     print(f"TRL {peer['trl']} (transformers {peer['transformers']}, torch {peer['torch']}, "
-          f"gradient checkpointing {peer['gradient_checkpointing']}: its default)")
+          f"gradient checkpointing {peer['gradient_checkpointing']}: off is its best here)")
     print(f"model {Path(s.model_path).name}, {s.precision}, {described}, "
           f"first {WARMUP} steps dropped\n")
     print(f"{'system':<10} | {'steps timed':>11} | {'s/step':>7} | {label:>{width}}")

@@ -14,7 +14,7 @@ minibatches of --batch-size completions (`steps_per_generation`, no accumulation
 (`num_iterations=1`), clip 0.2, KL coefficient `beta` = --kl-coef (so TRL loads and runs the
 reference model as ours does), token-level loss (TRL's default "dapo"), rewards scaled by the
 group's std (TRL's default), sampling at --temperature up to --max-new-tokens, stopping at the
-end-of-turn token. Everything else stays at TRL's defaults (gradient checkpointing on, among them).
+end-of-turn token. Everything else stays at TRL's defaults, but gradient checkpointing is off (driver.BEST).
 
 Timing: a cycle's wall time runs from the start of one `_generate_and_score_completions` (TRL's
 rollout and scoring) to the start of the next (the last cycle ends at the last `on_step_end`), so
@@ -26,7 +26,7 @@ import json
 import time
 
 import torch
-from driver import driver_parser, read_records
+from driver import BEST, driver_parser, read_records
 
 
 def parse_args():
@@ -82,13 +82,13 @@ def main() -> None:
     completions = args.prompts * args.group_size
     cycle = completions // args.batch_size  # optimizer steps per generation cycle
     config = GRPOConfig(
-        output_dir=args.output, use_cpu=True, bf16=args.precision == "bf16", seed=args.seed,
+        **BEST, output_dir=args.output, use_cpu=True, bf16=args.precision == "bf16", seed=args.seed,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         steps_per_generation=cycle, num_generations=args.group_size, num_iterations=1,
         max_completion_length=args.max_new_tokens, temperature=args.temperature,
         beta=args.kl_coef, learning_rate=args.learning_rate, max_steps=args.steps * cycle,
         report_to="none", save_strategy="no", logging_steps=1, dataloader_num_workers=0,
-    )  # everything else stays at TRL's defaults
+    )  # everything else stays at TRL's defaults but `BEST`
     ends = StepEnds()
     trainer = GRPOTrainer(model=policy, reward_funcs=reward_model, args=config, train_dataset=dataset,
                           processing_class=tokenizer, reward_processing_classes=tokenizer,

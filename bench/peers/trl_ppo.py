@@ -26,7 +26,7 @@ import os
 import time
 
 import torch
-from driver import driver_parser
+from driver import BEST, driver_parser
 
 TRL_VERSION = "1.12.0"
 
@@ -111,14 +111,14 @@ def main() -> None:
     timer = UpdateTimer()
     timed_generation(ppo_module, tokenizer.eos_token_id, timer.current)
     config = PPOConfig(
-        output_dir=args.output, bf16=args.precision == "bf16", use_cpu=True, seed=args.seed,
+        **BEST, output_dir=args.output, bf16=args.precision == "bf16", use_cpu=True, seed=args.seed,
         per_device_train_batch_size=args.rollout_batch_size, gradient_accumulation_steps=1,
         num_mini_batches=args.rollout_batch_size // args.batch_size,
         num_ppo_epochs=args.ppo_epochs, local_rollout_forward_batch_size=args.rollout_batch_size,
         total_episodes=args.steps * args.rollout_batch_size, response_length=args.max_new_tokens,
         temperature=args.temperature, stop_token="eos", num_sample_generations=0,
         report_to="none", save_strategy="no", logging_steps=1, dataloader_num_workers=0,
-    )  # everything else stays at TRL's defaults
+    )  # everything else stays at TRL's defaults but `BEST`
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy,
                          ref_model=ref_policy, reward_model=reward_model, value_model=value_model,
                          train_dataset=Dataset.from_list(prompts), callbacks=[timer])

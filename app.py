@@ -1246,14 +1246,14 @@ def pair_view() -> tuple:
         error = ""
     if not waiting:
         line = error or "waiting: 0. Sample a round to vote on, or train DPO on the votes."
-        return None, line, [], [], *[gr.update(interactive=False)] * len(VERDICTS)
+        return None, line, [], [], *(gr.update(interactive=False) for _ in VERDICTS)
     first = waiting[0]
     asked = [m for m in first["conversation"] if m["role"] != "system"]
     seeds = (first["sampling_a"] or {}).get("seed"), (first["sampling_b"] or {}).get("seed")
     line = (f"Round {first['round']} · waiting: {len(waiting)} · both answers by "
             f"**{shown_path(first['model_a'])}** (seeds {seeds[0]} and {seeds[1]}): which is better?")
     panels = [asked + [{"role": "assistant", "content": first[f"answer_{side}"]}] for side in "ab"]
-    return first["id"], line, *panels, *[gr.update(interactive=True)] * len(VERDICTS)
+    return first["id"], line, *panels, *(gr.update(interactive=True) for _ in VERDICTS)
 
 
 def sample_next_round(pool, model, source, file, count, max_tokens):
@@ -1284,7 +1284,7 @@ def sample_next_round(pool, model, source, file, count, max_tokens):
 
     threading.Thread(target=work, daemon=True).start()
     quiet = (SKIP,) * (4 + len(VERDICTS))
-    yield f"Round {number}: starting the inference server for **{shown_path(model)}**…", *quiet
+    yield f"Round {number}: getting an inference server for **{shown_path(model)}** ready…", *quiet
     while isinstance(item := news.get(), tuple):
         yield f"Round {number}: {item[0]} of {item[1]} prompts answered twice…", *quiet
     if isinstance(item, Exception):
@@ -1321,7 +1321,7 @@ def _round_voter(verdict: str):
 def round_run_alive() -> RunInfo | None:
     """A live run training on the votes (a DPO run reading ratings:), if any."""
     for run in list_runs(RUNS):
-        data_sources = read_json(run.path / "launch.json").get("config", {}).get("data") or []
+        data_sources = (read_json(run.path / "launch.json").get("config") or {}).get("data") or []
         if run.alive and run.stage == "dpo" and "ratings:" in data_sources:
             return run
     return None
@@ -1359,8 +1359,8 @@ def train_on_votes(names: list[str], model, watch: dict, *values) -> tuple:
     if note.startswith("**Not started"):
         return note, *kept
     run = RunInfo.load(Path(cfg.output))
-    return (f"{note} It trains **{shown_path(model)}** on {pairs} preference pairs (every round's "
-            "votes); once it is done, its final weights become the checkpoint of Chat, Compare "
+    return (f"{note} It trains **{shown_path(model)}** on {pairs} preference "
+            f"pair{'' if pairs == 1 else 's'} (every round's votes); once it is done, its final weights become the checkpoint of Chat, Compare "
             "and the next round.", progress_html(run), {"run": run.name}, gr.Timer(active=True))
 
 
@@ -1387,9 +1387,10 @@ def swap_in(watch: dict) -> tuple:
         return (f"**{name}** {state_label(run)}: {why}. The checkpoints stay as they were.",
                 progress_html(run), SKIP, SKIP, SKIP, {}, idle)
     say(f"run {name} swapped into Chat and Compare: {value}")
-    picked = gr.update(choices=model_choices("chat"), value=value)
+    # one update per picker: Gradio pops the value out of an update as it applies it
+    picked = [gr.update(choices=model_choices("chat"), value=value) for _ in range(3)]
     return (f"**{name}** is done: **{shown_path(value)}** is now the checkpoint of Chat, Compare "
-            "and the next round.", progress_html(run), picked, picked, picked, {}, idle)
+            "and the next round.", progress_html(run), *picked, {}, idle)
 
 
 @dataclasses.dataclass
@@ -1426,8 +1427,8 @@ def build_rounds_section(pool: ServerPool) -> RoundsSection:
         votes = [gr.Button(label, elem_id=f"rounds-vote-{verdict}", interactive=False)
                  for label, verdict in VERDICTS]
     form = Form("rounds")  # the DPO options a round needs, from their one definition
-    render_fields(form, config.DPOConfig, [f for f in dataclasses.fields(config.DPOConfig)
-                                           if f.name in ROUND_TRAIN_FIELDS], per_row=4)
+    fields = {f.name: f for f in dataclasses.fields(config.DPOConfig)}
+    render_fields(form, config.DPOConfig, [fields[name] for name in ROUND_TRAIN_FIELDS], per_row=4)
     train = gr.Button("Train DPO on the votes", variant="primary", elem_id="rounds-train")
     train_note = gr.Markdown(elem_id="rounds-train-note")
     run_view = gr.HTML(elem_id="rounds-run")
@@ -1437,6 +1438,8 @@ def build_rounds_section(pool: ServerPool) -> RoundsSection:
                  [note, *pair])
     for button, (_, verdict) in zip(votes, VERDICTS):
         button.click(_round_voter(verdict), shown, [note, *pair])
+    for panel in (bot_a, bot_b):  # its clear button shows the waiting pair again
+        panel.clear(pair_view, None, pair)
     train.click(functools.partial(train_on_votes, form.names), [model, watch, *form.inputs],
                 [train_note, run_view, watch, timer])
     return RoundsSection(model, watch, timer, [train_note, run_view], pair)
@@ -1486,7 +1489,7 @@ def rounds_overview(stored: list[dict], path=None) -> tuple[str, pd.DataFrame]:
         for row in leaderboard.leaderboard(leaderboard.votes_from_ratings(stored, rounds={number})):
             cells.setdefault(shown_path(row["model"]), {})[f"round {number}"] = (
                 f"{row['strength']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}] · "
-                f"{fmt_num(row['games'])} games")
+                f"{fmt_num(row['games'])} game{'' if row['games'] == 1 else 's'}")
     columns = ["model", *(f"round {number}" for number in tally)]
     table = pd.DataFrame([{"model": model, **by_round} for model, by_round in cells.items()],
                          columns=columns).fillna("")

@@ -612,7 +612,7 @@ def test_a_round_samples_through_the_pool_and_each_vote_keeps_round_and_provenan
     finally:
         pool.stop_all()
     notes = [update[0] for update in updates]
-    assert notes[0].startswith("Round 1: starting the inference server")
+    assert notes[0].startswith("Round 1: getting an inference server for ")
     assert [n for n in notes if "prompts answered twice" in n][-1] == "Round 1: 3 of 3 prompts answered twice…"
     last = updates[-1]
     queued = len(ratings.pending())
@@ -707,7 +707,7 @@ def test_training_on_the_votes_starts_one_dpo_run_on_the_checkpoint(runs, sleepe
     assert not any(runs.iterdir())
     note, view, watch, timer = app.train_on_votes(names, "default", {}, *small)
     sleeper.append(runs / "round1-dpo")
-    assert note.startswith("Started **round1-dpo**") and "on 1 preference pairs" in note
+    assert note.startswith("Started **round1-dpo**") and "on 1 preference pair (every round's votes)" in note
     assert watch == {"run": "round1-dpo"} and timer.active and "round1-dpo" in view
     stage, values = launch.saved_config(runs / "round1-dpo")  # the typed config it was started with
     assert stage == "dpo" and values["data"] == ["ratings:"] and values["model"] == "default"
@@ -724,6 +724,8 @@ def test_a_finished_round_run_is_swapped_into_chat_and_compare(runs):
     value = str(final.resolve())
     for picker in (chat, compare, round_model):
         assert picker["value"] == value and value in [v for _, v in picker["choices"]]
+    for picker in (chat, compare, round_model):  # as Gradio applies them: it pops each value
+        assert gr.blocks.postprocess_update_dict(gr.Dropdown(allow_custom_value=True), picker)["value"] == value
     assert watch == {} and not timer.active
     assert app.swap_in(watch)[:5] == (gr.skip(),) * 5  # swapped once: a later pick stays
     write_run(runs / "round2-dpo", {"state": "running", "pid": os.getpid(), "step": 1,
@@ -749,7 +751,7 @@ def test_the_leaderboard_shows_rounds_side_by_side(runs):
     assert list(table.columns) == ["model", "round 0", "round 1"]
     by_model = table.set_index("model")
     assert by_model.loc["runs/sft1/final", "round 0"].endswith("· 3 games")
-    assert by_model.loc["runs/sft1/final", "round 1"].endswith("· 1 games")
+    assert by_model.loc["runs/sft1/final", "round 1"].endswith("· 1 game")
     assert by_model.loc["runs/round1-dpo/final", "round 0"] == ""
     assert by_model.loc["default", "round 1"] == ""  # its round-1 pair was one checkpoint's
     strength = float(by_model.loc["runs/sft1/final", "round 0"].split()[0])

@@ -1,8 +1,10 @@
 """RLHF Studio web app: layout, wiring and UI formatting, one section per tab.
 
 Sections: shared helpers (console lines, labels, pickers), Train (forms generated from the option
-definitions and groups of train/config.py), Runs, Chat, Compare, Ratings, then the app itself.
-A further tab (a report, rounds of the loop) is one more section and one more `with gr.Tab`.
+definitions and groups of train/config.py), Runs, Chat, Compare, Rounds (a section of the Compare
+tab: sample pairs from a checkpoint through chat/rounds.py, vote on them, train DPO on the votes,
+swap the result into Chat and Compare), Ratings (with the rounds side by side), then the app
+itself. A further tab (a report) is one more section and one more `with gr.Tab`.
 
 Training runs in subprocesses started and queued through train/launch.py (train/plan.py checks
 a form before it starts); the app only reads run folders. Every run the app starts lives in the
@@ -33,10 +35,12 @@ import threading
 import time
 import typing
 from pathlib import Path
+from queue import SimpleQueue
 
 import gradio as gr
 import pandas as pd
 
+from chat import rounds
 from chat.client import ServerError
 from chat.conversation import (ArenaSession, ChatSession, chat_checkpoints, new_sampling,
                                stream_answer, stream_round)
@@ -1141,8 +1145,8 @@ def compare_vote(verdict: str, arena: ArenaSession, session: str = "") -> tuple:
     if not arena.waiting_for_vote() or arena.streaming:
         return arena_view(arena, "Nothing to vote on: send a message first.")
     comparison = arena.vote(verdict)
-    try:
-        ratings.add_comparison(**comparison, session=session)
+    try:  # cast in the latest round: how its checkpoints fare shows in that round's leaderboard
+        ratings.add_comparison(**comparison, session=session, round=ratings.latest_round())
     except ratings.RatingsError as err:
         arena.undo_vote()
         return arena_view(arena, f"**Vote not saved:** {err}")
@@ -1197,6 +1201,260 @@ def _voter(verdict: str):
     return vote
 
 
+# ---- Rounds: a section of the Compare tab ------------------------------------------------------
+
+ROUND_SOURCES = (("built-in prompts", "builtin"), ("prompts typed in Chat and Compare", "chat"),
+                 ("a prompt file", "file"))
+ROUND_TRAIN_FIELDS = ("max_steps", "batch_size", "max_seq_len", "learning_rate")
+
+
+def whole_number(value, what: str, low: int, high: int) -> int:
+    """`value` as a whole number from `low` to `high`; ValueError with one sentence if not."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (number.is_integer() and low <= number <= high):
+        raise ValueError(f"{what} must be a whole number from {low} to {high}.")
+    return int(number)
+
+
+def round_prompts(source: str, file: str, count, seed: int) -> tuple[list, str]:
+    """(conversations, the prompt set's name) of a round; a file must lie where runs may read
+    (data_roots(), as Preview data). ValueError or RatingsError say why not."""
+    limit = whole_number(count, "The number of prompts", 1, 1000)
+    if source != "file":
+        return rounds.prompt_set(source, limit, seed), source
+    if not (file or "").strip():
+        raise ValueError("type the prompt file's path (.txt, .jsonl or .json), or pick another "
+                         "prompt set.")
+    path = Path(file.strip()).expanduser()
+    path = path if path.is_absolute() else ROOT / path
+    if why := plan.check_source(str(path), data_roots()):
+        raise ValueError(why)
+    return rounds.prompt_set(str(path), limit, seed), shown_path(path)
+
+
+def pair_view() -> tuple:
+    """The pair waiting longest for a vote: its id, the waiting line, panels A and B (the
+    conversation and one answer each), the vote buttons (live only while a pair waits)."""
+    try:
+        waiting = ratings.pending()
+    except ratings.RatingsError as err:
+        waiting, error = [], f"**Cannot read the ratings store:** {err}"
+    else:
+        error = ""
+    if not waiting:
+        line = error or "waiting: 0. Sample a round to vote on, or train DPO on the votes."
+        return None, line, [], [], *(gr.update(interactive=False) for _ in VERDICTS)
+    first = waiting[0]
+    asked = [m for m in first["conversation"] if m["role"] != "system"]
+    seeds = (first["sampling_a"] or {}).get("seed"), (first["sampling_b"] or {}).get("seed")
+    line = (f"Round {first['round']} · waiting: {len(waiting)} · both answers by "
+            f"**{shown_path(first['model_a'])}** (seeds {seeds[0]} and {seeds[1]}): which is better?")
+    panels = [asked + [{"role": "assistant", "content": first[f"answer_{side}"]}] for side in "ab"]
+    return first["id"], line, *panels, *(gr.update(interactive=True) for _ in VERDICTS)
+
+
+def sample_next_round(pool, model, source, file, count, max_tokens):
+    """Sample next round: two answers per prompt from `model`, through the server pool, queued
+    for votes (chat/rounds.py); yields (note, *pair_view()) with the progress."""
+    try:
+        if problem := checkpoint_problem(model):
+            raise ValueError(problem)
+        tokens = whole_number(max_tokens, "The longest answer", 1, 4096)
+        number = ratings.latest_round() + 1
+        conversations, label = round_prompts(source, file, count, seed=number)  # new prompts each round
+    except (ValueError, ratings.RatingsError) as err:
+        yield f"**Not sampled:** {err}", *pair_view()
+        return
+    news = SimpleQueue()  # (done, total) lines, then the result or the error, then None
+
+    def work():
+        try:
+            with pool.lease(model) as client:
+                news.put((0, len(conversations)))
+                news.put(rounds.sample_round(client.base_url, conversations, model=model,
+                                             round=number, max_tokens=tokens, seed=number,
+                                             source=label, progress=lambda *done: news.put(done)))
+        except (ServerError, ratings.RatingsError) as err:
+            news.put(err)
+        finally:
+            news.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    quiet = (SKIP,) * (4 + len(VERDICTS))
+    yield f"Round {number}: getting an inference server for **{shown_path(model)}** ready…", *quiet
+    while isinstance(item := news.get(), tuple):
+        yield f"Round {number}: {item[0]} of {item[1]} prompts answered twice…", *quiet
+    if isinstance(item, Exception):
+        note = f"**Round {number} stopped:** {item} (pairs queued before stay queued)"
+    elif item is None:
+        note = f"**Round {number} stopped:** an unexpected error (see the app's console)."
+    else:
+        same = f"; {item['identical']} prompt(s) got the same answer twice and were left out" \
+            if item["identical"] else ""
+        note = (f"Round {number}: {item['queued']} pairs from **{shown_path(model)}** wait for "
+                f"your votes{same}.")
+        say(f"round {number} sampled: {item['queued']} pairs from {model} ({label})")
+    yield note, *pair_view()
+
+
+def round_vote(verdict: str, pending_id, session: str = "") -> tuple:
+    """A vote on the shown pair: stored with its round and provenance; the next pair shows."""
+    if pending_id is None:
+        return "Nothing to vote on: sample a round first.", *pair_view()
+    try:
+        ratings.vote_pending(int(pending_id), verdict, session=session)
+        note = f"Vote saved ({verdict})."
+    except ratings.RatingsError as err:
+        note = f"**Vote not saved:** {err}"
+    return note, *pair_view()
+
+
+def _round_voter(verdict: str):
+    def vote(pending_id, request: gr.Request):
+        return round_vote(verdict, pending_id, request.session_hash or "")
+    return vote
+
+
+def round_run_alive() -> RunInfo | None:
+    """A live run training on the votes (a DPO run reading ratings:), if any."""
+    for run in list_runs(RUNS):
+        data_sources = (read_json(run.path / "launch.json").get("config") or {}).get("data") or []
+        if run.alive and run.stage == "dpo" and "ratings:" in data_sources:
+            return run
+    return None
+
+
+def round_run_name() -> str:
+    base = f"round{ratings.latest_round()}-dpo"
+    return next(name for name in (base, *(f"{base}-{n}" for n in range(2, 10_000)))
+                if not (RUNS / name).exists())
+
+
+def train_on_votes(names: list[str], model, watch: dict, *values) -> tuple:
+    """Train DPO on the votes: a DPO run of `model` on every round's votes (`ratings:`), with
+    the section's settings (option `names`), started as the Train tab starts runs; (note, the
+    run's view, what to watch, the watch timer)."""
+    kept = (SKIP, watch, SKIP)
+    try:
+        if (busy := round_run_alive()) is not None:
+            raise ValueError(f"{busy.name} is already training on the votes ({state_label(busy)}): "
+                             "wait for it in the Runs tab, or stop it there.")
+        if problem := checkpoint_problem(model):
+            raise ValueError(problem)
+        pairs = len(ratings.export_records())
+        if not pairs:
+            raise ValueError("no decisive votes yet: vote A or B on some pairs first (ties and "
+                             "both-bad votes make no pairs).")
+    except (ValueError, ratings.RatingsError) as err:
+        return f"**Not started:** {err}", *kept
+    cfg, errors = check_form("dpo", ["model", "data", "output", *names],
+                             (model, ["ratings:"], round_run_name(), *values))
+    if errors:
+        name, why = next(iter(errors.items()))
+        return f"**Not started:** {label_of(name)}: {why}", *kept
+    note, _ = started("dpo", cfg)
+    if note.startswith("**Not started"):
+        return note, *kept
+    run = RunInfo.load(Path(cfg.output))
+    return (f"{note} It trains **{shown_path(model)}** on {pairs} preference "
+            f"pair{'' if pairs == 1 else 's'} (every round's votes); once it is done, its final weights become the checkpoint of Chat, Compare "
+            "and the next round.", progress_html(run), {"run": run.name}, gr.Timer(active=True))
+
+
+def checkpoint_value(folder: Path) -> str | None:
+    """The chat pickers' value of the checkpoint in `folder`, or None when they do not list it."""
+    def full(value):
+        return (Path(value) if Path(value).is_absolute() else ROOT / value).resolve()
+    return next((value for _, value in model_choices("chat")
+                 if value != "default" and full(value) == folder.resolve()), None)
+
+
+def swap_in(watch: dict) -> tuple:
+    """Follow the round's DPO run: (note, its view, the pickers of Chat, Compare and the round,
+    what to watch, the timer); once it is done, its final weights are picked in all three."""
+    name, idle = (watch or {}).get("run"), gr.Timer(active=False)
+    run = RunInfo.load(RUNS / name) if name and launch.NAME.fullmatch(name) else None
+    if run is None:
+        return (*(SKIP,) * 5, watch, idle)
+    if run.alive:
+        return SKIP, progress_html(run), SKIP, SKIP, SKIP, watch, gr.Timer(active=True)
+    value = checkpoint_value(run.path / "final") if run.state == "done" else None
+    if value is None:
+        why = failure_reason(run) or "it ended without final weights"
+        return (f"**{name}** {state_label(run)}: {why}. The checkpoints stay as they were.",
+                progress_html(run), SKIP, SKIP, SKIP, {}, idle)
+    say(f"run {name} swapped into Chat and Compare: {value}")
+    # one update per picker: Gradio pops the value out of an update as it applies it
+    picked = [gr.update(choices=model_choices("chat"), value=value) for _ in range(3)]
+    return (f"**{name}** is done: **{shown_path(value)}** is now the checkpoint of Chat, Compare "
+            "and the next round.", progress_html(run), *picked, {}, idle)
+
+
+@dataclasses.dataclass
+class RoundsSection:
+    model: gr.Dropdown
+    watch: gr.State
+    timer: gr.Timer
+    views: list   # swap_in's outputs before the pickers: note, run view
+    pair: list    # pair_view()'s outputs
+
+
+def build_rounds_section(pool: ServerPool) -> RoundsSection:
+    gr.Markdown("### Rounds\nTwo answers per prompt from one checkpoint, voted on here one pair at "
+                "a time; then DPO on every round's votes, whose result becomes the checkpoint of "
+                "Chat, Compare and the next round. Votes above (two checkpoints) count in the "
+                "latest round's leaderboard (Ratings tab).")
+    with gr.Row():
+        model = checkpoint_dropdown("checkpoint of the round", "rounds-model")
+        source = gr.Radio(list(ROUND_SOURCES), value="builtin", label="prompts",
+                          elem_id="rounds-source")
+    with gr.Row():
+        file = gr.Textbox(label="prompt file (.txt, .jsonl or .json, where runs may read data)",
+                          scale=3, elem_id="rounds-file")
+        count = gr.Number(8, label="prompts", precision=None, elem_id="rounds-count")
+        max_tokens = gr.Number(128, label="longest answer (tokens)", precision=None,
+                               elem_id="rounds-max-tokens")
+        sample = gr.Button("Sample next round", variant="primary", elem_id="rounds-sample")
+    note = gr.Markdown(elem_id="rounds-note")
+    waiting = gr.Markdown(elem_id="rounds-waiting")
+    with gr.Row():
+        bot_a, bot_b = (gr.Chatbot(label=side, height=260, elem_id=f"rounds-{side.lower()}",
+                                   feedback_options=None, buttons=["copy"]) for side in "AB")
+    with gr.Row():
+        votes = [gr.Button(label, elem_id=f"rounds-vote-{verdict}", interactive=False)
+                 for label, verdict in VERDICTS]
+    form = Form("rounds")  # the DPO options a round needs, from their one definition
+    fields = {f.name: f for f in dataclasses.fields(config.DPOConfig)}
+    render_fields(form, config.DPOConfig, [fields[name] for name in ROUND_TRAIN_FIELDS], per_row=4)
+    train = gr.Button("Train DPO on the votes", variant="primary", elem_id="rounds-train")
+    train_note = gr.Markdown(elem_id="rounds-train-note")
+    run_view = gr.HTML(elem_id="rounds-run")
+    shown, watch, timer = gr.State(None), gr.State({}), gr.Timer(2.0, active=False)
+    pair = [shown, waiting, bot_a, bot_b, *votes]
+    sample.click(functools.partial(sample_next_round, pool), [model, source, file, count, max_tokens],
+                 [note, *pair])
+    for button, (_, verdict) in zip(votes, VERDICTS):
+        button.click(_round_voter(verdict), shown, [note, *pair])
+    for panel in (bot_a, bot_b):  # its clear button shows the waiting pair again
+        panel.clear(pair_view, None, pair)
+    train.click(functools.partial(train_on_votes, form.names), [model, watch, *form.inputs],
+                [train_note, run_view, watch, timer])
+    return RoundsSection(model, watch, timer, [train_note, run_view], pair)
+
+
+def wire_rounds(section: RoundsSection, chat_model, compare_model, chat_tab, compare_tab) -> None:
+    """The round's run swapped in as soon as it is done (the timer, or Chat or Compare shown);
+    the waiting pair fresh whenever Compare is shown."""
+    outputs = [*section.views, chat_model, compare_model, section.model, section.watch, section.timer]
+    section.timer.tick(swap_in, section.watch, outputs, show_progress="hidden")
+    for tab in (chat_tab, compare_tab):
+        tab.select(swap_in, section.watch, outputs, show_progress="hidden")
+    compare_tab.select(pair_view, None, section.pair, show_progress="hidden")
+
+
 # ---- Ratings tab ----------------------------------------------------------------------------------
 
 def ratings_overview(path=None, latest: int = 500):
@@ -1219,6 +1477,25 @@ def ratings_overview(path=None, latest: int = 500):
     return line, table, board.round(3)
 
 
+def rounds_overview(stored: list[dict], path=None) -> tuple[str, pd.DataFrame]:
+    """The rounds side by side: (a line with each round's votes and waiting pairs, a table with a
+    column per round: each checkpoint's strength [95% interval] · games in that round's votes)."""
+    tally = ratings.round_counts(path)
+    line = " · ".join(f"round {number}: {c['votes']} vote{'' if c['votes'] == 1 else 's'}"
+                      + (f", {c['waiting']} waiting" if c["waiting"] else "")
+                      for number, c in tally.items())
+    cells: dict[str, dict] = {}
+    for number in tally:
+        for row in leaderboard.leaderboard(leaderboard.votes_from_ratings(stored, rounds={number})):
+            cells.setdefault(shown_path(row["model"]), {})[f"round {number}"] = (
+                f"{row['strength']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}] · "
+                f"{fmt_num(row['games'])} game{'' if row['games'] == 1 else 's'}")
+    columns = ["model", *(f"round {number}" for number in tally)]
+    table = pd.DataFrame([{"model": model, **by_round} for model, by_round in cells.items()],
+                         columns=columns).fillna("")
+    return (line.capitalize() + "." if line else "No votes yet."), table
+
+
 def vote_choices(path=None, latest: int = 50) -> list[tuple[str, int]]:
     return [(f"#{r['id']} {r['verdict']}: {r['conversation'][-1]['content'][:60]}", r["id"])
             for r in ratings.rows(path, limit=latest)]
@@ -1228,9 +1505,10 @@ def safe_ratings_view():
     try:
         line, table, board = ratings_overview()
         choices = vote_choices()
-        return line, table, board, gr.update(choices=choices, value=choices[0][1] if choices else None)
+        return (line, table, board, gr.update(choices=choices, value=choices[0][1] if choices else None),
+                *rounds_overview(ratings.rows()))
     except ratings.RatingsError as err:
-        return f"**Cannot read the ratings store:** {err}", None, None, gr.update(choices=[])
+        return f"**Cannot read the ratings store:** {err}", None, None, gr.update(choices=[]), "", None
 
 
 def undo_vote(rating_id):
@@ -1267,13 +1545,19 @@ def build_ratings_tab(rm_form: Form, tabs: gr.Tabs, train_tabs: gr.Tabs, ratings
                 "between different checkpoints; ties and both-bad votes count half a win each; 95% "
                 "bootstrap intervals.")
     board = gr.Dataframe(label="leaderboard", interactive=False, elem_id="ratings-board")
+    gr.Markdown("### Rounds side by side\nEach round's own board, from the votes between different "
+                "checkpoints cast in it (a round's sampled pairs come from one checkpoint: they "
+                "train it, they do not rank it; Compare's votes count in the latest round).")
+    rounds_line = gr.Markdown(elem_id="ratings-rounds-line")
+    rounds_board = gr.Dataframe(label="leaderboard by round", interactive=False,
+                                elem_id="ratings-rounds")
     with gr.Row():
         pick_vote = gr.Dropdown([], label="a vote", scale=4, elem_id="ratings-vote")
         undo = gr.Button("Undo this vote", scale=1, elem_id="ratings-undo")
     table = gr.Dataframe(label="votes (newest first)", interactive=False, wrap=True,
                          column_widths=["5%", "6%", "17%", "24%", "24%", "9%", "9%", "6%"],
                          elem_id="ratings-table")
-    views = [counts, table, board, pick_vote]
+    views = [counts, table, board, pick_vote, rounds_line, rounds_board]
 
     def on_export():
         out = rlhf_home() / "exports" / f"preferences-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
@@ -1326,10 +1610,12 @@ def build_app(pool: ServerPool | None = None) -> gr.Blocks:
                 chat_model = build_chat_tab(pool)
             with gr.Tab("Compare", id="compare") as compare_tab:
                 compare_models = build_compare_tab(pool)
+                round_section = build_rounds_section(pool)
             with gr.Tab("Ratings", id="ratings") as ratings_tab:
                 build_ratings_tab(forms["rm"], tabs, train_tabs, ratings_tab)
         wire_app(app, forms, runs, train_tab, runs_tab, chat_tab, compare_tab, ratings_tab,
-                 [chat_model, *compare_models])
+                 [chat_model, *compare_models, round_section.model])
+        wire_rounds(round_section, chat_model, compare_models[0], chat_tab, compare_tab)
     app.pool = pool
     return app
 

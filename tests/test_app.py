@@ -596,3 +596,182 @@ def test_the_console_says_what_the_app_does(runs, sleeper, capsys):
     write.write_text(json.dumps({**json.loads(write.read_text()), "state": "failed",
                                  "error": "out of memory"}))
     assert watcher.changes() == [f"run c1 failed: out of memory ({runs / 'c1'})"]
+
+
+# ---- rounds: sample, vote, train DPO on the votes, swap the result in ------------------------------
+
+def waiting_line(view) -> str:
+    return view[2]  # (note, pending id, waiting line, panel A, panel B, vote buttons...)
+
+
+def test_a_round_samples_through_the_pool_and_each_vote_keeps_round_and_provenance(runs, tiny_model,
+                                                                                   tmp_path):
+    pool = app.ServerPool(size=1, log_dir=tmp_path / "logs", startup_timeout=300)
+    try:
+        updates = list(app.sample_next_round(pool, str(tiny_model), "builtin", "", 3, 8))
+    finally:
+        pool.stop_all()
+    notes = [update[0] for update in updates]
+    assert notes[0].startswith("Round 1: getting an inference server for ")
+    assert [n for n in notes if "prompts answered twice" in n][-1] == "Round 1: 3 of 3 prompts answered twice…"
+    last = updates[-1]
+    queued = len(ratings.pending())
+    assert queued >= 2 and last[0].startswith(f"Round 1: {queued} pairs from ")
+    assert f"waiting: {queued}" in waiting_line(last) and all(b["interactive"] for b in last[5:])
+    shown = ratings.next_pending()
+    assert last[1] == shown["id"] and last[3][-1]["content"] == shown["answer_a"]
+    assert last[3][:-1] == shown["conversation"]  # the panels show the prompt, then one answer each
+    verdicts = ["A", "B", "both_bad", "tie"][:queued]
+    for left, verdict in enumerate(verdicts, 1):
+        pending_id = ratings.next_pending()["id"]
+        view = app.round_vote(verdict, pending_id)
+        assert view[0] == f"Vote saved ({verdict})."
+        assert f"waiting: {queued - left}" in waiting_line(view)
+    assert view[1] is None and not any(b["interactive"] for b in view[5:])
+    assert app.round_vote("A", pending_id)[0].startswith("**Vote not saved:** comparison")
+    assert app.round_vote("A", None)[0] == "Nothing to vote on: sample a round first."
+    votes = sorted(ratings.rows(), key=lambda r: r["id"])
+    assert [v["verdict"] for v in votes] == verdicts and {v["round"] for v in votes} == {1}
+    for vote in votes:  # provenance: the round's checkpoint on both sides, each with its own seed
+        assert vote["model_a"] == vote["model_b"] == str(tiny_model)
+        assert vote["sampling_a"]["max_tokens"] == 8
+        assert vote["sampling_a"]["seed"] != vote["sampling_b"]["seed"]
+    assert app.rounds_overview(ratings.rows())[0] == f"Round 1: {queued} votes."
+
+
+class FailingPool:
+    @contextlib.contextmanager
+    def lease(self, model):
+        raise app.ServerError(f"the inference server for {model} exited: out of memory.")
+        yield
+
+
+def test_bad_round_input_gets_one_sentence_and_queues_nothing(runs, tmp_path):
+    rm = finished_model(runs / "rm1", "rm")
+    data = tmp_path / "home" / "data"
+    data.mkdir(parents=True)
+    (data / "broken.jsonl").write_text("{\n")
+    (tmp_path / "outside.txt").write_text("Hi?\n")
+    cases = {("", "builtin", "", 4, 16): "Pick a checkpoint first.",
+             (str(rm), "builtin", "", 4, 16): "is a reward model",
+             ("default", "builtin", "", 0, 16): "The number of prompts must be a whole number from 1",
+             ("default", "builtin", "", 2.5, 16): "The number of prompts must be a whole number",
+             ("default", "builtin", "", "many", 16): "The number of prompts must be a whole number",
+             ("default", "builtin", "", 4, 0): "The longest answer must be a whole number",
+             ("default", "chat", "", 4, 16): "the prompt set 'chat' is empty",
+             ("default", "file", " ", 4, 16): "type the prompt file's path",
+             ("default", "file", str(tmp_path / "outside.txt"), 4, 16): "is outside the folders the app reads",
+             ("default", "file", str(data / "nope.txt"), 4, 16): "does not exist",
+             ("default", "file", str(data / "broken.jsonl"), 4, 16): "is not valid JSON",
+             ("default", "file", str(data), 4, 16): "cannot be read"}
+    for values, reason in cases.items():
+        [update] = list(app.sample_next_round(FailingPool(), *values))  # never reaches the pool
+        assert update[0].startswith("**Not sampled:** ") and reason in update[0], (values, update[0])
+        assert "\n" not in update[0] and "Traceback" not in update[0]
+    *_, last = list(app.sample_next_round(FailingPool(), "default", "builtin", "", 4, 16))
+    assert last[0] == ("**Round 1 stopped:** the inference server for default exited: out of "
+                       "memory. (pairs queued before stay queued)")
+    assert ratings.pending() == [] and ratings.latest_round() == 0
+
+
+def test_a_prompt_file_where_runs_may_read_gives_a_round_its_prompts(runs, tmp_path):
+    data = tmp_path / "home" / "data"
+    data.mkdir(parents=True)
+    (data / "mine.txt").write_text("First?\n\nSecond?\nThird?\n")
+    conversations, name = app.round_prompts("file", str(data / "mine.txt"), 2, seed=1)
+    assert len(conversations) == 2 and name == str(data / "mine.txt")
+    assert {c[0]["content"] for c in conversations} < {"First?", "Second?", "Third?"}
+    builtin, name = app.round_prompts("builtin", "", 3, seed=1)
+    assert len(builtin) == 3 and name == "builtin"
+    assert app.round_prompts("builtin", "", 3, seed=2)[0] != builtin  # each round new prompts
+
+
+def decisive_round_vote(verdict="A", round_number=1):
+    prompt = [{"role": "user", "content": "Hi"}]
+    pending_id = ratings.add_pending(prompt, "Hello!", "Go away.", "default", "default",
+                                     {"seed": 1}, {"seed": 2}, round=round_number)
+    return ratings.vote_pending(pending_id, verdict)
+
+
+def test_training_on_the_votes_starts_one_dpo_run_on_the_checkpoint(runs, sleeper):
+    names = list(app.ROUND_TRAIN_FIELDS)
+    small = (2, 2, 128, 1e-5)  # steps, batch size, longest sequence, learning rate
+    note, *_ = app.train_on_votes(names, "default", {}, *small)
+    assert note.startswith("**Not started:** no decisive votes yet")
+    decisive_round_vote("tie")
+    assert app.train_on_votes(names, "default", {}, *small)[0].startswith("**Not started:** no decisive")
+    decisive_round_vote("A")
+    note, *_ = app.train_on_votes(names, "default", {}, 2.7, 2, 128, 1e-5)
+    assert note == "**Not started:** Steps (0: as many as the epochs make): 2.7 is not a whole number."
+    assert app.train_on_votes(names, "", {}, *small)[0] == "**Not started:** Pick a checkpoint first."
+    assert not any(runs.iterdir())
+    note, view, watch, timer = app.train_on_votes(names, "default", {}, *small)
+    sleeper.append(runs / "round1-dpo")
+    assert note.startswith("Started **round1-dpo**") and "on 1 preference pair (every round's votes)" in note
+    assert watch == {"run": "round1-dpo"} and timer.active and "round1-dpo" in view
+    stage, values = launch.saved_config(runs / "round1-dpo")  # the typed config it was started with
+    assert stage == "dpo" and values["data"] == ["ratings:"] and values["model"] == "default"
+    assert (values["max_steps"], values["batch_size"], values["max_seq_len"]) == (2, 2, 128)
+    again, *_ = app.train_on_votes(names, "default", {}, *small)
+    assert again.startswith("**Not started:** round1-dpo is already training on the votes")
+    assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == ["round1-dpo"]
+
+
+def test_a_finished_round_run_is_swapped_into_chat_and_compare(runs):
+    final = finished_model(runs / "round1-dpo", "dpo")
+    note, view, chat, compare, round_model, watch, timer = app.swap_in({"run": "round1-dpo"})
+    assert note.startswith("**round1-dpo** is done: **") and "done" in view
+    value = str(final.resolve())
+    for picker in (chat, compare, round_model):
+        assert picker["value"] == value and value in [v for _, v in picker["choices"]]
+    for picker in (chat, compare, round_model):  # as Gradio applies them: it pops each value
+        assert gr.blocks.postprocess_update_dict(gr.Dropdown(allow_custom_value=True), picker)["value"] == value
+    assert watch == {} and not timer.active
+    assert app.swap_in(watch)[:5] == (gr.skip(),) * 5  # swapped once: a later pick stays
+    write_run(runs / "round2-dpo", {"state": "running", "pid": os.getpid(), "step": 1,
+                                    "total_steps": 4}, stage="dpo")
+    note, view, *pickers, watch, timer = app.swap_in({"run": "round2-dpo"})
+    assert "step 1 of 4" in view and timer.active and pickers == [gr.skip()] * 3
+    write_run(runs / "round3-dpo", {"state": "failed", "error": "out of memory"}, stage="dpo")
+    note, view, *pickers, watch, timer = app.swap_in({"run": "round3-dpo"})
+    assert note == "**round3-dpo** failed: out of memory. The checkpoints stay as they were."
+    assert pickers == [gr.skip()] * 3 and not timer.active
+
+
+def test_the_leaderboard_shows_rounds_side_by_side(runs):
+    prompt = [{"role": "user", "content": "Hi"}]
+    for verdict in ("A", "A", "B"):  # round 0: Compare's votes before any round
+        ratings.add_comparison(prompt, "Hello!", "No.", "runs/sft1/final", "default", verdict)
+    decisive_round_vote("A")  # a round's own pair: one checkpoint, so it ranks nothing
+    ratings.add_comparison(prompt, "Hey!", "No.", "runs/round1-dpo/final", "runs/sft1/final", "A",
+                           round=1)
+    ratings.add_pending(prompt, "x", "y", "default", "default", round=1)
+    line, table = app.rounds_overview(ratings.rows())
+    assert line == "Round 0: 3 votes · round 1: 2 votes, 1 waiting."
+    assert list(table.columns) == ["model", "round 0", "round 1"]
+    by_model = table.set_index("model")
+    assert by_model.loc["runs/sft1/final", "round 0"].endswith("· 3 games")
+    assert by_model.loc["runs/sft1/final", "round 1"].endswith("· 1 game")
+    assert by_model.loc["runs/round1-dpo/final", "round 0"] == ""
+    assert by_model.loc["default", "round 1"] == ""  # its round-1 pair was one checkpoint's
+    strength = float(by_model.loc["runs/sft1/final", "round 0"].split()[0])
+    assert strength > 0  # 2 wins of 3 against default
+
+
+def test_compare_votes_count_in_the_latest_round(runs):
+    def vote():
+        arena = ArenaSession()
+        arena.start_round("Hi", ("m1", "m2"), app.new_sampling(0.7, 0.9, 16), "")
+        app.compare_vote("A", arena)
+        return ratings.rows(limit=1)[0]["round"]
+
+    assert vote() == 0
+    ratings.add_pending([{"role": "user", "content": "Hi"}], "a", "b", "m1", "m1", round=2)
+    assert vote() == 2
+
+
+def test_the_app_has_a_rounds_section_and_rounds_on_the_leaderboard(runs):
+    blocks = app.build_app()
+    ids = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}
+    assert {"rounds-model", "rounds-sample", "rounds-vote-A", "rounds-train", "rounds-max_steps",
+            "ratings-rounds"} <= ids

@@ -2,6 +2,9 @@
 reward model and PPO from the forms' pickers; watch them queue and finish in the Runs tab; chat
 three turns (typing on while an answer streams); stop and resume a run; compare two checkpoints
 and vote; undo a vote; train a reward model on the votes; reload and find the picked run again.
+And one round of the loop (issue 17): sample pairs from a checkpoint, vote on each, train DPO
+on the votes, find the new checkpoint in Chat and Compare, and the rounds side by side on the
+leaderboard.
 
 Playwright drives Debian's chromium (headless) against `python app.py` on a free port, with run
 folders and the ratings store in a temporary folder. The tiny random model reaches the pickers
@@ -296,3 +299,92 @@ def test_a_newcomers_whole_loop(browser, app_url, tmp_path):
                  "started on http://127.0.0.1:", "run long asked to stop", "run rm2 done"):
         assert line in console, console[-3000:]
     assert answer_a and answer_b
+
+
+ROUND_VERDICTS = ("A", "B", "both_bad", "A")
+
+
+def vote_between_checkpoints(page, expect, first: str, second: str, message: str) -> None:
+    """One Compare vote (A) between two checkpoints, in a new conversation."""
+    page.get_by_role("tab", name="Compare", exact=True).click()
+    page.get_by_role("button", name="New conversation").click()
+    page.get_by_text("two checkpoints", exact=True).click()
+    pick(page, "compare-model-1", first)
+    pick(page, "compare-model-2", second)
+    fill(page, "compare-input", message)
+    page.locator("#compare-send").click()
+    expect(page.locator("#compare-note")).to_contain_text("Which answer is better?", timeout=LONG)
+    page.locator("#vote-A").click()
+    expect(page.locator("#compare-note")).to_contain_text("Vote saved (A)")
+
+
+def sample_and_vote(page, expect) -> list[str]:
+    """Sample round 1 from the tiny model (4 prompts, short answers) and vote on every pair."""
+    pick(page, "rounds-model", TINY)
+    fill(page, "rounds-count", 4)
+    fill(page, "rounds-max-tokens", 12)
+    page.locator("#rounds-sample").click()
+    done = re.compile(r"Round 1: (\d) pairs from tiny-llama wait for your votes")
+    expect(page.locator("#rounds-note")).to_contain_text(done, timeout=LONG)
+    queued = int(done.search(page.locator("#rounds-note").inner_text())[1])
+    assert queued >= 2  # a random model's two samples of 12 tokens differ
+    expect(page.locator("#rounds-waiting")).to_contain_text(f"Round 1 · waiting: {queued}")
+    shot(page, "20-round-1-sampled")
+    verdicts = list(ROUND_VERDICTS[:queued])
+    for left, verdict in enumerate(verdicts, 1):
+        expect(page.locator("#rounds-a [data-testid='bot']")).to_have_count(1)
+        expect(page.locator("#rounds-b [data-testid='user']")).to_have_count(1)
+        page.locator(f"#rounds-vote-{verdict}").click()
+        expect(page.locator("#rounds-waiting")).to_contain_text(f"waiting: {queued - left}")
+    expect(page.locator("#rounds-vote-A")).to_be_disabled()
+    return verdicts
+
+
+def test_one_round_of_the_loop(browser, app_url, tmp_path, tiny_model):
+    """Issue 17, item 3: a vote between two checkpoints (round 0), then round 1: sample pairs,
+    vote on each, train DPO on the votes, chat with the result and rank it on the leaderboard."""
+    from playwright.sync_api import expect
+
+    (tmp_path / "home" / "models" / "tiny-twin").symlink_to(tiny_model)  # a second checkpoint
+    expect.set_options(timeout=60_000)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(120_000)
+    page.goto(app_url)
+    vote_between_checkpoints(page, expect, TINY, "tiny-twin (models folder)", "Name three colours.")
+    verdicts = sample_and_vote(page, expect)
+
+    for elem_id, value in (("rounds-max_steps", 2), ("rounds-batch_size", 2), ("rounds-max_seq_len", 128)):
+        fill(page, elem_id, value)
+    page.locator("#rounds-train").click()
+    expect(page.locator("#rounds-train-note")).to_contain_text("Started round1-dpo")
+    swapped = "round1-dpo is done: round1-dpo/final is now the checkpoint of Chat, Compare"
+    expect(page.locator("#rounds-train-note")).to_contain_text(swapped, timeout=LONG)
+    final = "round1-dpo/final (finished run)"
+    for picker in ("rounds-model", "compare-model-1"):
+        expect(page.locator(f"#{picker} input")).to_have_value(final)
+    shot(page, "21-round-1-trained-and-swapped-in")
+    watch(page, expect, "round1-dpo", "done, step 2 of 2")  # a run like the others
+
+    page.get_by_role("tab", name="Chat", exact=True).click()
+    expect(page.locator("#chat-model input")).to_have_value(final)
+    fill(page, "chat-input", "Hello! Who are you?")
+    page.locator("#chat-send").click()
+    expect(page.locator("#chat-note")).to_contain_text("Answered by round1-dpo/final", timeout=LONG)
+    expect(page.locator("#chat-bot [data-testid='bot']")).to_have_count(1)
+    shot(page, "22-chat-with-the-round-1-checkpoint")
+
+    vote_between_checkpoints(page, expect, final, TINY, "Name a fruit.")  # cast in round 1
+    page.get_by_role("tab", name="Ratings", exact=True).click()
+    votes = len(verdicts) + 1
+    expect(page.locator("#ratings-rounds-line")).to_contain_text(
+        f"Round 0: 1 vote · round 1: {votes} votes.", timeout=30_000)
+    board = page.locator("#ratings-rounds")
+    for text in ("round 0", "round 1", "round1-dpo/final", "tiny-twin", "· 1 game"):
+        expect(board).to_contain_text(text)
+    shot(page, "23-leaderboard-rounds-side-by-side")
+
+    decisive = 1 + sum(v in ("A", "B") for v in verdicts)  # round 0's vote and round 1's A/B votes
+    log = (tmp_path / "runs" / "round1-dpo" / "train.log").read_text()
+    assert f"data ratings:: {decisive} records" in log, log[-2000:]
+    console = (tmp_path / "app.log").read_text()
+    assert "round 1 sampled" in console and "run round1-dpo swapped into Chat and Compare" in console

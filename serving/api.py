@@ -15,12 +15,12 @@ has not arrived within the body timeout, or headers within the header timeout (t
 connection is closed: serving/connections.py), 429 with Retry-After when the queue is full,
 503 while shutting down. An error inside one request answers that request alone (500 before a
 stream starts, else an error event and `data: [DONE]`) and leaves the connection usable. With
-an API key every /v1 route and /openapi.json need `Authorization: Bearer KEY`, as OpenAI's do;
-/docs and /redoc are then off; /health stays open for supervisors. A model that cannot be loaded gets one sentence
+an API key every /v1 route and /openapi.json need `Authorization: Bearer KEY`, as OpenAI's do,
+checked before the body is parsed; /docs and /redoc are then off; /health stays open for supervisors. A model that cannot be loaded gets one sentence
 whatever the reason (missing, not a model, pickled weights, a hub name not cached: hub names
 are never downloaded here), so a client cannot probe the server's files; the server's log has
-the reason. Chat bodies are parsed and checked, and prompts tokenised, on worker threads,
-never on the event loop. The `model` field of a chat request is accepted and ignored: the server serves
+the reason. Bodies are parsed and checked, and prompts tokenised, on worker threads, never on
+the event loop. The `model` field of a chat request is accepted and ignored: the server serves
 the one loaded checkpoint.
 
 Left out: tools and function calling, logprobs, response_format, penalties (other fields are
@@ -48,8 +48,8 @@ from serving.connections import (BODY_TIMEOUT_S, MAX_BODY_BYTES, Guard, Resource
                                  uvicorn_server)
 from serving.request import Failure, Request
 from serving.scheduler import QueueFull, Scheduler, ShuttingDown
-from serving.validation import (BODY_HINT, ApiError, ChatRequest, Limits, LoadRequest,
-                                answer_room, check_request, encode, error_response, parse_chat,
+from serving.validation import (ApiError, ChatRequest, Limits, LoadRequest, answer_room,
+                                check_request, encode, error_response, parse_chat, parse_load,
                                 validation_message)
 
 __all__ = ["Limits", "bind", "create_app", "uvicorn_server"]
@@ -126,10 +126,12 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
     async def list_models():
         return {"object": "list", "data": [model_entry(state)]}
 
-    @app.post("/v1/models/load", dependencies=key_required)
-    async def load_model(body: LoadRequest):
+    @app.post("/v1/models/load", dependencies=key_required, openapi_extra=body_schema(LoadRequest))
+    async def load_model(http_request: HttpRequest):
         if scheduler.closing:
             raise shutting_down()
+        body = await asyncio.to_thread(parse_load, await http_request.body(),
+                                       http_request.headers.get("content-type"))
         async with state.load_lock:
             try:
                 engine = await asyncio.to_thread(state.loader, body.model)
@@ -143,7 +145,8 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
             state.loaded_at = int(time.time())
         return model_entry(state)
 
-    @app.post("/v1/chat/completions", dependencies=key_required, openapi_extra=CHAT_BODY_SCHEMA)
+    @app.post("/v1/chat/completions", dependencies=key_required,
+              openapi_extra=body_schema(ChatRequest))
     async def chat_completions(http_request: HttpRequest):
         if scheduler.closing:
             raise shutting_down()
@@ -172,9 +175,10 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
     return app
 
 
-# the body is parsed by hand (off the event loop, see read_chat_request): its schema for /docs
-CHAT_BODY_SCHEMA = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": ChatRequest.model_json_schema()}}}}
+def body_schema(model) -> dict:
+    """A route's body for /docs: bodies are parsed by hand (off the event loop, after the key)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()}}}}
 
 
 def read_chat_request(raw: bytes, content_type: str | None, limits: Limits, engine):
@@ -213,9 +217,6 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, err: StarletteHTTPException):
-        if err.status_code == 400:  # FastAPI could not parse the body (e.g. JSON nested too deep)
-            return error_response(ApiError(400, f"the request body could not be read as JSON: "
-                                                f"{BODY_HINT}."))
         return error_response(ApiError(err.status_code, str(err.detail), type="http_error"))
 
 

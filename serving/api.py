@@ -16,7 +16,8 @@ connection is closed: serving/connections.py), 429 with Retry-After when the que
 503 while shutting down. An error inside one request answers that request alone (500 before a
 stream starts, else an error event and `data: [DONE]`) and leaves the connection usable. With
 an API key every /v1 route and /openapi.json need `Authorization: Bearer KEY`, as OpenAI's do,
-checked before the body is parsed; /docs and /redoc are then off; /health stays open for supervisors. A model that cannot be loaded gets one sentence
+checked before the body is parsed (the key's UTF-8 or Latin-1 bytes); /docs and /redoc are
+then off; /health stays open for supervisors. A model that cannot be loaded gets one sentence
 whatever the reason (missing, not a model, pickled weights, a hub name not cached: hub names
 are never downloaded here), so a client cannot probe the server's files; the server's log has
 the reason. Bodies are parsed and checked, and prompts tokenised, on worker threads, never on
@@ -194,11 +195,21 @@ def model_entry(state: ServerState) -> dict:
 
 
 def api_key_checker(api_key: str | None):
+    """The routes' key check, before any body is parsed. The header is compared as the bytes
+    sent, in constant time, with the key's UTF-8 bytes (what curl and most clients send) and,
+    where Latin-1 can write the key, its Latin-1 bytes (HTTP's old header charset, what
+    Python's http.client sends): header bytes have no declared charset."""
+    accepted = set()
+    if api_key is not None:
+        accepted.add(b"Bearer " + api_key.encode("utf-8", "surrogateescape"))
+        with contextlib.suppress(UnicodeEncodeError):
+            accepted.add(b"Bearer " + api_key.encode("latin-1"))
+
     async def check(http_request: HttpRequest):
         if api_key is None:
             return
-        given = http_request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        given = http_request.headers.get("authorization", "").encode("latin-1")  # the bytes sent
+        if not any([secrets.compare_digest(given, key) for key in accepted]):  # a list: all compared
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: "
                                 "Bearer KEY' with the key the server was started with.",
                            code="invalid_api_key")

@@ -16,7 +16,9 @@
 - `validation.py`: what a request may ask for (every sampling parameter's real range), checked
   before it joins the batch; errors in OpenAI's shape;
 - `api.py`: the FastAPI app (chat completions plain and streamed, /v1/models, /v1/models/load,
-  /health), the body limit (413), the API key on /v1 routes and the docs, replies and errors;
+  /health), the API key on /v1 routes and the docs, replies and errors;
+- `connections.py`: what a connection may cost: the header deadline, the body limit (413) and
+  deadline (408), the connection cap (503);
 - `__main__.py`: the command line: the API key from a flag, a file or RLHF_API_KEY; SIGTERM and
   Ctrl-C shut down gracefully.
 

@@ -5,9 +5,10 @@ port in use fails at once. Errors a user can cause (a missing model folder, pick
 port in use, an engine this machine cannot run, an unreadable key file) end in one `error:`
 line and exit code 2.
 
-Connections are capped (--max-connections; beyond them 503), a request body must arrive within
---body-timeout seconds (else 408), and the soft limit on open files is raised to the hard one at
-start, so a flood of slow clients fails itself rather than every client.
+Connections are capped (--max-connections; beyond them 503), a request's headers must arrive
+within --header-timeout seconds (10; else the connection is closed, idle ones too), its body
+within --body-timeout seconds (30; else 408), and the soft limit on open files is raised to the
+hard one at start, so a flood of slow or idle clients fails itself rather than every client.
 
 The API key comes from --api-key, --api-key-file or the environment variable RLHF_API_KEY (in
 that order; the flag is visible to every user in `ps`, the other two are not).
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
     scheduler = Scheduler(engine, cfg.max_queue, own_thread=False)
     app = create_app(scheduler, loader, limits, api_key, max_body_bytes=int(cfg.max_body_mb * 2**20),
                      body_timeout_s=cfg.body_timeout)
-    server = uvicorn_server(app, max_connections=connection_limit(cfg, open_files))
+    server = uvicorn_server(app, max_connections=connection_limit(cfg, open_files),
+                            header_timeout_s=cfg.header_timeout)
     # HTTP on a thread, generation on the main thread (see Scheduler); SIGINT and SIGTERM reach
     # the main thread and start the graceful shutdown (also where the parent ignored SIGINT)
     web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)

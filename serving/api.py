@@ -11,16 +11,18 @@ Errors are JSON in OpenAI's shape, {"error": {"message", "type", "param", "code"
 malformed request (serving/validation.py; FastAPI's 422 becomes 400) or one with both
 Content-Length and Transfer-Encoding, 401 for a missing or wrong API key, 413 for a body over
 the limit (refused before it is read; a chunked one by the bytes received), 408 for a body that
-has not arrived within the body timeout (its connection is closed), 429 with Retry-After
-when the queue is full, 503 while shutting down. An error inside one request answers that
-request alone (500 before a stream starts, else an error event and `data: [DONE]`) and leaves
-the connection usable. With an API key every /v1 route and /openapi.json need `Authorization:
-Bearer KEY`, as OpenAI's do; /docs and /redoc are then off; /health stays open for
-supervisors. A model that cannot be loaded gets one sentence whatever the reason (missing, not
-a model, pickled weights, a hub name not cached: hub names are never downloaded here), so a
-client cannot probe the server's files; the server's log has the reason. Chat bodies are
-parsed and checked, and prompts tokenised, on worker threads, never on the event loop. The `model` field of a chat request is
-accepted and ignored: the server serves the one loaded checkpoint.
+has not arrived within the body timeout, or headers within the header timeout (the
+connection is closed: serving/connections.py), 429 with Retry-After when the queue is full,
+503 while shutting down. An error inside one request answers that request alone (500 before a
+stream starts, else an error event and `data: [DONE]`) and leaves the connection usable. With
+an API key every /v1 route and /openapi.json need `Authorization: Bearer KEY`, as OpenAI's do,
+checked before the body is parsed (the key's UTF-8 or Latin-1 bytes); /docs and /redoc are
+then off; /health stays open for supervisors. A model that cannot be loaded gets one sentence
+whatever the reason (missing, not a model, pickled weights, a hub name not cached: hub names
+are never downloaded here), so a client cannot probe the server's files; the server's log has
+the reason. Bodies are parsed and checked, and prompts tokenised, on worker threads, never on
+the event loop. The `model` field of a chat request is accepted and ignored: the server serves
+the one loaded checkpoint.
 
 Left out: tools and function calling, logprobs, response_format, penalties (other fields are
 accepted and ignored, as many OpenAI-compatible servers do), the legacy /v1/completions route.
@@ -29,11 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import secrets
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,19 +43,18 @@ from fastapi import Depends, FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from core.models import DefaultModelMissing
+from serving.connections import (BODY_TIMEOUT_S, MAX_BODY_BYTES, Guard, ResourceErrorLog, bind,
+                                 uvicorn_server)
 from serving.request import Failure, Request
 from serving.scheduler import QueueFull, Scheduler, ShuttingDown
-from serving.validation import (BODY_HINT, ApiError, ChatRequest, Limits, LoadRequest,
-                                answer_room, check_request, encode, error_response, parse_chat,
+from serving.validation import (ApiError, ChatRequest, Limits, LoadRequest, answer_room,
+                                check_request, encode, error_response, parse_chat, parse_load,
                                 validation_message)
 
 __all__ = ["Limits", "bind", "create_app", "uvicorn_server"]
 log = logging.getLogger("serving")
-MAX_BODY_BYTES = 4 * 2**20
-BODY_TIMEOUT_S = 30.0
 
 
 def shutting_down() -> ApiError:
@@ -128,10 +127,12 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
     async def list_models():
         return {"object": "list", "data": [model_entry(state)]}
 
-    @app.post("/v1/models/load", dependencies=key_required)
-    async def load_model(body: LoadRequest):
+    @app.post("/v1/models/load", dependencies=key_required, openapi_extra=body_schema(LoadRequest))
+    async def load_model(http_request: HttpRequest):
         if scheduler.closing:
             raise shutting_down()
+        body = await asyncio.to_thread(parse_load, await http_request.body(),
+                                       http_request.headers.get("content-type"))
         async with state.load_lock:
             try:
                 engine = await asyncio.to_thread(state.loader, body.model)
@@ -145,7 +146,8 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
             state.loaded_at = int(time.time())
         return model_entry(state)
 
-    @app.post("/v1/chat/completions", dependencies=key_required, openapi_extra=CHAT_BODY_SCHEMA)
+    @app.post("/v1/chat/completions", dependencies=key_required,
+              openapi_extra=body_schema(ChatRequest))
     async def chat_completions(http_request: HttpRequest):
         if scheduler.closing:
             raise shutting_down()
@@ -174,9 +176,10 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
     return app
 
 
-# the body is parsed by hand (off the event loop, see read_chat_request): its schema for /docs
-CHAT_BODY_SCHEMA = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": ChatRequest.model_json_schema()}}}}
+def body_schema(model) -> dict:
+    """A route's body for /docs: bodies are parsed by hand (off the event loop, after the key)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()}}}}
 
 
 def read_chat_request(raw: bytes, content_type: str | None, limits: Limits, engine):
@@ -192,11 +195,21 @@ def model_entry(state: ServerState) -> dict:
 
 
 def api_key_checker(api_key: str | None):
+    """The routes' key check, before any body is parsed. The header is compared as the bytes
+    sent, in constant time, with the key's UTF-8 bytes (what curl and most clients send) and,
+    where Latin-1 can write the key, its Latin-1 bytes (HTTP's old header charset, what
+    Python's http.client sends): header bytes have no declared charset."""
+    accepted = set()
+    if api_key is not None:
+        accepted.add(b"Bearer " + api_key.encode("utf-8", "surrogateescape"))
+        with contextlib.suppress(UnicodeEncodeError):
+            accepted.add(b"Bearer " + api_key.encode("latin-1"))
+
     async def check(http_request: HttpRequest):
         if api_key is None:
             return
-        given = http_request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        given = http_request.headers.get("authorization", "").encode("latin-1")  # the bytes sent
+        if not any([secrets.compare_digest(given, key) for key in accepted]):  # a list: all compared
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: "
                                 "Bearer KEY' with the key the server was started with.",
                            code="invalid_api_key")
@@ -215,147 +228,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, err: StarletteHTTPException):
-        if err.status_code == 400:  # FastAPI could not parse the body (e.g. JSON nested too deep)
-            return error_response(ApiError(400, f"the request body could not be read as JSON: "
-                                                f"{BODY_HINT}."))
         return error_response(ApiError(err.status_code, str(err.detail), type="http_error"))
-
-
-class Guard:
-    """The app's outer layer (pure ASGI). Every body is read here, before the app sees it, and
-    replayed to it. A body over `max_body_bytes` is answered 413 before it is read: at once by
-    its Content-Length, or as soon as a chunked one grows past the limit (counting the bytes
-    received, never trusting a header). A body that has not arrived whole `body_timeout_s`
-    after its request's headers is answered 408: a client that sends headers and then stalls
-    (or trickles) cannot hold a connection, and the file it costs, for ever. A request with
-    both Content-Length and Transfer-Encoding (or two lengths) is refused 400 unread: its
-    length is ambiguous, the classic way to smuggle a body past a limit. These answers close
-    the connection. An error no handler took becomes a 500 in OpenAI's shape here, logged
-    once, instead of reaching uvicorn, which would print an ASGI traceback and drop the
-    connection."""
-
-    def __init__(self, app, max_body_bytes: int, body_timeout_s: float = BODY_TIMEOUT_S):
-        self.app, self.max_body_bytes, self.body_timeout_s = app, max_body_bytes, body_timeout_s
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        refused = self._framing_error(scope["headers"])
-        if refused is None:
-            lengths = [v for k, v in scope["headers"] if k.lower() == b"content-length"]
-            if lengths and int(lengths[0]) > self.max_body_bytes:
-                receive = None
-            else:
-                receive = await self._buffered(receive)
-            if receive is None:
-                refused = ApiError(413, f"the request body is over this server's limit of "
-                                        f"{self.max_body_bytes} bytes: send a shorter conversation "
-                                        "(the server's --max-body-mb sets it).",
-                                   code="request_too_large")
-            elif receive is TIMED_OUT:
-                refused = ApiError(408, f"the request body did not arrive within "
-                                        f"{self.body_timeout_s:g} s: send the whole body at once "
-                                        "(the server's --body-timeout sets the limit).",
-                                   code="request_timeout")
-        if refused is not None:
-            return await self._send_error(send, refused, close=True)
-        started = False
-
-        async def tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked)
-        except ClientDisconnect:
-            pass  # nobody to answer
-        except Exception:  # noqa: BLE001  (a bug answers its own request, not the connection)
-            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
-            if not started:
-                await self._send_error(send, ApiError(500, "the server failed on this request: "
-                                                           "its log has the details.", type="server_error"))
-            else:  # a stream already under way: end it, if the client is still there
-                with contextlib.suppress(Exception):
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    @staticmethod
-    def _framing_error(headers) -> ApiError | None:
-        """A 400 for a request whose body length is ambiguous or not a number, else None."""
-        names = [k.lower() for k, _ in headers]
-        lengths = [v for k, v in headers if k.lower() == b"content-length"]
-        if lengths and b"transfer-encoding" in names:
-            return ApiError(400, "the request has both Content-Length and Transfer-Encoding "
-                                 "headers: send only one (a chunked body needs no Content-Length).",
-                            code="ambiguous_body_length")
-        if len(lengths) > 1 or (lengths and not lengths[0].strip().isdigit()):
-            return ApiError(400, "the request's Content-Length is given twice or is not a number: "
-                                 "send one header with the body's size in bytes.",
-                            code="ambiguous_body_length")
-        return None
-
-    async def _buffered(self, receive):
-        """The body read up to the limit and replayed; None once it is over the limit,
-        TIMED_OUT when it has not arrived whole within the body timeout."""
-        chunks, size, more = [], 0, True
-        deadline = time.monotonic() + self.body_timeout_s
-        while more:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                return TIMED_OUT
-            if message["type"] != "http.request":
-                return receive  # the client left; the app sees it on its first receive
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_body_bytes:
-                return None
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        return replay
-
-    @staticmethod
-    async def _send_error(send, error: ApiError, close: bool = False) -> None:
-        """The error as JSON; `close`: the body was left unread, so the connection cannot carry
-        another request (uvicorn closes it after this answer)."""
-        body = json.dumps(error.body()).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": error.status,
-                    "headers": headers + ([(b"connection", b"close")] if close else [])})
-        await send({"type": "http.response.body", "body": body})
-
-
-TIMED_OUT = object()  # _buffered's answer for a body that did not arrive in time
-
-
-class ResourceErrorLog:
-    """The event loop's exception handler: running out of file descriptors (EMFILE, ENFILE:
-    every failed accept and connection logs one, with a traceback) is one line per
-    `every_s` seconds with a count, so a flood of connections cannot flood the log too;
-    anything else goes to asyncio's default handler."""
-
-    def __init__(self, every_s: float = 10.0):
-        self.every_s, self.last, self.suppressed = every_s, float("-inf"), 0
-
-    def __call__(self, loop, context):
-        err = context.get("exception")
-        if not (isinstance(err, OSError) and err.errno in (errno.EMFILE, errno.ENFILE)):
-            return loop.default_exception_handler(context)
-        now = time.monotonic()
-        if now - self.last < self.every_s:
-            self.suppressed += 1
-            return
-        more = f" ({self.suppressed} more since the last report)" if self.suppressed else ""
-        log.error("out of file descriptors: %s%s; raise `ulimit -n` or lower --max-connections.",
-                  context.get("message", err), more)
-        self.last, self.suppressed = now, 0
 
 
 # ---- replies --------------------------------------------------------------------------------------
@@ -437,28 +310,3 @@ class Reply:
             yield "data: [DONE]\n\n"
         finally:
             self.request.cancelled = True
-
-
-# ---- running it ----------------------------------------------------------------------------------
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready socket on host:port (port 0: any free one); OSError when taken."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def uvicorn_server(app: FastAPI, log_level: str = "info", max_connections: int | None = None):
-    """A uvicorn server for `app`; run it with `.run(sockets=[bind(host, port)])`. Beyond
-    `max_connections` open connections (or requests in flight) a new request gets 503 at once
-    and its connection is closed, so a flood of connections fails itself, not the process."""
-    import uvicorn
-
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
-                                         limit_concurrency=max_connections))

@@ -42,6 +42,10 @@ class ServeConfig:
     body_timeout: float = opt(30.0, "seconds a request's body may take to arrive after its "
                                     "headers; a slower one gets 408 and its connection is closed",
                               range=(0.1, 3600))
+    header_timeout: float = opt(10.0, "seconds a connection may take to send a whole request's "
+                                      "headers, after it opens or after its previous answer; a "
+                                      "slower or idle one is closed (408 if it sent part of them)",
+                                range=(0.1, 3600))
     max_connections: int = opt(0, "open connections served at once; beyond them a new request "
                                   "gets 503 (0: slots + max_queue + 64, within the process's "
                                   "open-files limit)", range=(0, 1_000_000))

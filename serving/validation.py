@@ -13,14 +13,23 @@ passes can never fail inside a decode step shared with others:
   user turn (an empty list, only a system prompt or an assistant turn last is refused); at most
   `MAX_MESSAGES` (2048) of them, counted before they are validated one by one; a conversation
   longer than the prompt limit is refused, by a byte bound before tokenising when it is far too
-  long, else by its token count.
+  long, else by its token count; at most `MAX_CONTENT_PARTS` (4096) text parts in all, counted
+  before pydantic validates them (160,000 empty parts kept it busy ~1 s, holding the GIL);
+- the body: at most `MAX_JSON_ITEMS` (100,000) JSON items (strings, objects, arrays and the
+  commas between values; text inside strings does not count) and `MAX_JSON_CONTAINERS`
+  (10,000) objects and arrays, counted before it is parsed: a 4 MB body of empty lists took
+  0.5 s to parse, holding the GIL, even in a field that is ignored, and objects and arrays
+  made by the hundred thousand set off Python's full garbage collections (~0.3 s each, also
+  holding it, in a server with a model loaded). A conversation at the other limits has under
+  45,000 items and 8,200 objects and arrays.
 Other OpenAI fields are accepted and ignored. JSON's NaN and Infinity are refused everywhere, and
 so is a value of the wrong JSON type (booleans are not integers, numeric strings not numbers).
-`parse_chat` reads a body (JSON, then these fields); the API runs it on a worker thread, so a
-body of megabytes never holds up the event loop that streams other answers.
+`parse_chat` and `parse_load` read a body (JSON, then these fields); the API runs them on a
+worker thread, so a body of megabytes never holds up the event loop that streams other answers.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,7 +45,13 @@ MAX_STOP_CHARS = 200
 MAX_SEED = 2**63 - 1
 MIN_TEMPERATURE = 0.01
 MAX_MESSAGES = 2048
+MAX_CONTENT_PARTS = 4096
+MAX_JSON_ITEMS = 100_000
+MAX_JSON_CONTAINERS = 10_000
 BODY_HINT = "send a JSON object with 'messages', a list of chat messages ending with a user turn"
+LOAD_HINT = "send a JSON object with 'model', a checkpoint folder or 'default'"
+# a JSON string (whatever it holds), an opening bracket (group 1) or a comma outside strings
+JSON_ITEM = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|([\[{])|,')
 
 
 class ApiError(Exception):
@@ -107,47 +122,94 @@ class LoadRequest(Strict):
 
 # ---- checks ---------------------------------------------------------------------------------------
 
-def validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """One sentence for the first problem pydantic found, and the parameter it concerns."""
+def validation_message(errors: list[dict], hint: str = BODY_HINT) -> tuple[str, str | None]:
+    """One sentence for the first problem pydantic found (`hint`: what the route takes), and
+    the parameter it concerns."""
     error = errors[0]
     parts = [str(p) for p in error["loc"] if p != "body"]
     param = ".".join(parts).replace(".[", "[") or None
     if error["type"] == "json_invalid":
         return (f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')}): "
-                f"{BODY_HINT}."), None
+                f"{hint}."), None
     if param is None and error["type"] == "missing":
-        return f"the request body is empty: {BODY_HINT}.", None
+        return f"the request body is empty: {hint}.", None
     if param is None:
-        return f"the request body is not a JSON object: {BODY_HINT}.", None
+        return f"the request body is not a JSON object: {hint}.", None
     if error["type"] == "missing":
-        return f"'{param}' is required: {BODY_HINT}.", param
+        return f"'{param}' is required: {hint}.", param
     return f"'{param}': {error['msg'].rstrip('.')}.", param
 
 
-def parse_chat(raw: bytes, content_type: str | None) -> ChatRequest:
-    """The chat request in a body (call it off the event loop: megabytes take a while), or a
-    400 ApiError. A body of another content type is refused, as FastAPI's own parsing does."""
+def json_size(raw: bytes, max_items: int) -> tuple[int, int]:
+    """(items, objects and arrays) in the JSON text `raw`, items being its strings, objects,
+    arrays and commas outside strings; counting stops past `max_items`. In steps that let other
+    threads run between them (pydantic's parser holds the GIL until it is done)."""
+    items = containers = 0
+    for items, match in enumerate(JSON_ITEM.finditer(raw), start=1):
+        if items > max_items:
+            break
+        if match.lastindex:
+            containers += 1
+    return items, containers
+
+
+def read_json_object(raw: bytes, content_type: str | None, hint: str) -> dict:
+    """The JSON object in a body, or a 400 ApiError whose sentence ends with `hint`. A body of
+    another content type is refused, as FastAPI's own parsing does."""
     media = (content_type or "application/json").split(";")[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
         raise ApiError(400, f"the request body is {media}, not JSON: send it with the header "
                             "'Content-Type: application/json'.")
     if not raw.strip():
-        raise ApiError(400, f"the request body is empty: {BODY_HINT}.")
+        raise ApiError(400, f"the request body is empty: {hint}.")
+    items, containers = json_size(raw, MAX_JSON_ITEMS)
+    if items > MAX_JSON_ITEMS:
+        raise ApiError(400, f"the request body has more JSON items (strings, objects, arrays and "
+                            f"the values in them) than this server's limit of {MAX_JSON_ITEMS}: "
+                            f"{hint}.", code="request_too_complex")
+    if containers > MAX_JSON_CONTAINERS:
+        raise ApiError(400, f"the request body has {containers} JSON objects and arrays, over this "
+                            f"server's limit of {MAX_JSON_CONTAINERS}: {hint}.",
+                       code="request_too_complex")
     try:
         data = from_json(raw)
     except ValueError as err:
-        raise ApiError(400, f"the request body is not valid JSON ({err}): {BODY_HINT}.") from None
+        raise ApiError(400, f"the request body is not valid JSON ({err}): {hint}.") from None
     if not isinstance(data, dict):
-        raise ApiError(400, f"the request body is not a JSON object: {BODY_HINT}.")
+        raise ApiError(400, f"the request body is not a JSON object: {hint}.")
+    return data
+
+
+def parse_chat(raw: bytes, content_type: str | None) -> ChatRequest:
+    """The chat request in a body (call it off the event loop: megabytes take a while), or a
+    400 ApiError. Messages and parts are counted before pydantic validates them one by one."""
+    data = read_json_object(raw, content_type, BODY_HINT)
     messages = data.get("messages")
-    if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
-        raise ApiError(400, f"the conversation has {len(messages)} messages, over this server's "
-                            f"limit of {MAX_MESSAGES}: drop early turns.", param="messages",
-                       code="context_length_exceeded")
+    if isinstance(messages, list):
+        if len(messages) > MAX_MESSAGES:
+            raise ApiError(400, f"the conversation has {len(messages)} messages, over this server's "
+                                f"limit of {MAX_MESSAGES}: drop early turns.", param="messages",
+                           code="context_length_exceeded")
+        parts = sum(len(m["content"]) for m in messages
+                    if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if parts > MAX_CONTENT_PARTS:
+            raise ApiError(400, f"the conversation has {parts} content parts, over this server's "
+                                f"limit of {MAX_CONTENT_PARTS}: join each message's text parts "
+                                "into one string.", param="messages")
+    return validated(ChatRequest, data, BODY_HINT)
+
+
+def parse_load(raw: bytes, content_type: str | None) -> LoadRequest:
+    """The model to load named in a body (call it off the event loop), or a 400 ApiError."""
+    return validated(LoadRequest, read_json_object(raw, content_type, LOAD_HINT), LOAD_HINT)
+
+
+def validated(model: type[Strict], data: dict, hint: str):
+    """`data` as a `model`, or a 400 ApiError for its first problem."""
     try:
-        return ChatRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
-        message, param = validation_message(err.errors())
+        message, param = validation_message(err.errors(), hint)
         raise ApiError(400, message, param=param) from None
 
 

@@ -14,8 +14,10 @@ import torch
 
 @contextmanager
 def running_server(engine, loader=None, max_queue: int = 64, api_key: str | None = None, limits=None,
-                   max_connections: int | None = None, **app_options):
-    """Serve `engine` until the block ends; yields the base URL (http://127.0.0.1:PORT)."""
+                   max_connections: int | None = None, header_timeout_s: float | None = None,
+                   **app_options):
+    """Serve `engine` until the block ends; yields the base URL (http://127.0.0.1:PORT).
+    `header_timeout_s`: the server's header timeout (None: its default)."""
     from serving.api import bind, create_app, uvicorn_server
     from serving.scheduler import Scheduler
 
@@ -23,7 +25,8 @@ def running_server(engine, loader=None, max_queue: int = 64, api_key: str | None
     port = sock.getsockname()[1]
     app = create_app(Scheduler(engine, max_queue), loader or (lambda name: engine), limits, api_key,
                      **app_options)
-    server = uvicorn_server(app, log_level="warning", max_connections=max_connections)
+    timeouts = {} if header_timeout_s is None else {"header_timeout_s": header_timeout_s}
+    server = uvicorn_server(app, log_level="warning", max_connections=max_connections, **timeouts)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 60

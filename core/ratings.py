@@ -53,11 +53,11 @@ import sqlite3
 import stat
 import time
 from collections import Counter, defaultdict
-from contextlib import closing, contextmanager, suppress
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from core.errors import UserError
-from core.paths import rlhf_home
+from core.paths import atomic_write, rlhf_home
 
 COMPARISON_VERDICTS = ("A", "B", "tie", "both_bad")
 THUMB_VERDICTS = ("up", "down")
@@ -464,17 +464,12 @@ def export(out: str | Path, path=None, overwrite: bool = False) -> int:
     except OSError as err:  # a name too long, a folder that cannot be searched ...
         raise RatingsError(f"cannot write {out} ({err.strerror}): choose a writable path.") from None
     records = export_records(path)
-    # a short name beside it (a long --out name plus a suffix could pass the file-name limit)
-    tmp = out.with_name(f".{out.name[:64]}.{os.getpid()}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with atomic_write(out) as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
     except OSError as err:
-        with suppress(OSError):
-            tmp.unlink()
         raise RatingsError(f"cannot write {out} ({err.strerror}): choose a writable path.") from None
     return len(records)
 

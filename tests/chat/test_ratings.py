@@ -352,3 +352,18 @@ def test_undo_refuses_an_id_that_is_not_a_whole_number(tmp_path, bad):
         ratings.delete(bad, path=db)
     assert len(ratings.rows(db)) == 1
     assert not ratings.delete(2**64, path=db) and ratings.delete(1, path=db) and not ratings.rows(db)
+
+
+def test_export_never_writes_through_a_link_planted_at_its_temporary_name(tmp_path):
+    """Issue 14 (fourth probe, finding 4): links at `.prefs.jsonl.<pid>.tmp` made the export
+    replace the victim's content and leave prefs.jsonl a link to it."""
+    db = tmp_path / "r.db"
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A", path=db)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "out" / "prefs.jsonl"
+    out.parent.mkdir()
+    (out.parent / f".prefs.jsonl.{os.getpid()}.tmp").symlink_to(victim)
+    assert ratings.export(out, db) == 1
+    assert victim.read_text() == "keep me"
+    assert not out.is_symlink() and read_jsonl(out)[0]["chosen"] == "Ada."

@@ -37,21 +37,36 @@ def _temp_name(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_write(path: str | Path, encoding: str = "utf-8"):
+def atomic_write(path: str | Path, replace: bool = True, encoding: str = "utf-8"):
     """A text handle on a new temporary file beside `path`; when the block ends without an
-    error the file replaces `path` (readers see the old file or the new one, never half of
-    one), otherwise it is removed and `path` is left as it was."""
+    error the file becomes `path` (readers see the old file or the new one, never half of
+    one), otherwise it is removed and `path` is left as it was. With `replace=False` an
+    existing `path` is never replaced: FileExistsError, even when it appeared meanwhile."""
     path = Path(path)
     tmp = _temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
     try:
         with os.fdopen(fd, "w", encoding=encoding) as handle:
             yield handle
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link(tmp, path)
+    finally:
         with suppress(OSError):
             tmp.unlink()
+
+
+def _link(tmp: Path, path: Path) -> None:
+    """`tmp` also as `path`, which must not exist (taken atomically where hard links exist)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
         raise
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} exists") from None
+        os.replace(tmp, path)
 
 
 def temp_folder_beside(folder: str | Path) -> Path:

@@ -238,6 +238,19 @@ def test_an_output_holding_a_run_offers_resume_or_overwrite(runs):
     assert "finished: nothing to resume" in app.resume_offered("sft1")[0]
 
 
+def test_resume_of_a_finished_run_changes_nothing_and_says_what_start_over_deletes(runs):
+    """Fourth probe, finding 3: the app must never resume a finished run, and its hint must say
+    that starting over replaces final/."""
+    finished_model(runs / "sft1", "sft")
+    (runs / "sft1" / "checkpoints").mkdir()
+    (runs / "sft1" / "checkpoints" / "latest").write_text("step3")
+    before = {p.name: p.read_bytes() for p in (runs / "sft1").iterdir() if p.is_file()}
+    for note in (app.resume_run("sft1")[0], app.resume_offered("sft1")[0]):
+        assert note.startswith("**Not resumed:** sft1 has finished: nothing to resume")
+        assert "its final/ stays as it is" in note and "replace its final/" in note
+    assert {p.name: p.read_bytes() for p in (runs / "sft1").iterdir() if p.is_file()} == before
+
+
 def test_overwrite_refuses_a_folder_of_other_files(runs):
     """Second probe: "Overwrite it" launched into a folder of the user's files."""
     form = form_of("sft")

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: setup model browser demo test test-fast test-unit bench clean
+.PHONY: setup model ops browser demo test test-fast test-unit bench clean
 
 # The virtual environment is (re)built whenever requirements.txt changes.
 $(STAMP): requirements.txt
@@ -15,11 +15,16 @@ $(STAMP): requirements.txt
 	$(BIN)/pip install -q -r requirements.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
-setup: $(STAMP) model
+setup: $(STAMP) model ops
 
 # The built-in model (SmolLM2-135M-Instruct), converted once into $RLHF_HOME/models.
 model: $(STAMP)
 	$(BIN)/python -m core.models
+
+# DeepSpeed's CPU communication op, built once here so that runs only load it (a run stopped
+# while building it used to leave torch's build lock behind: core/distributed.py).
+ops: $(STAMP)
+	$(BIN)/python -m core.distributed
 
 # The browser test drives Debian's chromium through the playwright package (requirements.txt;
 # never `playwright install`, which downloads a browser build of its own).

@@ -1464,7 +1464,9 @@ def ratings_overview(path=None, latest: int = 500):
     tally = ratings.counts(path)
     line = (f"{tally['total']} vote{'' if tally['total'] == 1 else 's'}: "
             + ", ".join(f"{tally[v]} {v}" for v in ratings.COMPARISON_VERDICTS + ratings.THUMB_VERDICTS)
-            + f"; {tally['exportable']} exportable preference pairs.")
+            + f"; {tally['exportable']} exportable preference pairs."
+            + (f" {tally['malformed']} malformed row{'' if tally['malformed'] == 1 else 's'} "
+               "(written by another tool?) skipped." if tally["malformed"] else ""))
     columns = ["id", "verdict", "last user turn", "answer A", "answer B", "model A", "model B", "time"]
     table = pd.DataFrame([(r["id"], r["verdict"], r["conversation"][-1]["content"][:200],
                            r["answer_a"][:400], (r["answer_b"] or "")[:400], shown_path(r["model_a"]),
@@ -1531,6 +1533,28 @@ def undo_vote(rating_id):
     return f"Vote #{rating_id} undone: it no longer counts, nor is it exported."
 
 
+def export_votes() -> tuple:
+    """Export: the votes as preference records in a new file of $RLHF_HOME/exports, named by the
+    time to the millisecond (and numbered if a click in the same millisecond took that name);
+    returns (the file's update, a note)."""
+    now = time.time()
+    name = f"preferences-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{int(now * 1000) % 1000:03d}"
+    for number in range(1, 100):
+        out = rlhf_home() / "exports" / f"{name}{f'-{number}' if number > 1 else ''}.jsonl"
+        try:
+            written = ratings.export(out)
+            break
+        except ratings.ExportExists:  # never replaced: the next number
+            continue
+        except ratings.RatingsError as err:
+            return gr.update(visible=False), f"**Not exported:** {err}"
+    else:
+        return gr.update(visible=False), "**Not exported:** too many exports at once: click Export again."
+    say(f"exported {written} preference records to {out}")
+    return gr.update(value=str(out), visible=True), f"Wrote {written} preference records to `{out}` (ties, both-bad votes " \
+                     "and thumbs without an opposite thumb on the same turn are left out)."
+
+
 def build_ratings_tab(rm_form: Form, tabs: gr.Tabs, train_tabs: gr.Tabs, ratings_tab: gr.Tab):
     counts = gr.Markdown(elem_id="ratings-counts")
     with gr.Row():
@@ -1559,16 +1583,6 @@ def build_ratings_tab(rm_form: Form, tabs: gr.Tabs, train_tabs: gr.Tabs, ratings
                          elem_id="ratings-table")
     views = [counts, table, board, pick_vote, rounds_line, rounds_board]
 
-    def on_export():
-        out = rlhf_home() / "exports" / f"preferences-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-        try:
-            written = ratings.export(out)
-        except ratings.RatingsError as err:
-            return gr.update(visible=False), f"**Not exported:** {err}"
-        say(f"exported {written} preference records to {out}")
-        return gr.update(value=str(out), visible=True), f"Wrote {written} preference records to `{out}` (ties, both-bad votes " \
-                         "and thumbs without an opposite thumb on the same turn are left out)."
-
     def on_train_rm(current_data):
         base = [d for d in current_data or [] if d != "ratings:"] or ["prompts/preferences.jsonl"]
         return (gr.update(value=["ratings:", *base]), gr.update(value=next_free_name("rm")),
@@ -1580,7 +1594,7 @@ def build_ratings_tab(rm_form: Form, tabs: gr.Tabs, train_tabs: gr.Tabs, ratings
 
     refresh.click(safe_ratings_view, None, views)
     ratings_tab.select(safe_ratings_view, None, views)
-    export.click(on_export, None, [exported, note])
+    export.click(export_votes, None, [exported, note])
     undo.click(on_undo, pick_vote, [note, *views])
     train_rm.click(on_train_rm, rm_form.fields["data"],
                    [rm_form.fields["data"], rm_form.fields["output"], tabs, train_tabs, note])

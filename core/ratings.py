@@ -53,11 +53,11 @@ import sqlite3
 import stat
 import time
 from collections import Counter, defaultdict
-from contextlib import closing, contextmanager, suppress
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from core.errors import UserError
-from core.paths import rlhf_home
+from core.paths import atomic_write, rlhf_home
 
 COMPARISON_VERDICTS = ("A", "B", "tie", "both_bad")
 THUMB_VERDICTS = ("up", "down")
@@ -98,6 +98,10 @@ CREATE TABLE IF NOT EXISTS pending (        -- comparisons queued for a vote
 
 class RatingsError(UserError, ValueError):
     """A vote cannot be stored or read; the message names the cause and the fix."""
+
+
+class ExportExists(RatingsError):
+    """The export's file exists already and replacing it was not asked for."""
 
 
 def db_path() -> Path:
@@ -353,8 +357,9 @@ def delete(rating_id: int, path=None) -> bool:
 
 
 def _decode(row: sqlite3.Row) -> dict | None:
-    """A stored vote with its JSON fields decoded, or None when the row is malformed (written by
-    another tool, or damaged): such rows are skipped and counted, never fatal."""
+    """A stored vote (or pending comparison) with its JSON fields decoded, or None when the row
+    is malformed (written by another tool, or damaged): such rows are skipped and counted, never
+    fatal."""
     record = dict(row)
     record.setdefault("round", 0)  # a store made before rounds, read as it is
     try:
@@ -363,7 +368,30 @@ def _decode(row: sqlite3.Row) -> dict | None:
         check_conversation(record["conversation"])
     except (TypeError, ValueError, RatingsError):
         return None
-    return record
+    return record if _well_typed(record) else None
+
+
+LATEST_TIME = 253402300800.0  # the year 10000: a later created_at is no time a vote was cast
+
+
+def _well_typed(record: dict) -> bool:
+    """Whether a decoded row holds what readers rely on: a time, a round, text for every answer
+    and model it has (both for a comparison), a verdict of its kind, sampling settings as objects."""
+    def text(*keys):
+        return all(isinstance(record.get(k), str) for k in keys)
+
+    when, round_number = record.get("created_at"), record.get("round")
+    if isinstance(when, bool) or not isinstance(when, (int, float)) or not 0 <= when < LATEST_TIME:
+        return False
+    if isinstance(round_number, bool) or not isinstance(round_number, int) or round_number < 0:
+        return False
+    if not all(isinstance(record.get(k), (dict, type(None))) for k in ("sampling_a", "sampling_b")):
+        return False
+    kind = record.get("kind", "comparison")  # pending comparisons have no kind nor verdict
+    if kind == "thumb":
+        return record.get("verdict") in THUMB_VERDICTS and text("answer_a", "model_a")
+    return (kind == "comparison" and record.get("verdict", "A") in COMPARISON_VERDICTS
+            and text("answer_a", "answer_b", "model_a", "model_b"))
 
 
 def read(path=None, limit: int | None = None) -> tuple[list[dict], int]:
@@ -382,13 +410,13 @@ def rows(path=None, limit: int | None = None) -> list[dict]:
 
 
 def counts(path=None) -> dict:
-    """Votes by verdict, the total, and how many preference records an export would write."""
-    with _reader(path) as conn:
-        query = "SELECT verdict, COUNT(*) FROM ratings GROUP BY verdict"
-        by_verdict = {} if conn is None else {row[0]: row[1] for row in conn.execute(query)}
-    by_verdict = {v: by_verdict.get(v, 0) for v in COMPARISON_VERDICTS + THUMB_VERDICTS}
-    return {**by_verdict, "total": sum(by_verdict.values()),
-            "exportable": len(export_records(path))}
+    """Well-formed votes by verdict, their total, the malformed rows skipped, and how many
+    preference records an export would write."""
+    stored, malformed = read(path)
+    by_verdict = Counter(r["verdict"] for r in stored)
+    return {**{v: by_verdict[v] for v in COMPARISON_VERDICTS + THUMB_VERDICTS},
+            "total": len(stored), "malformed": malformed,
+            "exportable": len(preference_records(stored))}
 
 
 def _pair_record(rating_id: str, conversation, chosen: dict, rejected: dict, verdict: str,
@@ -431,7 +459,12 @@ def _thumb_records(thumbs: list[dict]) -> list[dict]:
 
 def export_records(path=None) -> list[dict]:
     """The store as preference records (see the module docstring for what is left out)."""
-    ratings = sorted(rows(path), key=lambda r: r["id"])
+    return preference_records(rows(path))
+
+
+def preference_records(stored: list[dict]) -> list[dict]:
+    """Well-formed votes (as `read` returns them) as preference records."""
+    ratings = sorted(stored, key=lambda r: r["id"])
     records = [r for r in map(_comparison_record, (x for x in ratings if x["kind"] == "comparison"))
                if r is not None]
     records += _thumb_records([r for r in ratings if r["kind"] == "thumb"])
@@ -464,17 +497,15 @@ def export(out: str | Path, path=None, overwrite: bool = False) -> int:
     except OSError as err:  # a name too long, a folder that cannot be searched ...
         raise RatingsError(f"cannot write {out} ({err.strerror}): choose a writable path.") from None
     records = export_records(path)
-    # a short name beside it (a long --out name plus a suffix could pass the file-name limit)
-    tmp = out.with_name(f".{out.name[:64]}.{os.getpid()}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
+        try:
+            with atomic_write(out, replace=overwrite) as handle:
+                for record in records:
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        except FileExistsError:  # it appeared since the check
+            raise _exists(out) from None
     except OSError as err:
-        with suppress(OSError):
-            tmp.unlink()
         raise RatingsError(f"cannot write {out} ({err.strerror}): choose a writable path.") from None
     return len(records)
 
@@ -495,8 +526,12 @@ def _check_export_target(out: Path, store: Path, overwrite: bool) -> None:
             raise RatingsError(f"{out} is not a regular file (a folder, device, FIFO or socket): "
                                "export to a file name, such as prefs.jsonl.")
         if not overwrite:
-            raise RatingsError(f"{out} already exists: choose a new file name, or pass --overwrite "
-                               "to replace it.")
+            raise _exists(out)
+
+
+def _exists(out: Path) -> ExportExists:
+    return ExportExists(f"{out} already exists: choose a new file name, or pass --overwrite to "
+                        "replace it.")
 
 
 # ---- rounds: comparisons queued for a vote --------------------------------------------------------

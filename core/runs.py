@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.paths import atomic_write
+
 MARKER = "run.json"
 PIPELINE_STEPS = ("sft", "rm", "judge", "ppo", "grpo", "dpo")  # run folders inside a `train all` one
 LIVE_STATES = ("queued", "running", "stopping")
@@ -48,10 +50,8 @@ def read_metrics(folder: str | Path) -> list[dict]:
 
 def write_json_atomic(path: Path, value) -> None:
     """Readers never see half a file: write beside it, then rename over it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        handle.write(json.dumps(value, indent=1))
 
 
 def pid_alive(pid) -> bool:

@@ -22,6 +22,7 @@ from chat.conversation import ArenaSession, ChatSession
 from core import ratings
 from core.options import opt, to_yaml
 from core.runs import RunInfo
+from tests.conftest import read_jsonl
 from train import config, launch
 
 
@@ -235,6 +236,19 @@ def test_an_output_holding_a_run_offers_resume_or_overwrite(runs):
     message, _, offer, resume, *_ = app.start_run(form, values_of(form, output="sft1"))
     assert offer["visible"] is True and resume["interactive"] is False  # nothing to resume
     assert "finished: nothing to resume" in app.resume_offered("sft1")[0]
+
+
+def test_resume_of_a_finished_run_changes_nothing_and_says_what_start_over_deletes(runs):
+    """Fourth probe, finding 3: the app must never resume a finished run, and its hint must say
+    that starting over replaces final/."""
+    finished_model(runs / "sft1", "sft")
+    (runs / "sft1" / "checkpoints").mkdir()
+    (runs / "sft1" / "checkpoints" / "latest").write_text("step3")
+    before = {p.name: p.read_bytes() for p in (runs / "sft1").iterdir() if p.is_file()}
+    for note in (app.resume_run("sft1")[0], app.resume_offered("sft1")[0]):
+        assert note.startswith("**Not resumed:** sft1 has finished: nothing to resume")
+        assert "its final/ stays as it is" in note and "replace its final/" in note
+    assert {p.name: p.read_bytes() for p in (runs / "sft1").iterdir() if p.is_file()} == before
 
 
 def test_overwrite_refuses_a_folder_of_other_files(runs):
@@ -579,6 +593,39 @@ def test_ratings_overview_counts_votes_and_ranks_checkpoints(runs):
     assert len(table) == 6 and table.iloc[0]["verdict"] == "up"
     assert list(board["model"]) == ["runs/ppo1/ema", "runs/sft1/final"]
     assert board.iloc[0]["games"] == 5 and board.iloc[0]["wins"] == 3.5
+
+
+def test_rows_another_tool_wrote_badly_are_skipped_and_counted_in_the_ratings_tab(runs):
+    """Issue 14 (fourth probe, finding 5): a row with created_at 'notafloat' (or an A verdict
+    without answer B) made the Ratings tab a bare TypeError and the preview of ratings: fail."""
+    prompt = [{"role": "user", "content": "Hi"}]
+    ratings.add_comparison(prompt, "Hello!", "Go away.", "runs/ppo1/ema", "runs/sft1/final", "A")
+    conn = ratings.connect()
+    with conn:
+        conn.execute("INSERT INTO ratings (kind, created_at, conversation, answer_a, answer_b, model_a, "
+                     "model_b, verdict) VALUES ('comparison', 'notafloat', ?, 'a', 'b', 'm1', 'm2', 'A')",
+                     (json.dumps(prompt),))
+        conn.execute("INSERT INTO ratings (kind, created_at, conversation, answer_a, answer_b, model_a, "
+                     "model_b, verdict) VALUES ('comparison', 0, ?, 'a', NULL, 'm1', 'm2', 'A')",
+                     (json.dumps(prompt),))
+    conn.close()
+    line, table, board, *_ = app.safe_ratings_view()
+    assert line.startswith("1 vote: 1 A") and "2 malformed rows (written by another tool?) skipped" in line
+    assert len(table) == 1 and list(board["games"]) == [1, 1]
+    preview = app.preview_data(["ratings:"], "", 0)
+    assert "1 records (skipped: 2 malformed ratings rows)" in preview
+
+
+def test_two_exports_in_the_same_millisecond_write_two_files(runs, monkeypatch):
+    """Issue 14 (fourth probe, finding 7): the export's name had one-second resolution, so a
+    second click failed with the command line's wording ("pass --overwrite")."""
+    ratings.add_comparison([{"role": "user", "content": "Hi"}], "Hello!", "Go away.", "m1", "m2", "A")
+    monkeypatch.setattr(app.time, "time", lambda: 1_790_000_000.25)
+    first, second = app.export_votes(), app.export_votes()
+    assert first[1].startswith("Wrote 1 preference records") and second[1].startswith("Wrote 1")
+    assert first[0]["value"] != second[0]["value"]
+    files = sorted((runs.parent / "home" / "exports").iterdir())
+    assert len(files) == 2 and all(len(read_jsonl(f)) == 1 for f in files)
 
 
 # ---- the console ----------------------------------------------------------------------------------

@@ -143,13 +143,16 @@ def _iter_hub_dataset(spec: str):
 
 
 def _read_ratings(spec: str) -> Loaded:
-    from core.ratings import export_records
+    from core.ratings import preference_records, read
 
-    return _normalise_all(((f"ratings, row {i}", r) for i, r in enumerate(export_records())), spec)
+    stored, malformed = read()
+    records = enumerate(preference_records(stored))
+    return _normalise_all(((f"ratings, row {i}", r) for i, r in records), spec,
+                          Counter({"malformed ratings rows": malformed} if malformed else {}))
 
 
-def _normalise_all(rows, source: str) -> Loaded:
-    loaded = Loaded([])
+def _normalise_all(rows, source: str, skipped: Counter | None = None) -> Loaded:
+    loaded = Loaded([], skipped or Counter())
     for where, raw in rows:
         for record in normalise(raw, where):
             reason = unusable_reason(record)

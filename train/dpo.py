@@ -216,7 +216,7 @@ def main(cfg: DPOConfig) -> RunDir:
             f"pairs, {world} process(es), {total_steps} steps")
     if cfg.reference:
         resolve_model(cfg.reference)  # checked before anything is written
-    run.start()  # inputs validated: only now is the run folder written
+    run.start()  # inputs validated: the folder is written now (on --resume: once the checkpoint loads)
 
     # model, engine and the frozen reference
     lm = models.make_trainable(load_causal_lm(model_path), cfg)

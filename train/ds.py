@@ -166,7 +166,8 @@ def load_checkpoint(engine, folder: Path) -> dict:
         why = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
     if not path or not isinstance(client_state, dict):
         raise CheckpointError(f"the checkpoint in {folder} cannot be loaded ({why or 'no saved state'}): "
-                              "restore it, or train again without --resume (--overwrite).")
+                              "restore it, or train from the start with --overwrite instead of "
+                              "--resume (which deletes what the run wrote, any final/ included).")
     return client_state
 
 

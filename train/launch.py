@@ -216,8 +216,9 @@ def resume(folder: str | Path) -> subprocess.Popen:
     if run is not None and run.alive:
         raise ConfigError(f"{folder.name} is {run.state}: nothing to resume.")
     if run is not None and run.state == "done":
-        raise ConfigError(f"{folder.name} has finished: nothing to resume (Start over trains it "
-                          "again from the beginning).")
+        raise ConfigError(f"{folder.name} has finished: nothing to resume, and its final/ stays "
+                          "as it is (Start over would train it again from the beginning and "
+                          "replace its final/).")
     stage, values = saved_config(folder)
     fields = {f.name for f in dataclasses.fields(STAGES[stage])}
     if "resume" in fields:

@@ -129,7 +129,7 @@ def fit(engine, run, cfg, objective: Objective, train_set: list[dict], eval_set:
     step = 0
     if cfg.resume:
         step = ds.load_checkpoint(engine, run.checkpoints)["step"]
-        run.log(f"resumed from step {step}")
+        run.resumed(step)  # only now is the run folder written
     progress = {"step": step}  # the last finished optimizer step, also when a pass is cut short
     try:
         if step == 0 and eval_set:

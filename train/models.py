@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from core.models import ModelError
+from core.paths import temp_folder_beside
 from train.losses import sequence_logprobs, sft_loss
 
 
@@ -189,14 +190,20 @@ def save_hf(state_dict: dict, module, tokenizer, folder: Path, lora_scaling: flo
     if lora_scaling is not None:
         state_dict = merge_lora_state_dict(state_dict, lora_scaling)
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(module).save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    if head is not None:
-        save_file({"weight": head.contiguous()}, tmp / VALUE_HEAD_FILE)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_folder_beside(folder)
+    try:
+        unwrap(module).save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if head is not None:
+            save_file({"weight": head.contiguous()}, tmp / VALUE_HEAD_FILE)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if folder.is_symlink():  # the link goes, never what it points to
+            folder.unlink()
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 

@@ -281,7 +281,7 @@ def main(cfg: PPOConfig) -> RunDir:
             f"process(es), {total_steps} steps of {cfg.optimizer_steps_per_step} optimizer steps")
     for path in filter(None, (cfg.reward, cfg.critic)):
         resolve_model(path)  # checked before anything is written
-    run.start()  # inputs validated: only now is the run folder written
+    run.start()  # inputs validated: the folder is written now (on --resume: once the checkpoint loads)
 
     # models: the schedules count optimizer steps
     m = build_models(cfg, run, total_steps * cfg.optimizer_steps_per_step, tokenizer)
@@ -301,7 +301,7 @@ def main(cfg: PPOConfig) -> RunDir:
         step, kl_ctl.value = client["step"], client["kl_coef"]
         if ema is not None and (run.checkpoints / "ema.safetensors").is_file():
             ema.shadow = load_file(run.checkpoints / "ema.safetensors")
-        run.log(f"resumed from step {step}")
+        run.resumed(step)  # only now is the run folder written
     first_step = step
     stop = loop.STOP.install()  # SIGTERM/SIGINT: save a checkpoint and end as stopped
     bar = None

@@ -93,7 +93,7 @@ def main(cfg: RMConfig) -> RunDir:
     total_steps = loop.total_steps(cfg, loop.steps_per_epoch(lengths, cfg, world))
     run.log(f"rm: {len(train_set)} train / {len(eval_set)} eval pairs, {world} process(es), "
             f"{total_steps} steps")
-    run.start()  # inputs validated: only now is the run folder written
+    run.start()  # inputs validated: the folder is written now (on --resume: once the checkpoint loads)
 
     # model and engine
     model = models.load_value_model(model_path)

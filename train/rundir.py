@@ -2,6 +2,8 @@
 metrics.jsonl, train.log, checkpoints/, final/. Every stage writes through this; the launcher
 and the app read it through core/runs.py. --overwrite never empties a folder that is not a run
 of ours, and removes only what a run writes, after the new run's inputs have been validated.
+--resume continues a stopped or failed run with the options its checkpoint was made with
+(never a finished one), and writes nothing until that checkpoint has loaded.
 
 Only rank 0 writes; other ranks get an object whose writes do nothing.
 """
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 
 from core.hardware import resolve_precision
-from core.options import ConfigError, to_yaml
+from core.options import ConfigError, flag_name, to_yaml
 from core.runs import (MARKER, PIPELINE_STEPS, RunInfo, enclosing_run, pid_alive, read_status,
                        runs_inside, stage_of, write_json_atomic)
 
@@ -44,6 +46,46 @@ RUN_FILES = (MARKER, "config.yaml", "status.json", "metrics.jsonl", "train.log",
 RUN_FOLDERS = ("checkpoints", "final", "ema", "tensorboard", "final.tmp", "ema.tmp")
 
 
+# What a checkpoint holds the state of (the model, its LoRA, its optimizer's layout, the EMA
+# and critic beside it): a resume takes them as the run started; other options may change.
+CHECKPOINT_OPTIONS = ("model", "actor", "critic", "algorithm", "ema", "lora_dim", "lora_alpha",
+                      "lora_targets", "zero_stage", "offload", "precision")
+
+
+def _as_flag(name: str, value) -> str:
+    if isinstance(value, bool):
+        return flag_name(name) if value else "--no-" + name.replace("_", "-")
+    return f"{flag_name(name)} {value}"
+
+
+def _same(saved, new) -> bool:
+    """Equal values, or two spellings of one path."""
+    if saved == new:
+        return True
+    return isinstance(saved, str) and isinstance(new, str) and bool(saved) and bool(new) \
+        and Path(saved).expanduser().resolve() == Path(new).expanduser().resolve()
+
+
+def refuse_resume(run: RunInfo, cfg, stage: str) -> None:
+    """--resume continues a run that stopped or failed, of this stage, with the options its
+    checkpoint was made with; anything else is refused before a byte is written."""
+    if run.state == "done":
+        raise ConfigError(f"{run.path} holds a finished run: nothing to resume, and its final/ "
+                          f"stays as it is; to train further, start a new run from "
+                          f"{run.path / 'final'} with another --output (--overwrite instead of "
+                          "--resume would train it again from the start and delete its final/).")
+    if run.stage and run.stage != stage:
+        raise ConfigError(f"{run.path} holds a {run.stage} run, not {stage}: resume it with "
+                          f"`python -m train {run.stage} ... --resume`, or choose another --output.")
+    saved = run.config()
+    for name in CHECKPOINT_OPTIONS:
+        if name in saved and hasattr(cfg, name) and not _same(saved[name], getattr(cfg, name)):
+            raise ConfigError(f"{run.path} was started with {_as_flag(name, saved[name])}, not "
+                              f"{_as_flag(name, getattr(cfg, name))}: its checkpoint holds that "
+                              f"state, so resume with {_as_flag(name, saved[name])} (config.yaml "
+                              "lists every option it started with), or choose another --output.")
+
+
 def refuse_foreign(folder: Path, why: str) -> None:
     """Refuse a folder that holds files but no run of ours (`why` says what would not happen)."""
     if folder.is_dir() and any(folder.iterdir()) and RunInfo.load(folder) is None:
@@ -71,8 +113,10 @@ def refuse_nesting(folder: Path, overwrite: bool = False) -> None:
 class RunDir:
     """A run folder being written. `prepare` only checks; nothing is written or removed until
     `start`, which a stage calls once its data and model have been validated, so a run that
-    fails validation leaves the folder (and any earlier run in it) as it was. Lines logged before
-    `start` are kept and written by it."""
+    fails validation leaves the folder (and any earlier run in it) as it was. On --resume
+    `start` writes nothing either: `resumed` does, once the checkpoint has loaded, so a
+    checkpoint that cannot be loaded leaves config.yaml and status.json as they were. Lines
+    logged before are kept and written then."""
 
     def __init__(self, folder: str | Path, writer: bool = True):
         self.path = Path(folder)
@@ -101,6 +145,8 @@ class RunDir:
                            "--overwrite will not empty it" if cfg.overwrite else "no run writes into it")
         refuse_nesting(run.path, cfg.overwrite and existing is not None)
         if cfg.resume:
+            if existing is not None:
+                refuse_resume(existing, cfg, stage)
             if not (run.checkpoints / "latest").is_file():
                 raise ConfigError(f"{run.path} has no checkpoint to resume from: start it again "
                                   "without --resume.")
@@ -113,8 +159,19 @@ class RunDir:
         return run
 
     def start(self) -> None:
-        """Write the run: on --overwrite remove what the earlier run wrote (only that), then the
-        marker, config.yaml (with the precision and why), the held log lines, status running."""
+        """Write the run (on --resume: wait for `resumed`)."""
+        if not self._plan[0].resume:
+            self._write_start(step=0)
+
+    def resumed(self, step: int) -> None:
+        """The checkpoint of optimizer step `step` has loaded (every rank calls this): write the
+        run as `start` does, continuing at `step`."""
+        self._write_start(step)
+        self.log(f"resumed from step {step}")
+
+    def _write_start(self, step: int) -> None:
+        """On --overwrite remove what the earlier run wrote (only that), then write the marker,
+        config.yaml (with the precision and why), the held log lines, status running."""
         cfg, stage, precision = self._plan
         _barrier()  # every rank has validated before rank 0 changes the folder
         if self.writer:
@@ -125,6 +182,11 @@ class RunDir:
                     if (self.path / name).is_symlink():  # the link goes, never what it points to
                         (self.path / name).unlink()
                     shutil.rmtree(self.path / name, ignore_errors=True)
+                for leftover in self.path.glob(".*.tmp"):  # an interrupted save (core.paths)
+                    if leftover.is_dir() and not leftover.is_symlink():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink(missing_ok=True)
             self.path.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path / MARKER, {"stage": stage, "created_at": time.time(),
                                                    "precision": precision.name,
@@ -138,7 +200,7 @@ class RunDir:
         self.log(f"precision: {precision.describe()}")
         if precision.warning:
             self.log(f"warning: {precision.warning}")
-        self.status("running", step=0)
+        self.status("running", step=step)
 
     def status(self, state: str, **fields) -> None:
         if not self.writer:

@@ -352,3 +352,53 @@ def test_undo_refuses_an_id_that_is_not_a_whole_number(tmp_path, bad):
         ratings.delete(bad, path=db)
     assert len(ratings.rows(db)) == 1
     assert not ratings.delete(2**64, path=db) and ratings.delete(1, path=db) and not ratings.rows(db)
+
+
+def test_export_never_writes_through_a_link_planted_at_its_temporary_name(tmp_path):
+    """Issue 14 (fourth probe, finding 4): links at `.prefs.jsonl.<pid>.tmp` made the export
+    replace the victim's content and leave prefs.jsonl a link to it."""
+    db = tmp_path / "r.db"
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A", path=db)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "out" / "prefs.jsonl"
+    out.parent.mkdir()
+    (out.parent / f".prefs.jsonl.{os.getpid()}.tmp").symlink_to(victim)
+    assert ratings.export(out, db) == 1
+    assert victim.read_text() == "keep me"
+    assert not out.is_symlink() and read_jsonl(out)[0]["chosen"] == "Ada."
+
+
+def plant_hostile_rows(db):
+    """Rows another tool wrote: a time that is not a number, an A verdict with no answer B, a
+    comparison with a thumb's verdict, a thumb with a comparison's verdict."""
+    conn = ratings.connect(db)
+    conversation = json.dumps(CONVERSATION)
+    with conn:
+        for created_at, answer_b, verdict, kind, model_a in [
+                ("notafloat", "b", "A", "comparison", "m1"), (0, None, "A", "comparison", "m1"),
+                (0, "b", "up", "comparison", "m1"), (0, None, "A", "thumb", "m1")]:
+            conn.execute("INSERT INTO ratings (kind, created_at, conversation, answer_a, answer_b, "
+                         "model_a, model_b, verdict) VALUES (?, ?, ?, 'a', ?, ?, 'm2', ?)",
+                         (kind, created_at, conversation, answer_b, model_a, verdict))
+    conn.close()
+    return 4
+
+
+def test_rows_with_bad_types_are_skipped_and_counted_everywhere(store, tmp_path):
+    """Issue 14 (fourth probe, finding 5): such rows broke the Ratings tab (TypeError) and the
+    export wrote "rejected": null, so `train rm` refused the whole file."""
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A")
+    bad = plant_hostile_rows(store)
+    good, malformed = ratings.read()
+    assert len(good) == 1 and malformed == bad
+    tally = ratings.counts()
+    assert (tally["total"], tally["A"], tally["up"], tally["malformed"], tally["exportable"]) == (1, 1, 0, bad, 1)
+    out = tmp_path / "prefs.jsonl"
+    done = export_cli("--out", str(out), db=store)
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert "wrote 1 preference records" in done.stdout and f"{bad} malformed rows" in done.stdout
+    assert [(r["chosen"], r["rejected"]) for r in read_jsonl(out)] == [("Ada.", "Bob.")]
+    assert len(data.read_source(str(out)).records) == 1  # what `train rm --data` reads
+    loaded = data.read_source("ratings:")
+    assert len(loaded.records) == 1 and f"{bad} malformed ratings rows" in loaded.report()

@@ -119,7 +119,7 @@ def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_fi
                 "unknown model": "not found",
                 "zero stage 5": "--zero-stage 5 is out of range",
                 "finished run": "already holds a finished run: pass --overwrite",
-                "resume without checkpoint": "has no checkpoint to resume from",
+                "resume without checkpoint": "holds a finished run: nothing to resume",
                 "config list": "--overwrite (overwrite in a config file) must be one value (bool), not [False]",
                 "data device": "/dev/zero is not a regular file",
                 "data fifo": "fifo.jsonl is not a regular file"}[case]
@@ -249,17 +249,60 @@ def test_resume_never_writes_into_a_folder_that_is_not_a_run(tmp_path, tiny_mode
 def test_a_damaged_checkpoint_of_our_run_is_one_sentence(tmp_path, tiny_model, sft_file):
     """F1's second half: resuming from a checkpoint folder without DeepSpeed's states ended in
     "error: AssertionError: " (an assert with no message inside DeepSpeed)."""
-    ours = tmp_path / "ours"
-    (ours / "checkpoints" / "step-00000003").mkdir(parents=True)
-    (ours / "checkpoints" / "latest").write_text("step-00000003")
-    (ours / "run.json").write_text('{"stage": "sft"}')
-    (ours / "status.json").write_text('{"state": "stopped"}')
+    ours = stopped_run(tmp_path / "ours", {"model": str(tiny_model)})
+    before = files_of(ours)
     done = run_train("sft", "--model", str(tiny_model), "--data", str(sft_file), "--output",
                      str(ours), "--resume", "--max-steps", "1", *FAST)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the checkpoint in") and "cannot be loaded (AssertionError)" in last
-    assert (ours / "checkpoints" / "latest").read_text() == "step-00000003"
+    # probe 4, finding 3: the failed resume had rewritten config.yaml and marked the run failed,
+    # and its hint (--overwrite) said nothing of what that deletes
+    assert files_of(ours) == before
+    assert "--overwrite instead of --resume (which deletes what the run wrote, any final/" in last
+
+
+def stopped_run(folder, options):
+    """A stopped sft run of ours with a checkpoint folder (DeepSpeed's states left out)."""
+    (folder / "checkpoints" / "step-00000003").mkdir(parents=True)
+    (folder / "checkpoints" / "latest").write_text("step-00000003")
+    (folder / "run.json").write_text('{"stage": "sft"}')
+    (folder / "status.json").write_text('{"state": "stopped", "step": 3}')
+    (folder / "config.yaml").write_text("".join(f"{k}: {v}\n" for k, v in options.items()))
+    return folder
+
+
+def test_a_finished_run_is_never_resumed(tmp_path, tiny_model, sft_file):
+    """Issue 14 (fourth probe, finding 3): --resume on a finished run retrained from its last
+    checkpoint over final/, or, with other options, failed after rewriting config.yaml and
+    marking the run failed."""
+    out = tmp_path / "done"
+    args = ["--model", str(tiny_model), "--data", str(sft_file), "--output", str(out), *FAST]
+    assert run_train("sft", *args, "--max-steps", "4", "--save-every", "2").returncode == 0
+    assert (out / "checkpoints" / "latest").is_file() and (out / "final").is_dir()
+    before = files_of(out)
+    for extra in ([], ["--lora-dim", "8", "--max-steps", "6"]):
+        again = run_train("sft", *args, "--resume", *extra)
+        assert again.returncode == 2 and "Traceback" not in again.stderr
+        last = again.stderr.strip().splitlines()[-1]
+        assert "holds a finished run: nothing to resume, and its final/ stays as it is" in last
+        assert "would train it again from the start and delete its final/" in last
+        assert files_of(out) == before
+
+
+def test_a_resume_with_options_its_checkpoint_was_not_made_with_is_refused(tmp_path, tiny_model, sft_file):
+    ours = stopped_run(tmp_path / "ours", {"model": str(tiny_model), "lora_dim": 0, "zero_stage": 0})
+    before = files_of(ours)
+    done = run_train("sft", "--model", str(tiny_model), "--data", str(sft_file), "--output",
+                     str(ours), "--resume", "--lora-dim", "8", "--max-steps", "6", *FAST)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "was started with --lora-dim 0, not --lora-dim 8: its checkpoint holds that state" in last
+    assert files_of(ours) == before
+    (ours / "checkpoints" / "latest").unlink()
+    done = run_train("sft", "--model", str(tiny_model), "--data", str(sft_file), "--output",
+                     str(ours), "--resume", "--max-steps", "6", *FAST)
+    assert done.returncode == 2 and "has no checkpoint to resume from" in done.stderr.splitlines()[-1]
 
 
 def test_a_run_is_never_put_inside_another_nor_removed_with_it(tmp_path, tiny_model, sft_file):

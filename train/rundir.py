@@ -15,10 +15,10 @@ import shutil
 import time
 from pathlib import Path
 
-from core.hardware import resolve_precision
+from core.hardware import HardwareError, resolve_precision
 from core.options import ConfigError, flag_name, to_yaml
-from core.runs import (MARKER, PIPELINE_STEPS, RunInfo, enclosing_run, pid_alive, read_status,
-                       runs_inside, stage_of, write_json_atomic)
+from core.runs import (MARKER, PIPELINE_STEPS, RunInfo, enclosing_run, pid_alive, read_json,
+                       read_status, runs_inside, stage_of, write_json_atomic)
 
 
 def _ancestry() -> set[int]:
@@ -78,12 +78,37 @@ def refuse_resume(run: RunInfo, cfg, stage: str) -> None:
         raise ConfigError(f"{run.path} holds a {run.stage} run, not {stage}: resume it with "
                           f"`python -m train {run.stage} ... --resume`, or choose another --output.")
     saved = run.config()
+    refuse_other_precision(run, saved, cfg)
     for name in CHECKPOINT_OPTIONS:
+        if name == "precision":
+            continue  # compared as trained, just above
         if name in saved and hasattr(cfg, name) and not _same(saved[name], getattr(cfg, name)):
             raise ConfigError(f"{run.path} was started with {_as_flag(name, saved[name])}, not "
                               f"{_as_flag(name, getattr(cfg, name))}: its checkpoint holds that "
                               f"state, so resume with {_as_flag(name, saved[name])} (config.yaml "
                               "lists every option it started with), or choose another --output.")
+
+
+def _resolved(asked) -> str:
+    """The precision `asked` (auto, bf16, ...) trains in on this machine, or itself if unknown."""
+    try:
+        return resolve_precision(str(asked)).name
+    except HardwareError:
+        return str(asked)
+
+
+def refuse_other_precision(run: RunInfo, saved: dict, cfg) -> None:
+    """A checkpoint holds the precision the run trained in (run.json), however it was asked
+    for: `auto` that chose fp32 resumes with `--precision fp32` and the other way round."""
+    if not hasattr(cfg, "precision") or "precision" not in saved:
+        return
+    trained = read_json(run.path / MARKER).get("precision") or _resolved(saved["precision"])
+    new = _resolved(cfg.precision)
+    if new != trained:
+        raise ConfigError(f"{run.path} trained in {trained} (started with --precision "
+                          f"{saved['precision']}), and --precision {cfg.precision} means {new} "
+                          f"here: its checkpoint holds {trained} state, so resume with "
+                          f"--precision {trained}, or choose another --output.")
 
 
 def refuse_foreign(folder: Path, why: str) -> None:

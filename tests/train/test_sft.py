@@ -305,6 +305,28 @@ def test_a_resume_with_options_its_checkpoint_was_not_made_with_is_refused(tmp_p
     assert done.returncode == 2 and "has no checkpoint to resume from" in done.stderr.splitlines()[-1]
 
 
+def test_a_resume_takes_the_precision_its_checkpoint_trained_in_however_it_is_asked(
+        tmp_path, tiny_model, sft_file, monkeypatch):
+    """`--precision auto` that trained in fp32 resumes with `--precision fp32` (it was refused as
+    another precision); a precision the checkpoint was not made in is still refused."""
+    monkeypatch.setenv("RLHF_FORCE_CPU_CAPABILITY", "avx2")  # the runs below: auto means fp32
+    ours = stopped_run(tmp_path / "ours", {"model": str(tiny_model), "precision": "auto"})
+    (ours / "run.json").write_text('{"stage": "sft", "precision": "fp32"}')
+    before = files_of(ours)
+    args = ["--model", str(tiny_model), "--data", str(sft_file), "--output", str(ours), "--resume",
+            "--max-steps", "6", *FAST]
+    refused = run_train("sft", *args, "--precision", "bf16")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "trained in fp32 (started with --precision auto), and --precision bf16 means bf16 here" \
+        in refused.stderr.strip().splitlines()[-1]
+    assert files_of(ours) == before
+    # fp32 passes the options check and goes on to load the checkpoint (which this test leaves out)
+    passed = run_train("sft", *args, "--precision", "fp32")
+    last = passed.stderr.strip().splitlines()[-1]
+    assert passed.returncode == 2 and "precision" not in last and "Traceback" not in passed.stderr
+    assert "checkpoint" in last
+
+
 def test_a_run_is_never_put_inside_another_nor_removed_with_it(tmp_path, tiny_model, sft_file):
     """Issue 14 (third probe, F3): a run inside another run's folder was accepted, and the
     outer run's --overwrite then deleted it."""

@@ -109,6 +109,38 @@ def test_commas_and_brackets_inside_text_are_not_counted_as_items(url, work):
     assert "bytes of text" in error["message"] and work["parsed"]
 
 
+def test_an_unclosed_string_of_escaped_quotes_is_refused_at_once(url):
+    """Probe 5: `{"messages":"` then 48,000 escaped quotes (96 KB, a string that never closes)
+    froze the server for 48 s: the item counter read the rest of the body again at every
+    quote, holding the GIL. This body (400 KB) would take it about an hour; it is refused at
+    once, and the next request is served."""
+    body = b'{"messages":"' + b'\\"' * 200_000
+    error = error_of(post(url, body))
+    assert "not valid JSON" in error["message"]
+    assert post(url, {"messages": HELLO, "max_tokens": 2}).status_code == 200
+
+
+def items_of(value) -> tuple[int, int]:
+    """(items, objects and arrays) of a parsed JSON value, counted as json_size counts the text:
+    every string (keys too), object and array, and the commas between values."""
+    if isinstance(value, str):
+        return 1, 0
+    if not isinstance(value, (list, dict)):
+        return 0, 0
+    inner = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    counts = [items_of(v) for v in inner]
+    return (1 + sum(i for i, _ in counts) + max(len(value) - 1, 0), 1 + sum(c for _, c in counts))
+
+
+@pytest.mark.parametrize("text", ['\\', '\\"', '"\\', '\\\\"', 'a\\"b",[{', '\\u005c"'])
+def test_items_are_counted_the_same_whatever_escapes_the_strings_hold(text):
+    """Escapes are taken out before counting: a string full of escaped backslashes and quotes
+    is one item, however they are laid out."""
+    value = {"messages": [{"role": "user", "content": text * 50}, text], text: [text, [], {}]}
+    raw = json.dumps(value).encode()
+    assert serving.validation.json_size(raw, 10**6) == items_of(value)
+
+
 def test_loading_without_a_model_gets_the_load_routes_hint(url):
     """{} on /v1/models/load was told to send 'messages' (the chat route's hint)."""
     for body in ({}, {"model": ""}, {"name": "default"}):

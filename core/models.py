@@ -182,6 +182,13 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def load_errors() -> tuple:
+    """What loading a model folder raises for a missing, cut or unreadable file."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError
+
+
 def load_causal_lm(path: str, dtype=None):
     """The model in `dtype` (fp32 by default), from safetensors weights only."""
     import torch
@@ -190,7 +197,7 @@ def load_causal_lm(path: str, dtype=None):
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
                                                     use_safetensors=True)
-    except (OSError, ValueError) as err:
+    except load_errors() as err:
         raise ModelError(f"could not load model {path} ({str(err).splitlines()[0]}): pass a local "
                          "folder with config.json and safetensors weights, or check the hub name "
                          "and network access.") from None

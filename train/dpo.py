@@ -112,26 +112,35 @@ class Reference:
         return torch.tensor(values, device=batch["input_ids"].device)
 
 
-def build_reference(cfg: DPOConfig, engine, model_path: str, tokenizer, log) -> Reference | None:
-    """The frozen reference of `cfg`; None for the reference-free simpo."""
+def load_reference(cfg: DPOConfig, model_path: str, tokenizer, log):
+    """The frozen copy the reference of `cfg` needs (CausalLMWithLoss), loaded before the run
+    folder is written; None for simpo (reference-free) and for LoRA's adapters-disabled base."""
     if cfg.loss == "simpo":
         log("reference: none (simpo is reference-free)")
         return None
-    collective = cfg.zero_stage == 3 and torch.distributed.get_world_size() > 1
-    if cfg.lora_dim and not cfg.reference:  # the base weights are the starting model, frozen
+    if cfg.lora_dim and not cfg.reference:
         log("reference: the model with its LoRA adapters disabled")
-        return Reference(engine, engine.module.lm.disable_adapter, collective)
+        return None
     path = resolve_model(cfg.reference) if cfg.reference else model_path
     log(f"reference: a frozen copy of {cfg.reference or cfg.model}")
     if cfg.reference and load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
         raise ModelError(f"the reference {cfg.reference} uses another tokenizer than the model "
                          f"{cfg.model}: pass a reference of the same model family.")
     model = models.CausalLMWithLoss(load_causal_lm(path, torch_dtype(ds.precision(cfg).name)))
-    model.requires_grad_(False)
+    return model.requires_grad_(False)
+
+
+def build_reference(cfg: DPOConfig, engine, frozen) -> Reference | None:
+    """The frozen reference of `cfg` around `frozen` (load_reference's) or the engine's base."""
+    if cfg.loss == "simpo":
+        return None
+    collective = cfg.zero_stage == 3 and torch.distributed.get_world_size() > 1
+    if frozen is None:  # LoRA: the base weights are the starting model, frozen
+        return Reference(engine, engine.module.lm.disable_adapter, collective)
     is_start = not cfg.reference
     if cfg.zero_stage == 3:  # partitioned as the policy is
-        return Reference(ds.inference_engine(model, cfg), collective=collective, is_start=is_start)
-    return Reference(model.to(ds.device()).eval(), is_start=is_start)
+        return Reference(ds.inference_engine(frozen, cfg), collective=collective, is_start=is_start)
+    return Reference(frozen.to(ds.device()).eval(), is_start=is_start)
 
 
 # ---- objective ------------------------------------------------------------------------------------------
@@ -214,15 +223,14 @@ def main(cfg: DPOConfig) -> RunDir:
     total_steps = loop.total_steps(cfg, loop.steps_per_epoch(lengths, cfg, world))
     run.log(f"dpo ({cfg.loss}, beta {cfg.beta}): {len(train_set)} train / {len(eval_set)} eval "
             f"pairs, {world} process(es), {total_steps} steps")
-    if cfg.reference:
-        resolve_model(cfg.reference)  # checked before anything is written
-    run.start()  # inputs validated: the folder is written now (on --resume: once the checkpoint loads)
-
-    # model, engine and the frozen reference
     lm = models.make_trainable(load_causal_lm(model_path), cfg)
+    frozen = load_reference(cfg, model_path, tokenizer, run.log)
+    run.start()  # inputs and models checked: the folder is written now (--resume: once the checkpoint loads)
+
+    # engine and the frozen reference
     engine = ds.initialize(models.CausalLMWithLoss(lm), cfg, total_steps,
                            str(run.path / "tensorboard") if cfg.tensorboard else None)
-    reference = build_reference(cfg, engine, model_path, tokenizer, run.log)
+    reference = build_reference(cfg, engine, frozen)
 
     # training
     objective = loop.Objective(collate=partial(collate_pairs, pad_id=tokenizer.pad_token_id),

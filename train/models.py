@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from core.models import ModelError
+from core.models import ModelError, load_errors
 from core.paths import temp_folder_beside
 from train.losses import sequence_logprobs, sft_loss
 
@@ -143,15 +143,15 @@ def load_value_model(path: str, dtype=torch.float32) -> ValueHeadModel:
     from safetensors.torch import load_file
     from transformers import AutoModel
 
+    head = Path(path) / VALUE_HEAD_FILE
     try:
         backbone = AutoModel.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as err:
+        model = ValueHeadModel(backbone, backbone.config.hidden_size).to(dtype)
+        if head.is_file():
+            model.v_head.weight.data.copy_(load_file(head)["weight"])
+    except (*load_errors(), KeyError, RuntimeError) as err:
         raise ModelError(f"could not load model {path} ({str(err).splitlines()[0]}): pass a "
                          "reward-model folder (a run's final/), a model folder or 'default'.") from None
-    model = ValueHeadModel(backbone, backbone.config.hidden_size).to(dtype)
-    head = Path(path) / VALUE_HEAD_FILE
-    if head.is_file():
-        model.v_head.weight.data.copy_(load_file(head)["weight"])
     return model
 
 

@@ -38,8 +38,10 @@ from train.rundir import RunDir
 
 @dataclass
 class PPOModels:
+    """The models of a step; load_models' record holds the actor and critic as plain modules
+    and no rollout engine, start_engines' their DeepSpeed engines and the rollout engine."""
     actor: object            # DeepSpeed training engine of the policy (CausalLMWithLoss)
-    rollout: RolloutEngine   # the actor's generation mode
+    rollout: RolloutEngine | None  # the actor's generation mode
     reference: object        # frozen copy of the initial actor
     critic: object | None    # DeepSpeed training engine of the value model; None for grpo and rloo
     reward_model: object     # frozen reward model (ValueHeadModel)
@@ -211,41 +213,51 @@ def write_samples(run, step, exp: Experience, tokenizer, count: int = 2) -> None
 
 # ---- models ------------------------------------------------------------------------------------------
 
-def build_models(cfg: PPOConfig, run, total_steps: int, tokenizer) -> PPOModels:
-    """Actor and (ppo) critic engines for `total_steps` optimizer steps, frozen reference and
-    reward model, and the rollout engine."""
+def load_models(cfg: PPOConfig, tokenizer, log) -> PPOModels:
+    """Every model of the step, loaded and checked before the run folder is written (a model
+    that cannot load leaves an earlier run there as it was): the actor and (ppo) critic as
+    trainable modules that `start_engines` wraps, no rollout engine yet."""
     actor_path = resolve_model(cfg.actor)
     reward_path = resolve_model(cfg.reward)
     if load_tokenizer(reward_path).get_vocab() != tokenizer.get_vocab():
         raise ModelError(f"the reward model {cfg.reward} uses another tokenizer than the "
                           f"actor {cfg.actor}: train it from the same base model.")
     frozen_dtype = torch_dtype(ds.precision(cfg).name)
-
-    tb = str(run.path / "tensorboard") if cfg.tensorboard else None
-    actor, rollout = start_actor(cfg, lambda: models.make_trainable(load_causal_lm(actor_path), cfg),
-                                 total_steps, tb, run.log)
-
+    actor = models.make_trainable(load_causal_lm(actor_path), cfg)
     critic = None
     if cfg.algorithm == "ppo":
         critic_path = resolve_model(cfg.critic) if cfg.critic else reward_path
-        critic_model = models.load_value_model(critic_path)
+        critic = models.load_value_model(critic_path)
         stats = models.reward_stats(critic_path)
         if cfg.normalize_reward and stats and models.reward_stats(reward_path):
-            critic_model.normalise_output(stats["mean"], stats["std"])  # the scale of the scores
-        critic_model.backbone = models.make_trainable(critic_model.backbone, cfg, task="FEATURE_EXTRACTION")
-        critic = ds.initialize(critic_model, cfg, total_steps, learning_rate=cfg.critic_learning_rate)
+            critic.normalise_output(stats["mean"], stats["std"])  # the scale of the scores
+        critic.backbone = models.make_trainable(critic.backbone, cfg, task="FEATURE_EXTRACTION")
     else:
-        run.log(f"{cfg.algorithm}: no critic; advantages from groups of {cfg.samples_per_prompt} "
-                f"responses per prompt; KL to the reference in the {'loss' if cfg.kl_in_loss else 'reward'}")
-
+        log(f"{cfg.algorithm}: no critic; advantages from groups of {cfg.samples_per_prompt} "
+            f"responses per prompt; KL to the reference in the {'loss' if cfg.kl_in_loss else 'reward'}")
     reference = models.CausalLMWithLoss(load_causal_lm(actor_path, frozen_dtype))
     reward_model = models.load_value_model(reward_path, frozen_dtype)
+    return PPOModels(actor, None, reference, critic, reward_model, models.reward_stats(reward_path))
+
+
+def start_engines(cfg: PPOConfig, loaded: PPOModels, total_steps: int, tensorboard_dir, log) -> PPOModels:
+    """`loaded` (load_models') with the actor's and (ppo) critic's DeepSpeed engines for
+    `total_steps` optimizer steps, the rollout engine, and the frozen models placed."""
+    unused = [loaded.actor]
+
+    def actor_lm():  # start_actor asks again for a fresh copy if DeepSpeed's Hybrid Engine fails
+        return unused.pop() if unused else models.make_trainable(load_causal_lm(resolve_model(cfg.actor)), cfg)
+
+    actor, rollout = start_actor(cfg, actor_lm, total_steps, tensorboard_dir, log)
+    critic = None
+    if loaded.critic is not None:
+        critic = ds.initialize(loaded.critic, cfg, total_steps, learning_rate=cfg.critic_learning_rate)
+    reference, reward_model = loaded.reference, loaded.reward_model
     if cfg.zero_stage == 3:  # partition the frozen models too
         reference, reward_model = ds.inference_engine(reference, cfg), ds.inference_engine(reward_model, cfg)
     else:
         reference, reward_model = reference.to(ds.device()).eval(), reward_model.to(ds.device()).eval()
-    return PPOModels(actor, rollout, reference, critic, reward_model,
-                     models.reward_stats(reward_path))
+    return PPOModels(actor, rollout, reference, critic, reward_model, loaded.reward_stats)
 
 
 def save_checkpoint(run, actor, critic, step, kl_ctl, ema, keep) -> None:
@@ -279,12 +291,12 @@ def main(cfg: PPOConfig) -> RunDir:
     total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
     run.log(f"{cfg.algorithm}: {len(train_prompts)} train / {len(eval_prompts)} eval prompts, {world} "
             f"process(es), {total_steps} steps of {cfg.optimizer_steps_per_step} optimizer steps")
-    for path in filter(None, (cfg.reward, cfg.critic)):
-        resolve_model(path)  # checked before anything is written
-    run.start()  # inputs validated: the folder is written now (on --resume: once the checkpoint loads)
+    loaded = load_models(cfg, tokenizer, run.log)
+    run.start()  # inputs and models checked: the folder is written now (--resume: once the checkpoint loads)
 
-    # models: the schedules count optimizer steps
-    m = build_models(cfg, run, total_steps * cfg.optimizer_steps_per_step, tokenizer)
+    # engines: the schedules count optimizer steps
+    m = start_engines(cfg, loaded, total_steps * cfg.optimizer_steps_per_step,
+                      str(run.path / "tensorboard") if cfg.tensorboard else None, run.log)
     actor, critic = m.actor, m.critic
     if m.reward_stats is None and cfg.normalize_reward:
         run.log("the reward model has no saved statistics: rewards are not normalised")

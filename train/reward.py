@@ -93,11 +93,11 @@ def main(cfg: RMConfig) -> RunDir:
     total_steps = loop.total_steps(cfg, loop.steps_per_epoch(lengths, cfg, world))
     run.log(f"rm: {len(train_set)} train / {len(eval_set)} eval pairs, {world} process(es), "
             f"{total_steps} steps")
-    run.start()  # inputs validated: the folder is written now (on --resume: once the checkpoint loads)
-
-    # model and engine
     model = models.load_value_model(model_path)
     model.backbone = models.make_trainable(model.backbone, cfg, task="FEATURE_EXTRACTION")
+    run.start()  # inputs and model checked: the folder is written now (--resume: once the checkpoint loads)
+
+    # engine
     engine = ds.initialize(model, cfg, total_steps,
                            str(run.path / "tensorboard") if cfg.tensorboard else None)
 

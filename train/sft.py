@@ -51,10 +51,10 @@ def main(cfg: SFTConfig) -> RunDir:
     total_steps = loop.total_steps(cfg, loop.steps_per_epoch(lengths, cfg, world))
     run.log(f"sft: {len(train_set)} train / {len(eval_set)} eval examples, {world} process(es), "
             f"{total_steps} steps")
-    run.start()  # inputs validated: the folder is written now (on --resume: once the checkpoint loads)
-
-    # model and engine
     lm = models.make_trainable(load_causal_lm(model_path), cfg)
+    run.start()  # inputs and model checked: the folder is written now (--resume: once the checkpoint loads)
+
+    # engine
     engine = ds.initialize(models.CausalLMWithLoss(lm), cfg, total_steps,
                            str(run.path / "tensorboard") if cfg.tensorboard else None)
 

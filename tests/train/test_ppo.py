@@ -208,8 +208,7 @@ def test_hugging_face_baseline_path_gives_the_same_greedy_rollouts(tiny_model):
 def build_ppo(tmp_path_factory, tiny_model, tiny_reward_model):
     """build(**options) -> (cfg, PPOModels, sampling) on the tiny actor and reward model."""
     from train import ds
-    from train.ppo import build_models
-    from train.rundir import RunDir
+    from train.ppo import load_models, start_engines
 
     ds.init_distributed()  # a group of one, as `python -m train ppo` makes
     tokenizer = models.load_tokenizer(str(tiny_model))
@@ -217,7 +216,7 @@ def build_ppo(tmp_path_factory, tiny_model, tiny_reward_model):
     def build(optimizer_steps: int = 8, **options):
         cfg = PPOConfig(actor=str(tiny_model), reward=str(tiny_reward_model), tensorboard=False,
                         max_new_tokens=6, **options)
-        m = build_models(cfg, RunDir(tmp_path_factory.mktemp("ppo")), optimizer_steps, tokenizer)
+        m = start_engines(cfg, load_models(cfg, tokenizer, print), optimizer_steps, None, print)
         sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, tokenizer.eos_token_id,
                             tokenizer.pad_token_id)
         return cfg, m, sampling

@@ -2,6 +2,7 @@
 real default model (slow) for real behaviour."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -325,6 +326,55 @@ def test_a_resume_takes_the_precision_its_checkpoint_trained_in_however_it_is_as
     last = passed.stderr.strip().splitlines()[-1]
     assert passed.returncode == 2 and "precision" not in last and "Traceback" not in passed.stderr
     assert "checkpoint" in last
+
+
+def truncated_copy(model, folder):
+    """`model` with its weights cut short, as a copy interrupted part-way leaves it."""
+    shutil.copytree(model, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    return folder
+
+
+def test_a_failed_overwrite_leaves_the_finished_run_as_it_was(tmp_path, tiny_model, sft_file):
+    """Probe 5 (N2): --overwrite removed a finished run's final/ and checkpoints/ before it found
+    that the model's weights were cut short or that --lora-targets matched nothing."""
+    out = tmp_path / "done"
+    args = ["--data", str(sft_file), "--output", str(out), *FAST]
+    assert run_train("sft", "--model", str(tiny_model), *args, "--max-steps", "2").returncode == 0
+    before = files_of(out)
+    assert "final/model.safetensors" in before
+    cut = truncated_copy(tiny_model, tmp_path / "cut")
+    for model, extra, says in [(tiny_model, ["--lora-dim", "8", "--lora-targets", "q_projj"],
+                                "--lora-targets 'q_projj' does not match this model"),
+                               (cut, [], f"could not load model {cut}")]:
+        done = run_train("sft", "--model", str(model), *args, "--overwrite", *extra)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert says in done.stderr.strip().splitlines()[-1]
+        assert files_of(out) == before
+
+
+@pytest.mark.parametrize("stage, data", [("rm", "prompts/preferences.jsonl"),
+                                         ("dpo", "prompts/preferences.jsonl"),
+                                         ("ppo", "prompts/prompts.jsonl")])
+def test_every_stage_checks_its_models_before_an_overwrite_removes_anything(tmp_path, tiny_model,
+                                                                            stage, data):
+    """Probe 5 (N2) in the other stages: the models load (LoRA on them too) before the run folder
+    is touched, so a run that --overwrite would replace stays whole when one cannot."""
+    out = tmp_path / "earlier"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "model.safetensors").write_text("the earlier run's weights")
+    (out / "run.json").write_text(json.dumps({"stage": stage}))
+    (out / "status.json").write_text('{"state": "done"}')
+    before = files_of(out)
+    model = "--actor" if stage == "ppo" else "--model"
+    extra = ["--reward", str(tiny_model), "--rollout-batch-size", "2"] if stage == "ppo" else []
+    done = run_train(stage, model, str(tiny_model), "--data", str(ROOT / data), "--output", str(out),
+                     "--overwrite", "--lora-dim", "8", "--lora-targets", "q_projj", "--max-steps", "1",
+                     *extra, *FAST)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "--lora-targets 'q_projj' does not match this model" in done.stderr.strip().splitlines()[-1]
+    assert files_of(out) == before
 
 
 def test_a_run_is_never_put_inside_another_nor_removed_with_it(tmp_path, tiny_model, sft_file):

@@ -87,7 +87,7 @@ def ours_rollout(model, prompts, new_tokens: int, seed: int = 0) -> tuple[float,
     tic = time.perf_counter()
     decoder = SlotDecoder(model, len(prompts), max(map(len, prompts)) + new_tokens)
     prep = time.perf_counter() - tic
-    _, _, tokens, _ = decode_batch(decoder, prompts, sampling, torch.Generator().manual_seed(seed))
+    tokens = decode_batch(decoder, prompts, sampling, torch.Generator().manual_seed(seed)).response_ids
     assert tokens.shape == (len(prompts), new_tokens)
     return time.perf_counter() - tic, prep
 

@@ -18,14 +18,29 @@ class Sampling:
 
 
 def sample_tokens(logits: torch.Tensor, sampling: Sampling, generator=None) -> torch.Tensor:
-    """(B,) next tokens from (B, V) logits: greedy, or temperature and nucleus (top-p) sampling.
-
-    Sampling inverts each row's cumulative distribution at one uniform draw: a cumsum and a
-    binary search, several times cheaper on a CPU than `torch.multinomial` over a 49k vocabulary."""
+    """(B,) next tokens from (B, V) logits: greedy, or temperature and nucleus (top-p) sampling."""
     if sampling.greedy:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    order = None
+    return sample_with_logprobs(logits, sampling, generator)[0]
+
+
+def sample_with_logprobs(logits: torch.Tensor, sampling: Sampling,
+                         generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B,) next tokens as `sample_tokens` draws them, (B,) float32 log-probs of those tokens under
+    the full distribution at the sampling temperature): log_softmax(logits / temperature), greedy
+    included, over every token, not over the top-p nucleus the token was drawn from (what a
+    training forward at that temperature gives the same token).
+
+    Sampling inverts each row's cumulative distribution at one uniform draw: a cumsum and a
+    binary search, several times cheaper on a CPU than `torch.multinomial` over a 49k vocabulary.
+    The log-prob of a drawn token is the log of its probability, already at hand (a drawn token's
+    probability is never near fp32's underflow)."""
+    scaled = logits.float() / sampling.temperature
+    if sampling.greedy:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(scaled, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    full = torch.softmax(scaled, dim=-1)
+    probs, order = full, None
     if sampling.top_p < 1.0:
         probs, order = probs.sort(dim=-1, descending=True)
         outside = probs.cumsum(-1) - probs > sampling.top_p  # keep the first token over p
@@ -35,7 +50,8 @@ def sample_tokens(logits: torch.Tensor, sampling: Sampling, generator=None) -> t
     # right=True: the first index whose cdf exceeds the draw, so a zero-probability token
     # (an empty interval) is never picked
     tokens = torch.searchsorted(cdf, draw, right=True).clamp(max=cdf.shape[-1] - 1)
-    return (tokens if order is None else order.gather(-1, tokens)).squeeze(-1)
+    tokens = tokens if order is None else order.gather(-1, tokens)  # (B, 1)
+    return tokens.squeeze(-1), full.gather(-1, tokens).squeeze(-1).log()
 
 
 def pad(sequences: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

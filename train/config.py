@@ -161,8 +161,9 @@ class PPOConfig(RunConfig):
                                               "(the schedule and the EMA count optimizer steps)",
                                            range=(1, 1024), group="training")
     score_batch_size: int = opt(0, "rollouts per scoring forward (actor, reference, critic, "
-                                   "reward model); 0: --batch-size, so that the first update's "
-                                   "policy ratio is exactly 1 (same rows, same numerics)",
+                                   "reward model); 0: --batch-size, so that where the actor is "
+                                   "scored (--rollout-logprobs) the first update's policy ratio "
+                                   "is exactly 1 (same rows, same numerics)",
                                 range=(0, 4096), group="training")
     rollout_batch_size: int = opt(16, "prompts generated per step per process (each sampled "
                                       "--group-size times)", range=(1, 4096), group="main")
@@ -195,6 +196,12 @@ class PPOConfig(RunConfig):
                                       "slot decoder), hf (Hugging Face generate, the baseline); "
                                       "auto: deepspeed where it can run, else fused",
                               choices=ROLLOUT_ENGINES, group="rl")
+    rollout_logprobs: str = opt("auto", "where the policy ratio's old log-probs come from: auto "
+                                        "takes those recorded while sampling where they equal the "
+                                        "training forward's (fused rollouts of an actor trained "
+                                        "in fp32) and saves that forward, else runs it; forward "
+                                        "always runs it (the first update's ratio then is exactly 1)",
+                                choices=("auto", "forward"), group="rl")
     # replaced by rollout_engine; still read, with a deprecation line, from the command line and
     # from older runs' config.yaml: old name -> (type, value -> new options)
     RENAMED: ClassVar[dict] = {

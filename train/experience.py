@@ -8,14 +8,16 @@ minus the mean of the rest of the group), with the KL to the reference in the re
 the loss (`--kl-penalty`).
 
 Log-probs are taken from logits divided by the sampling temperature, so that the policy ratio
-compares the distributions the rollouts were sampled from (as TRL and veRL do). Scoring runs
-`score_batch_size` rollouts at a time (the full batch's (B, R, V) fp32 logits would take
-gigabytes) and, by default, in exactly the minibatches the first update pass takes: same rows,
-same shapes, so the first minibatch's ratio is exactly 1. The batch is stored in that order.
+compares the distributions the rollouts were sampled from (as TRL and veRL do). The actor's ("old")
+log-probs are those the rollout recorded while sampling where they equal the training forward's
+(train/rollout.py: fused rollouts of an fp32 actor; the gap is under 3e-05, bench/grpo.py),
+which saves one actor forward over every rollout; elsewhere (bf16 rollouts, the hf and deepspeed
+engines, --rollout-logprobs forward) an actor forward scores them. Scoring runs `score_batch_size`
+rollouts at a time (the full batch's (B, R, V) fp32 logits would take gigabytes) and, by default,
+in exactly the minibatches the first update pass takes: same rows, same shapes, so where the actor
+is scored the first minibatch's ratio is exactly 1. The batch is stored in that order.
 
-Left out: sequences are not re-padded per micro-batch (every forward keeps the batch's width);
-log-probs recorded while sampling do not replace the actor's scoring forward (the fused decoder's
-numerics differ from the training forward's: bench/grpo.py measures by how much).
+Left out: sequences are not re-padded per micro-batch (every forward keeps the batch's width).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class Experience:
     attention_mask: torch.Tensor  # (B, P+R) 1 on real prompt and response tokens
     action_mask: torch.Tensor     # (B, R) 1 on response tokens up to and including end-of-turn
     logprobs: torch.Tensor        # (B, R) actor log-probs of the response tokens at rollout time
+                                  #   (recorded while sampling, or from an actor forward)
     ref_logprobs: torch.Tensor    # (B, R) reference log-probs of the same tokens
     values: torch.Tensor | None   # (B, R) critic values of the state before each token; None without a critic
     scores: torch.Tensor          # (B,) reward-model scores, normalised and clipped
@@ -91,13 +94,15 @@ def in_chunks(forward, order: torch.Tensor, size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def make_experience(m, prompts, sampling, cfg, kl_coef: float, timer: dict) -> Experience:
-    """Roll out `prompts` (group_size samples each), score the rollouts, compute advantages.
-    `m` is train/ppo.py's PPOModels; `timer` gathers the generate/switch/score seconds."""
+    """Roll out `prompts` (group_size samples each), score the rollouts (the actor only where the
+    rollout recorded no log-probs), compute advantages. `m` is train/ppo.py's PPOModels; `timer`
+    gathers the generate/switch/score seconds."""
     # rollout: a prompt's group_size samples side by side
     tic = time.time()
     group = cfg.samples_per_prompt
     repeated = [prompt for prompt in prompts for _ in range(group)]
-    prompt_ids, prompt_mask, response_ids, action_mask = m.rollout.rollout(repeated, sampling)
+    rollout = m.rollout.rollout(repeated, sampling)
+    prompt_ids, prompt_mask, response_ids, action_mask = rollout[:4]
     timer["generate"] += time.time() - tic - m.rollout.switch_s
     timer["switch"] += m.rollout.switch_s
     timer["generated_tokens"] += action_mask.sum().item()
@@ -113,9 +118,12 @@ def make_experience(m, prompts, sampling, cfg, kl_coef: float, timer: dict) -> E
     def chunked(forward):  # forward(sequences, attention_mask) of some rows -> (n, ...)
         return in_chunks(lambda rows: forward(sequences[rows], attention_mask[rows]), order, chunk)
 
-    m.actor.eval()
-    logprobs = chunked(lambda s, a: response_logprobs(m.actor, s, a, width, cfg.temperature)[0])
-    m.actor.train()
+    m.rollout.log_logprobs_source()  # where the old log-probs come from, and why (once)
+    logprobs = rollout.logprobs  # recorded while sampling, where they equal the training forward's
+    if logprobs is None:
+        m.actor.eval()
+        logprobs = chunked(lambda s, a: response_logprobs(m.actor, s, a, width, cfg.temperature)[0])
+        m.actor.train()
     ref_logprobs = chunked(lambda s, a: response_logprobs(m.reference, s, a, width, cfg.temperature)[0])
     values = chunked(lambda s, a: response_values(m.critic, s, a, width)) if m.critic is not None else None
     raw_scores = chunked(lambda s, a: score(m.reward_model, s, a))

@@ -97,7 +97,8 @@ def ptx_batches(cfg: PPOConfig, tokenizer, log):
 
 def ppo_update(m: PPOModels, exp: Experience, cfg: PPOConfig, kl_coef: float, ptx, ema, metrics) -> None:
     """`ppo_epochs` passes over one step's experience in minibatches: the first pass in the order
-    the experience was scored (its first ratio is exactly 1), later passes shuffled."""
+    the experience was scored (where the actor scored it, its first ratio is exactly 1; from
+    log-probs recorded while sampling, within their measured gap), later passes shuffled."""
     actor, critic, width, rows = m.actor, m.critic, exp.prompt_width, len(exp.sequences)
     for epoch in range(cfg.ppo_epochs):
         order = torch.arange(rows) if epoch == 0 else torch.randperm(rows)
@@ -175,7 +176,7 @@ def evaluate(m: PPOModels, prompts, cfg, tokenizer) -> dict:
     sampling = Sampling(cfg.max_new_tokens, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id,
                         greedy=True)
     for start in range(0, len(prompts), cfg.rollout_batch_size):
-        prompt_ids, prompt_mask, response_ids, action_mask = m.rollout.rollout(
+        prompt_ids, prompt_mask, response_ids, action_mask, _ = m.rollout.rollout(
             prompts[start:start + cfg.rollout_batch_size], sampling)
         sequences = torch.cat([prompt_ids, response_ids], 1)
         rewards += score(m.reward_model, sequences, torch.cat([prompt_mask, action_mask], 1)).tolist()

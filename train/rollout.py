@@ -15,16 +15,24 @@ picks what generates:
   preallocated KV cache, in bf16 where the hardware computes it natively (a bf16 copy of fp32
   training weights), with LoRA adapters merged into its copy (W + scale * B @ A, as DeepSpeed's
   Hybrid Engine does); sampling is batched and each sequence stops at its end-of-turn token;
+  each sampled token's log-prob is recorded as it is drawn (`Rollout.logprobs`);
 - `hf`: Hugging Face `generate`, the baseline the benchmarks compare against;
 - `auto` (default): deepspeed where it can run, else fused.
 
 The switch's own time (gather, weight layout, mode change) is measured apart from generation.
+
+Recorded log-probs leave a rollout only where they are what the training forward would compute:
+the fused engine decoding in fp32 an actor that trains in fp32 (max |diff| 2e-05 to 3e-05 on the
+built-in model: bench/grpo.py, `mismatch`). bf16 or fp16 rollouts, or rollouts through Hugging Face
+`generate` (hf, deepspeed), return none, and train/experience.py scores the rollouts with an
+actor forward instead; `logprobs_source` says which, and why.
 """
 from __future__ import annotations
 
 import copy
 import time
 from contextlib import contextmanager, nullcontext
+from typing import NamedTuple
 
 import deepspeed
 import torch
@@ -32,32 +40,49 @@ import torch
 from core.decoder import SlotDecoder, fused_reason
 from core.hardware import hardware
 from core.options import ConfigError
-from core.sampling import Sampling, pad, sample_tokens
+from core.sampling import Sampling, pad, sample_with_logprobs
 from train import ds
 from train.loop import STOP
 from train.models import CausalLMWithLoss
 
 
+class Rollout(NamedTuple):
+    """A batch of sampled responses; what `generate`, `decode_batch`, `hf_generate` and
+    `RolloutEngine.rollout` return."""
+    prompt_ids: torch.Tensor     # (B, P) left-padded prompt ids
+    prompt_mask: torch.Tensor    # (B, P) 1 on prompt tokens
+    response_ids: torch.Tensor   # (B, R) sampled ids; the pad token after a response's end
+    response_mask: torch.Tensor  # (B, R) 1 on response tokens up to and including end-of-turn
+    logprobs: torch.Tensor | None  # (B, R) float32 log_softmax(logits / temperature) of each sampled
+                                   # token as it was drawn, 0 where the mask is 0; None: not recorded
+
+
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], sampling: Sampling, generator=None, dtype=None):
-    """Batched sampling on a preallocated KV cache (core/decoder.py); returns (prompt_ids (B, P),
-    prompt_mask (B, P), response_ids (B, R), response_mask (B, R)). A response's mask covers its
+def generate(model, prompts: list[list[int]], sampling: Sampling, generator=None, dtype=None) -> Rollout:
+    """Batched sampling on a preallocated KV cache (core/decoder.py). A response's mask covers its
     tokens up to and including its end-of-turn token; later positions hold the pad token."""
     decoder = SlotDecoder(model, len(prompts), max(map(len, prompts)) + sampling.max_new_tokens, dtype)
     return decode_batch(decoder, prompts, sampling, generator)
 
 
 @torch.no_grad()
-def decode_batch(decoder: SlotDecoder, prompts: list[list[int]], sampling: Sampling, generator=None):
-    """`generate` on a decoder already built; finished sequences drop out of the batch."""
+def decode_batch(decoder: SlotDecoder, prompts: list[list[int]], sampling: Sampling,
+                 generator=None) -> Rollout:
+    """`generate` on a decoder already built; finished sequences drop out of the batch. Each
+    token's log-prob is that of the full distribution at the sampling temperature (not the
+    top-p-truncated one; greedy: the taken token's; core/sampling.py sample_with_logprobs), as
+    train/experience.py response_logprobs takes it from the training forward."""
     batch = len(prompts)
     tokens = torch.full((batch, sampling.max_new_tokens), sampling.pad_token_id, dtype=torch.long)
     alive = torch.zeros((batch, sampling.max_new_tokens), dtype=torch.long)
+    logprobs = torch.zeros((batch, sampling.max_new_tokens), dtype=torch.float32)
     active = torch.arange(batch)  # rows still generating; row i lives in slot i
     logits = decoder.prefill(active.tolist(), prompts)
     steps = 0
     for steps in range(1, sampling.max_new_tokens + 1):
-        next_tokens = sample_tokens(logits, sampling, generator).cpu()
+        next_tokens, next_logprobs = sample_with_logprobs(logits, sampling, generator)
+        next_tokens = next_tokens.cpu()
+        logprobs[active, steps - 1] = next_logprobs.cpu()
         tokens[active, steps - 1] = next_tokens
         alive[active, steps - 1] = 1
         going = next_tokens != sampling.eos_token_id
@@ -68,14 +93,14 @@ def decode_batch(decoder: SlotDecoder, prompts: list[list[int]], sampling: Sampl
         logits = decoder.decode(active.tolist(), next_tokens)
     device = next(decoder.model.parameters()).device
     prompt_ids, prompt_mask = pad(prompts, sampling.pad_token_id, left=True)
-    return (prompt_ids.to(device), prompt_mask.to(device), tokens[:, :steps].to(device),
-            alive[:, :steps].to(device))
+    return Rollout(prompt_ids.to(device), prompt_mask.to(device), tokens[:, :steps].to(device),
+                   alive[:, :steps].to(device), logprobs[:, :steps].to(device))
 
 
 @torch.no_grad()
-def hf_generate(model, prompts: list[list[int]], sampling: Sampling):
+def hf_generate(model, prompts: list[list[int]], sampling: Sampling) -> Rollout:
     """The same rollout through Hugging Face `generate` (what DeepSpeed-Chat and TRL use on a
-    CPU, and what DeepSpeed's Hybrid Engine wraps on CUDA); same return value as `generate`."""
+    CPU, and what DeepSpeed's Hybrid Engine wraps on CUDA); no log-probs recorded."""
     prompt_ids, prompt_mask = (t.to(ds.device()) for t in pad(prompts, sampling.pad_token_id, left=True))
     sample_args = {} if sampling.greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p}
     output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
@@ -85,7 +110,7 @@ def hf_generate(model, prompts: list[list[int]], sampling: Sampling):
     response_ids = output[:, prompt_ids.shape[1]:]
     ended = (response_ids == sampling.eos_token_id).long()
     after_end = (ended.cumsum(1) - ended) > 0  # positions after the first end-of-turn token
-    return prompt_ids, prompt_mask, response_ids, (~after_end).long()
+    return Rollout(prompt_ids, prompt_mask, response_ids, (~after_end).long(), None)
 
 
 # Architectures DeepSpeed-Chat's Hybrid Engine has inference containers for.
@@ -144,7 +169,7 @@ def start_actor(cfg, load_lm, total_steps: int, tensorboard_dir: str | None, log
         try:
             actor = ds.initialize(CausalLMWithLoss(lm), cfg, total_steps, tensorboard_dir,
                                   extra={"hybrid_engine": ds_hybrid_config(cfg)})
-            rollout = RolloutEngine(actor, kind, log)
+            rollout = RolloutEngine(actor, kind, log, cfg.rollout_logprobs)
             rollout.check_hybrid_engine()
             log(f"rollouts: deepspeed ({why})")
             return actor, rollout
@@ -154,24 +179,46 @@ def start_actor(cfg, load_lm, total_steps: int, tensorboard_dir: str | None, log
             kind, why = "fused", f"DeepSpeed's Hybrid Engine failed ({failure}); {fused_description(lm)}"
     actor = ds.initialize(CausalLMWithLoss(lm), cfg, total_steps, tensorboard_dir)
     log(f"rollouts: {kind} ({why})")
-    return actor, RolloutEngine(actor, kind, log)
+    return actor, RolloutEngine(actor, kind, log, cfg.rollout_logprobs)
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def mismatch(rollout_dtype: torch.dtype, training_dtype: torch.dtype) -> str | None:
+    """None where log-probs recorded while sampling equal the training forward's (to 1e-4: both
+    in fp32), else why not. Half precision does not match even against itself: bf16 decoding of a
+    bf16 model differed from its bf16 training forward by up to 0.34 (mean 0.03) on the built-in
+    model, against at most 2.7e-05 in fp32 (16 prompts, 64 tokens, temperature 1.0 and 0.7)."""
+    if rollout_dtype == training_dtype == torch.float32:
+        return None
+    rollout_name, training_name = (DTYPE_NAMES.get(d, str(d)) for d in (rollout_dtype, training_dtype))
+    if rollout_dtype != training_dtype:
+        return f"rollouts in {rollout_name}, training in {training_name}"
+    return f"rollouts and training in {training_name}, whose rounding differs between the two paths"
 
 
 class RolloutEngine:
     """The actor engine's generation mode. `rollout(prompts, sampling)` switches the engine to
-    generation, samples, and switches back; `switch_s` holds the last switch's own time."""
+    generation, samples, and switches back; `switch_s` holds the last switch's own time and
+    `logprobs_source` where the last rollout's old log-probs come from (see the module docstring).
+    `logprobs="forward"` never returns recorded log-probs (--rollout-logprobs)."""
 
-    def __init__(self, engine, kind: str, log=print):
+    def __init__(self, engine, kind: str, log=print, logprobs: str = "auto"):
         self.engine = engine
         self.kind = kind  # deepspeed, fused or hf (pick_rollout_engine)
         self.log = log
+        self.keep_logprobs = logprobs == "auto"
         self.switch_s = 0.0
+        self.logprobs_source = ""
+        self._logged_source = ""
 
-    def rollout(self, prompts: list[list[int]], sampling: Sampling, generator=None):
-        """Same return value as `generate`, whichever engine runs."""
+    def rollout(self, prompts: list[list[int]], sampling: Sampling, generator=None) -> Rollout:
+        """A `Rollout`, whichever engine runs; its log-probs only where they match training's."""
         if self.kind == "deepspeed":
             try:
-                return self._ds_rollout(prompts, sampling)
+                return self._with_logprobs(self._ds_rollout(prompts, sampling),
+                                           "DeepSpeed's Hybrid Engine: Hugging Face generate records none")
             except Exception as err:  # noqa: BLE001  (see start_actor)
                 self.engine.train()  # the layers' own forwards back
                 self.kind = "fused"
@@ -179,13 +226,34 @@ class RolloutEngine:
                          f"from now on {fused_description(self.engine.module.lm)}")
         with self.generation() as model:
             if self.kind == "hf":
-                return hf_generate(model, prompts, sampling)
+                return self._with_logprobs(hf_generate(model, prompts, sampling),
+                                           "the hf engine: Hugging Face generate records none")
             tic = time.time()
             dtype = torch.bfloat16 if hardware().native_bf16 else None  # fp32 training, bf16 rollouts
             decoder = SlotDecoder(model, len(prompts), max(map(len, prompts)) + sampling.max_new_tokens,
                                   dtype)
             self.switch_s += time.time() - tic  # laying out the weights is part of the switch
-            return decode_batch(decoder, prompts, sampling, generator)
+            result = decode_batch(decoder, prompts, sampling, generator)
+            rollout_dtype = dtype or next(model.parameters()).dtype
+        training_dtype = next(self.engine.module.parameters()).dtype
+        decoded_by = "fused decoder" if decoder.fused else "the model's own forward, slot cache"
+        return self._with_logprobs(result, mismatch(rollout_dtype, training_dtype), decoded_by)
+
+    def _with_logprobs(self, result: Rollout, differ: str | None, decoder: str = "") -> Rollout:
+        """`result`, its log-probs dropped unless they match training's (`differ`, why they do
+        not, is None) and are wanted; `logprobs_source` says which, and why."""
+        if differ is None and self.keep_logprobs:
+            self.logprobs_source = f"from sampling ({decoder}, fp32 = training precision)"
+            return result
+        why = differ or "--rollout-logprobs forward"
+        self.logprobs_source = f"from an actor forward ({why})"
+        return result._replace(logprobs=None)
+
+    def log_logprobs_source(self) -> None:
+        """Log `logprobs_source` when it changed (once per run, unless the engine falls back)."""
+        if self.logprobs_source != self._logged_source:
+            self._logged_source = self.logprobs_source
+            self.log(f"old log-probs: {self.logprobs_source}")
 
     def _ds_rollout(self, prompts, sampling):
         tic = time.time()

@@ -49,9 +49,9 @@ class Policies:
                                            return_dict=False)[-cfg.max_prompt_len:] for p in prompts]
         texts = []
         for start in range(0, len(encoded), cfg.batch_size):
-            _, _, response_ids, mask = generate(self.models[which], encoded[start:start + cfg.batch_size], sampling)
+            rollout = generate(self.models[which], encoded[start:start + cfg.batch_size], sampling)
             texts += [tok.decode(ids[keep > 0], skip_special_tokens=True).strip()
-                      for ids, keep in zip(response_ids.cpu(), mask.cpu())]
+                      for ids, keep in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu())]
         return texts
 
     def answer_tokens(self, prompts, answers) -> list[list[int]]:

@@ -87,7 +87,7 @@ def decoder_check(result: Path) -> None:
     with torch.inference_mode():
         lm = models.load_causal_lm(path, dtype=torch.float32).cuda().eval()
         greedy = Sampling(32, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
-        _, _, ours, mask = generate(lm, prompts[:8], greedy)
+        _, _, ours, mask, _ = generate(lm, prompts[:8], greedy)
         equal = 0
         for row, prompt in enumerate(prompts[:8]):
             own = lm.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=32, do_sample=False,

@@ -97,7 +97,7 @@ def test_greedy_answer_equals_the_ppo_samplers(client, engine):
     sampling = Sampling(max_new_tokens=40, temperature=1.0, top_p=1.0, greedy=True,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     lm = engine.decoder.model
-    _, _, response_ids, response_mask = generate(lm, [engine.encode_chat(conversation)], sampling)
+    _, _, response_ids, response_mask, _ = generate(lm, [engine.encode_chat(conversation)], sampling)
     kept = [t for t, alive in zip(response_ids[0].tolist(), response_mask[0].tolist())
             if alive and t not in engine.end_token_ids]
     assert served == tokenizer.decode(kept, skip_special_tokens=True)

@@ -56,7 +56,7 @@ def test_each_response_stops_at_its_end_of_turn_token(tiny_model):
                                            tokenize=True, return_dict=False)
     sampling = Sampling(40, 1.0, 1.0, eos, tokenizer.pad_token_id)
     decoder = SlotDecoder(lm, 16, len(prompt) + 40, fused=False)  # the model's forward, so the hook works
-    _, _, tokens, mask = decode_batch(decoder, [prompt] * 16, sampling, torch.Generator().manual_seed(0))
+    _, _, tokens, mask, _ = decode_batch(decoder, [prompt] * 16, sampling, torch.Generator().manual_seed(0))
     lengths = mask.sum(1)
     assert lengths.min() < tokens.shape[1]            # some stopped early
     for row, length in enumerate(lengths.tolist()):
@@ -198,7 +198,7 @@ def test_hugging_face_baseline_path_gives_the_same_greedy_rollouts(tiny_model):
     sampling = Sampling(10, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
     ours = generate(lm, prompts, sampling)
     baseline = hf_generate(lm, prompts, sampling)
-    for mine, theirs in zip(ours, baseline):
+    for mine, theirs in zip(ours[:4], baseline[:4]):  # ids and masks (hf_generate records no log-probs)
         assert torch.equal(mine, theirs)
 
 
@@ -285,14 +285,17 @@ def test_micro_batched_scoring_equals_one_batch(build_ppo, tiny_model, algorithm
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_first_minibatch_of_the_first_epoch_has_ratio_one(build_ppo, tiny_model, algorithm):
-    """Scoring takes the rollouts in the update's first minibatches, at the same temperature:
-    approx_kl and clipfrac are exactly 0 before the policy first moves, and not after."""
+    """Where the actor scores the rollouts (--rollout-logprobs forward; tests/train/test_experience.py
+    covers the log-probs recorded while sampling), it takes them in the update's first
+    minibatches, at the same temperature: approx_kl and clipfrac are exactly 0 before the policy
+    first moves, and not after."""
     from collections import defaultdict
 
     from train.ppo import ppo_update
 
     cfg, m, sampling = build_ppo(algorithm=algorithm, group_size=2, rollout_batch_size=4, batch_size=2,
-                                 ppo_epochs=2, temperature=0.7, learning_rate=3e-3, warmup_ratio=0.0)
+                                 ppo_epochs=2, temperature=0.7, learning_rate=3e-3, warmup_ratio=0.0,
+                                 rollout_logprobs="forward")
     exp = experience(m, cfg, sampling, chat_prompts(tiny_model, 4))
     metrics = defaultdict(list)
     ppo_update(m, exp, cfg, cfg.kl_coef, None, None, metrics)

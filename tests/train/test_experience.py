@@ -18,7 +18,7 @@ from train.config import PPOConfig
 def build(tmp_path_factory, tiny_model):
     """build(**options) -> (cfg, PPOModels, sampling, run folder) for grpo on the tiny model."""
     from train import ds
-    from train.ppo import build_models
+    from train.ppo import load_models, start_engines
     from train.rundir import RunDir
 
     ds.init_distributed()  # a group of one, as `python -m train ppo` makes
@@ -29,7 +29,7 @@ def build(tmp_path_factory, tiny_model):
                         rollout_batch_size=4, batch_size=4, max_new_tokens=8, temperature=0.7,
                         tensorboard=False, **options)
         run = RunDir(tmp_path_factory.mktemp("experience"))
-        m = build_models(cfg, run, 8, tokenizer)
+        m = start_engines(cfg, load_models(cfg, tokenizer, run.log), 8, None, run.log)
         sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, tokenizer.eos_token_id,
                             tokenizer.pad_token_id)
         return cfg, m, sampling, run

@@ -38,8 +38,10 @@ class DefaultModelMissing(ModelError):
 
 # ---- resolving a --model value to a loadable folder -------------------------------------------
 
-def resolve_model(name: str) -> str:
-    """Turn `default`, a folder, a .gguf file or a hub name into what from_pretrained accepts."""
+def resolve_model(name: str, convert: bool = True) -> str:
+    """Turn `default`, a folder, a .gguf file or a hub name into what from_pretrained accepts.
+    `convert=False` (a server's request) takes a .gguf only where it was converted before: a
+    conversion writes a folder the size of the model, which no request may cause."""
     if name == "default":
         return str(ensure_default_model())
     path = Path(name).expanduser()
@@ -49,6 +51,11 @@ def resolve_model(name: str) -> str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"model file {path} does not exist: check the path, or pass 'default'.")
+        if not convert and not (gguf_cache_folder(path) / "model.safetensors").is_file():
+            raise ModelError(f"{path} has not been converted from GGUF yet, and a request never "
+                             "converts one (it writes a copy the size of the model): convert it "
+                             f"once from the command line with `python -m serving --model {path}`, "
+                             "or load a model folder.")
         return str(convert_gguf(path))
     is_hub_name = name.count("/") <= 1 and not name.startswith((".", "/", "~"))
     if not is_hub_name:
@@ -127,16 +134,21 @@ def find_default_gguf() -> Path:
     return unpacked
 
 
+def gguf_cache_folder(gguf: Path) -> Path:
+    """Where `gguf`'s conversion lies: keyed by its path, size and time (a changed file is new)."""
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return models_dir() / f"{gguf.stem}-{key}"
+
+
 def convert_gguf(gguf: Path, target: Path | None = None) -> Path:
     """Dequantise a GGUF checkpoint once into a safetensors folder (atomic: tmp dir + rename)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf.resolve()
-    if target is None:
-        stat = gguf.stat()
-        key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        target = models_dir() / f"{gguf.stem}-{key}"
+    target = target or gguf_cache_folder(gguf)
     if (target / "model.safetensors").is_file():
         return target
     print(f"Converting {gguf.name} to safetensors in {target} (once) ...", file=sys.stderr, flush=True)

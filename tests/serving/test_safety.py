@@ -383,3 +383,31 @@ def test_loading_default_never_downloads_it(engine, tmp_path, monkeypatch):
     error = refused.json()["error"]
     assert refused.status_code == 400 and "make setup" in error["message"], refused.text
     assert not fetched and not (tmp_path / "home").exists()
+
+
+def test_a_request_never_converts_a_gguf_file(engine, untied_model, tmp_path, monkeypatch):
+    """Probe 5 (N6): each /v1/models/load of a .gguf wrote a ~0.5 GB converted copy into
+    $RLHF_HOME/models, again after every touch of the file. A request now loads only a file
+    converted before (from the command line) and refuses the rest with the load sentence."""
+    import core.models
+
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "home"))
+    converted = []
+    monkeypatch.setattr(core.models, "convert_gguf",
+                        lambda gguf, target=None: converted.append(gguf) or 1 / 0)
+    gguf = tmp_path / "someone.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+
+    def loader(name):
+        return load_engine(name, "hf", slots=2, max_len=1024, dtype="fp32", offline=True)
+
+    with running_server(engine, loader, limits=LIMITS) as url:
+        refused = httpx.post(f"{url}/v1/models/load", json={"model": str(gguf)}, timeout=30)
+        assert refused.status_code == 400 and "converted before" in refused.json()["error"]["message"]
+        assert not converted and not (tmp_path / "home").exists()
+        # the same file once converted from the command line (here: its cache folder filled)
+        shutil.copytree(untied_model, core.models.gguf_cache_folder(gguf))
+        monkeypatch.setattr(core.models, "convert_gguf", lambda gguf, target=None:
+                            core.models.gguf_cache_folder(gguf))
+        loaded = httpx.post(f"{url}/v1/models/load", json={"model": str(gguf)}, timeout=60)
+        assert loaded.status_code == 200, loaded.text

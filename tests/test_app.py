@@ -200,6 +200,15 @@ def test_preview_reads_only_what_a_run_may_read(runs, tmp_path):
     refused = app.preview_data([str(secret)], "", 0)
     assert refused.startswith("**Cannot preview:**") and "TOP SECRET" not in refused
     assert "TOP SECRET" not in app.preview_data(["/etc/passwd"], "", 0)
+    # probe 5 (N3): ratings:PATH now reads PATH, so it lies where runs may read too
+    other_store = tmp_path / "someone.db"
+    ratings.add_comparison([{"role": "user", "content": "Hi"}], "TOP SECRET", "No.", "m", "n", "A",
+                           path=other_store)
+    refused = app.preview_data([f"ratings:{other_store}"], "", 0)
+    assert "outside the folders the app reads" in refused and "TOP SECRET" not in refused
+    form = form_of("rm")
+    _, _, _, _, *updates = app.start_run(form, values_of(form, data=[f"ratings:{other_store}"]))
+    assert "outside the folders the app reads data from" in info_of(updates, form, "data")
     assert "hub dataset" in app.preview_data(["someone/dataset"], "", 0)
     shown = app.preview_data(["prompts/sft.jsonl"], "", 0)
     assert "prompts/sft.jsonl" in shown and "records" in shown

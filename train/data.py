@@ -9,7 +9,7 @@ alpaca (`instruction/input/output`), alpaca seed tasks (`instruction/instances`)
 OpenAI-style conversations (`conversations`/`messages`, optionally with `chosen`/`rejected`),
 Anthropic HH transcripts (`chosen`/`rejected` strings with Human/Assistant turns) and AlpacaEval
 pairs (`output_1/output_2/preference`); Hugging Face dataset names (`name` or `name:split`) and
-local `datasets` folders; and `ratings:` (the ratings store).
+local `datasets` folders; and `ratings:` (the ratings store; `ratings:PATH` another store file).
 
 Rules: a structurally malformed record (invalid JSON, a missing field, an unknown role) is an
 error naming the file, the line and the problem. Records that are well formed but unusable
@@ -143,9 +143,14 @@ def _iter_hub_dataset(spec: str):
 
 
 def _read_ratings(spec: str) -> Loaded:
-    from core.ratings import preference_records, read
+    """`ratings:` reads the ratings store, `ratings:PATH` the store in PATH (which must be one)."""
+    from core.ratings import db_path, preference_records, read
 
-    stored, malformed = read()
+    path = spec.removeprefix("ratings:")
+    if path and not Path(path).expanduser().exists():
+        raise DataError(f"data source {spec}: {path} does not exist: check the path, or pass "
+                        f"ratings: alone for the store the app writes ({db_path()}).")
+    stored, malformed = read(path or None)
     records = enumerate(preference_records(stored))
     return _normalise_all(((f"ratings, row {i}", r) for i, r in records), spec,
                           Counter({"malformed ratings rows": malformed} if malformed else {}))

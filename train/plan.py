@@ -73,10 +73,10 @@ def is_local(spec: str) -> bool:
 
 def check_source(spec: str, roots: list[Path] | None) -> str | None:
     """Why the data source `spec` cannot be read, or None; with `roots`, a file must lie under
-    one of them (what the app lets a run read)."""
-    if spec.startswith("ratings:") or not is_local(spec):
+    one of them (what the app lets a run read); `ratings:PATH`'s PATH is a file as any other."""
+    if spec == "ratings:" or not (spec.startswith("ratings:") or is_local(spec)):
         return None  # the ratings store, or a Hugging Face dataset name
-    path = Path(spec).expanduser()
+    path = Path(spec.removeprefix("ratings:")).expanduser()
     full = (path if path.is_absolute() else ROOT / path).resolve()
     if roots is not None and not any(full.is_relative_to(r.resolve()) for r in roots):
         return (f"{spec} is outside the folders the app reads data from "

@@ -149,6 +149,21 @@ def test_data_layer_reads_the_store_as_rm_records(store):
     assert records[0]["chosen"] == "No idea." and records[0]["rejected"] == "Your name is Ada."
 
 
+def test_ratings_with_a_path_reads_that_store_and_only_it(store, tmp_path):
+    """Probe 5 (N3): `ratings:PATH` ignored PATH and trained on the default store; a missing
+    or foreign PATH trained on it too."""
+    ratings.add_comparison(CONVERSATION, "From the default store.", "No.", "m1", "m2", "A")
+    other = tmp_path / "other.db"
+    ratings.add_comparison(CONVERSATION, "No.", "From the other store.", "m1", "m2", "B", path=other)
+    named = data.read_source(f"ratings:{other}")
+    assert [r["chosen"] for r in named.records] == ["From the other store."]
+    assert [r["chosen"] for r in data.read_source("ratings:").records] == ["From the default store."]
+    (tmp_path / "notes.txt").write_text("not a store")
+    for path, says in [(tmp_path / "missing.db", "does not exist"), (tmp_path / "notes.txt", "not")]:
+        with pytest.raises((data.DataError, ratings.RatingsError), match=says):
+            data.read_source(f"ratings:{path}")
+
+
 def test_train_rm_runs_on_the_exported_votes(store, tmp_path, tiny_model, monkeypatch):
     for i in range(6):
         prompt = [{"role": "user", "content": f"Say something kind about number {i}."}]

@@ -77,6 +77,11 @@ def refuse_resume(run: RunInfo, cfg, stage: str) -> None:
     if run.stage and run.stage != stage:
         raise ConfigError(f"{run.path} holds a {run.stage} run, not {stage}: resume it with "
                           f"`python -m train {run.stage} ... --resume`, or choose another --output.")
+    link = first_link(run.path)
+    if link is not None:
+        raise ConfigError(f"{link} is a link to {os.readlink(link)}: resuming appends to and "
+                          "rewrites the run's files, which would change what the link points to; "
+                          "copy the run without links (cp -a, not cp -s) or start a new run.")
     saved = run.config()
     refuse_other_precision(run, saved, cfg)
     for name in CHECKPOINT_OPTIONS:
@@ -87,6 +92,15 @@ def refuse_resume(run: RunInfo, cfg, stage: str) -> None:
                               f"{_as_flag(name, getattr(cfg, name))}: its checkpoint holds that "
                               f"state, so resume with {_as_flag(name, saved[name])} (config.yaml "
                               "lists every option it started with), or choose another --output.")
+
+
+def first_link(folder: Path) -> Path | None:
+    """The first symbolic link inside `folder` (files and folders, never followed), or None."""
+    for top, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            if (Path(top) / name).is_symlink():
+                return Path(top) / name
+    return None
 
 
 def _resolved(asked) -> str:

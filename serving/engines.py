@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import functools
 import importlib.util
 import threading
@@ -42,6 +43,11 @@ from core.models import (ModelError, load_causal_lm, load_tokenizer, prepared_de
 from serving.config import ENGINES
 # End-of-turn tokens of common chat templates, besides the tokenizer's own eos token.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+# the longest a chat template may take to render one conversation (a loop in it would hold a
+# worker thread, and during a load the load lock, for ever)
+TEMPLATE_SECONDS = 10.0
 
 
 class EngineError(ModelError):
@@ -69,9 +75,14 @@ class Engine:
             self.detokenizer = copy.deepcopy(self.tokenizer)
         # the first encode may reset truncation or padding a tokenizer.json set (a write to the
         # Rust tokenizer that concurrent encodes must not meet): do it now, alone; a template
-        # that fails here fails each request with its own message
-        with contextlib.suppress(Exception):
+        # that fails here fails each request with its own message, one that never ends refuses
+        # the model
+        try:
             self.encode_chat([{"role": "user", "content": "Hi"}])
+        except TemplateTimeout:
+            raise
+        except Exception:  # noqa: BLE001
+            pass
 
     @property
     def max_len(self) -> int:
@@ -84,11 +95,44 @@ class Engine:
         return max(len(token.encode()) for token in self.tokenizer.get_vocab())
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Prompt token ids of a conversation through the model's chat template."""
+        """Prompt token ids of a conversation through the model's chat template (its rendering
+        stopped past TEMPLATE_SECONDS: TemplateTimeout)."""
+        text = within(TEMPLATE_SECONDS, lambda: self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False))
         fast = getattr(self.tokenizer, "is_fast", False)
         with contextlib.nullcontext() if fast else self.tokenizer_lock:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                      tokenize=True, return_dict=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class TemplateTimeout(EngineError):
+    """A chat template took longer than TEMPLATE_SECONDS to render one conversation."""
+
+
+def within(seconds: float, render):
+    """render() on a thread of its own; past `seconds` an exception is raised inside that thread
+    (a template is Python code Jinja compiled, so the exception stops it at its next step) and
+    TemplateTimeout here."""
+    done: dict = {}
+
+    def run():
+        try:
+            done["value"] = render()
+        except BaseException as err:  # noqa: BLE001  (handed to the caller)
+            done["error"] = err
+
+    worker = threading.Thread(target=run, name="chat-template", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident),
+                                                   ctypes.py_object(TemplateTimeout))
+        worker.join(1.0)
+        raise TemplateTimeout(f"the model's chat template took over {seconds:g} s to render one "
+                              "conversation (a loop that never ends?): fix chat_template in its "
+                              "tokenizer files.")
+    if "error" in done:
+        raise done["error"]
+    return done["value"]
 
 
 def load_engine(model: str, engine: str = "auto", tp: int = 1, slots: int = 16,

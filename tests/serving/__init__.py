@@ -130,5 +130,8 @@ class GatedTokenizer:
             assert self.gate.wait(timeout=120), "the test never opened the gate"
         return self.tokenizer.apply_chat_template(messages, **kwargs)
 
+    def __call__(self, *args, **kwargs):  # encoding the rendered conversation
+        return self.tokenizer(*args, **kwargs)
+
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)

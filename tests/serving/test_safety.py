@@ -411,3 +411,30 @@ def test_a_request_never_converts_a_gguf_file(engine, untied_model, tmp_path, mo
                             core.models.gguf_cache_folder(gguf))
         loaded = httpx.post(f"{url}/v1/models/load", json={"model": str(gguf)}, timeout=60)
         assert loaded.status_code == 200, loaded.text
+
+
+def test_a_chat_template_that_never_ends_is_stopped_and_its_model_refused(engine, untied_model,
+                                                                         tmp_path, monkeypatch):
+    """Probe 5 (N8): loading a model whose chat template loops (1e10 steps) never returned, held
+    the load lock (every later load hung) and kept the server alive past SIGTERM. The render is
+    stopped past serving.engines.TEMPLATE_SECONDS, the model refused, the lock free."""
+    import serving.engines
+
+    monkeypatch.setattr(serving.engines, "TEMPLATE_SECONDS", 1.0)
+    looping = tmp_path / "looping"
+    shutil.copytree(untied_model, looping)
+    (looping / "chat_template.jinja").write_text(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+
+    def loader(name):
+        return load_engine(name, "hf", slots=2, max_len=1024, dtype="fp32", offline=True)
+
+    with running_server(engine, loader, limits=LIMITS) as url, httpx.Client(timeout=30) as http:
+        refused = http.post(f"{url}/v1/models/load", json={"model": str(looping)})
+        assert refused.status_code == 400, refused.text
+        loaded = http.post(f"{url}/v1/models/load", json={"model": str(untied_model)})
+        assert loaded.status_code == 200, loaded.text
+        answered = http.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user",
+                             "content": "Hi"}], "max_tokens": 2})
+        assert answered.status_code == 200, answered.text
+    assert not [t for t in threading.enumerate() if t.name == "chat-template"]

@@ -1517,10 +1517,12 @@ def undo_vote(rating_id):
     """Remove one vote from the store (the Ratings tab's undo)."""
     if rating_id in (None, ""):
         return "Pick a vote to undo."
-    try:
-        number = int(rating_id)
-    except (TypeError, ValueError, OverflowError):
+    # a whole number as the table writes it: int() would also read "1_0" as 10, "٣" as 3, 2.9 as 2
+    plain = isinstance(rating_id, int) and not isinstance(rating_id, bool) or \
+        isinstance(rating_id, str) and rating_id.strip().isascii() and rating_id.strip().isdigit()
+    if not plain:
         return f"**Not undone:** {str(rating_id)[:40]!r} is not a vote number: pick one from the table."
+    number = int(rating_id)
     if not 0 < number < 2**63:
         return f"**Not undone:** there is no vote #{number}: pick one from the table."
     try:
@@ -1528,9 +1530,9 @@ def undo_vote(rating_id):
     except ratings.RatingsError as err:
         return f"**Not undone:** {err}"
     if not removed:
-        return f"Vote #{rating_id} is not in the store (already undone?)."
-    say(f"vote #{rating_id} undone")
-    return f"Vote #{rating_id} undone: it no longer counts, nor is it exported."
+        return f"Vote #{number} is not in the store (already undone?)."
+    say(f"vote #{number} undone")
+    return f"Vote #{number} undone: it no longer counts, nor is it exported."
 
 
 def export_votes() -> tuple:

@@ -623,18 +623,21 @@ def discard_pending(round: int | None = None, path=None) -> int:
 
 
 def round_counts(path=None) -> dict[int, dict]:
-    """Per round: votes cast (`votes`), and pending comparisons `waiting` and `voted`."""
+    """Per round: votes cast (`votes`), and pending comparisons `waiting` and `voted`. A row whose
+    round is not a whole number (another tool wrote it) is malformed, and counted in no round."""
     votes, queued = {}, []
     with _reader(path, missing_ok=True) as conn:
         if conn is not None:
             if "round" in _columns(conn, "ratings"):
-                votes = dict(conn.execute("SELECT round, COUNT(*) FROM ratings GROUP BY round"))
+                votes = dict(conn.execute("SELECT round, COUNT(*) FROM ratings WHERE typeof(round) = "
+                                          "'integer' GROUP BY round"))
             else:  # a store made before rounds: every vote is round 0
                 total = conn.execute("SELECT COUNT(*) FROM ratings").fetchone()[0]
                 votes = {0: total} if total else {}
             if "pending" in _tables(conn):
                 queued = conn.execute("SELECT round, SUM(rating_id IS NULL), SUM(rating_id IS NOT "
-                                      "NULL) FROM pending GROUP BY round").fetchall()
+                                      "NULL) FROM pending WHERE typeof(round) = 'integer' "
+                                      "GROUP BY round").fetchall()
     result = {r: {"votes": n, "waiting": 0, "voted": 0} for r, n in votes.items()}
     for round_number, waiting, voted in queued:
         result.setdefault(round_number, {"votes": 0, "waiting": 0, "voted": 0})

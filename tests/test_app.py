@@ -587,9 +587,12 @@ def test_a_vote_can_be_undone_and_the_table_shows_the_answers(runs):
     assert app.undo_vote(first).startswith(f"Vote #{first} undone")
     assert ratings.counts()["total"] == 1 and ratings.counts()["A"] == 0
     assert "not in the store" in app.undo_vote(first)
-    for bad in ("abc", 10**30, -3):  # what the API can send: one sentence each, the store intact
+    # what the API can send: one sentence each, the store intact (probe 5: int() read "1_0" as
+    # vote 10, "٣" as 3 and 2.9 as 2, and removed those)
+    for bad in ("abc", 10**30, -3, "1_0", "٣", 2.9, True, f" {first + 1}.0"):
         assert app.undo_vote(bad).startswith("**Not undone:**")
     assert ratings.counts()["total"] == 1
+    assert app.undo_vote(f" {first + 1} ").startswith(f"Vote #{first + 1} undone") and ratings.counts()["total"] == 0
 
 
 def test_ratings_overview_counts_votes_and_ranks_checkpoints(runs):
@@ -617,12 +620,18 @@ def test_rows_another_tool_wrote_badly_are_skipped_and_counted_in_the_ratings_ta
         conn.execute("INSERT INTO ratings (kind, created_at, conversation, answer_a, answer_b, model_a, "
                      "model_b, verdict) VALUES ('comparison', 0, ?, 'a', NULL, 'm1', 'm2', 'A')",
                      (json.dumps(prompt),))
+        # probe 5 (N9): a round that is not a number broke the tab's rounds (TypeError in sorted)
+        conn.execute("INSERT INTO ratings (kind, created_at, conversation, answer_a, answer_b, model_a, "
+                     "model_b, verdict, round) VALUES ('comparison', 0, ?, 'a', 'b', 'm1', 'm2', 'A', "
+                     "'abc')", (json.dumps(prompt),))
     conn.close()
     line, table, board, *_ = app.safe_ratings_view()
-    assert line.startswith("1 vote: 1 A") and "2 malformed rows (written by another tool?) skipped" in line
+    assert line.startswith("1 vote: 1 A") and "3 malformed rows (written by another tool?) skipped" in line
     assert len(table) == 1 and list(board["games"]) == [1, 1]
+    assert list(ratings.round_counts()) == [0]  # the round that is not a number is in none
+    assert ratings.latest_round() == 0 and app.round_run_name() == "round0-dpo"
     preview = app.preview_data(["ratings:"], "", 0)
-    assert "1 records (skipped: 2 malformed ratings rows)" in preview
+    assert "1 records (skipped: 3 malformed ratings rows)" in preview
 
 
 def test_two_exports_in_the_same_millisecond_write_two_files(runs, monkeypatch):

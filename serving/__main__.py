@@ -55,16 +55,31 @@ def quiet_libraries() -> None:
 
 
 def read_api_key(cfg, environ) -> str | None:
-    """The API key from --api-key, --api-key-file or RLHF_API_KEY; None when there is none."""
+    """The API key from --api-key, --api-key-file or RLHF_API_KEY; None when there is none.
+    A key an HTTP header cannot carry (control characters, NUL) is refused: no client could
+    send it."""
     from core.options import ConfigError
 
     if cfg.api_key and cfg.api_key_file:
         raise ConfigError("--api-key and --api-key-file are both given: pass only one.")
-    if not cfg.api_key_file:
-        return cfg.api_key or environ.get(API_KEY_VARIABLE, "").strip() or None
-    path = Path(cfg.api_key_file).expanduser()
+    if cfg.api_key_file:
+        key, where = key_from_file(Path(cfg.api_key_file).expanduser()), f"--api-key-file {cfg.api_key_file}"
+    elif cfg.api_key:
+        key, where = cfg.api_key, "--api-key"
+    else:
+        key, where = environ.get(API_KEY_VARIABLE, "").strip() or None, API_KEY_VARIABLE
+    if key and any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise ConfigError(f"the key in {where} holds a control character (such as NUL or a tab), "
+                          "which no HTTP client can send in a header: use printable characters.")
+    return key
+
+
+def key_from_file(path: Path) -> str:
+    """The first line of a key file, without the byte-order mark some editors write."""
+    from core.options import ConfigError
+
     try:
-        lines = read_small_text(path, MAX_KEY_FILE_BYTES).splitlines()
+        lines = read_small_text(path, MAX_KEY_FILE_BYTES).removeprefix("\ufeff").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"--api-key-file {path} cannot be read "
                           f"({getattr(err, 'strerror', None) or type(err).__name__}): pass a "

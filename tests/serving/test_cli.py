@@ -202,3 +202,23 @@ def test_a_hub_name_with_the_hub_switched_off_is_one_error_line(tmp_path):
                           env=user_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub")))
     assert_one_error_line(done, "'someone/not-a-real-model'", "not in the local hub cache",
                           "unset HF_HUB_OFFLINE")
+
+
+def test_a_key_file_with_a_byte_order_mark_or_a_key_no_client_can_send(tmp_path):
+    """Probe 5: a key file saved with a UTF-8 byte-order mark started a server that answered
+    401 to everyone (the mark was part of the key); a key holding NUL could never be sent."""
+    from types import SimpleNamespace
+
+    from core.options import ConfigError
+    from serving.__main__ import API_KEY_VARIABLE, read_api_key
+
+    marked = tmp_path / "marked"
+    marked.write_bytes(b"\xef\xbb\xbfbomkey\n")
+    assert read_api_key(SimpleNamespace(api_key=None, api_key_file=str(marked)), {}) == "bomkey"
+    nul = tmp_path / "nul"
+    nul.write_bytes(b"bad\x00key\n")
+    for cfg, environ in [(SimpleNamespace(api_key=None, api_key_file=str(nul)), {}),
+                         (SimpleNamespace(api_key="tab\there", api_key_file=None), {}),
+                         (SimpleNamespace(api_key=None, api_key_file=None), {API_KEY_VARIABLE: "a\x7fb"})]:
+        with pytest.raises(ConfigError, match="control character"):
+            read_api_key(cfg, environ)

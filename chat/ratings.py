@@ -1,6 +1,6 @@
 """Command line of the ratings store (core/ratings.py):
 
-    python -m chat.ratings [--db FILE] export --out prefs.jsonl
+    python -m chat.ratings [--db FILE] export --out prefs.jsonl   (--out -: standard output)
     python -m chat.ratings [--db FILE] counts
 
 Torch-free: it reads SQLite and writes JSONL, nothing more. Both commands only read the store
@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from core.ratings import RatingsError, counts, db_path, export, left_out
+from core.ratings import RatingsError, counts, db_path, export, export_records, left_out
 
 
 def main(argv=None) -> int:
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     export_cmd = commands.add_parser("export", help="write preference records as JSONL")
     export_cmd.add_argument("--out", required=True, help="JSONL file to write (a new file, unless "
-                            "--overwrite)")
+                            "--overwrite); - writes to standard output")
     export_cmd.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     commands.add_parser("counts", help="print the number of votes by verdict as JSON")
     args = parser.parse_args(argv)
@@ -31,10 +31,15 @@ def main(argv=None) -> int:
         if args.command == "counts":
             print(json.dumps(counts(db)))
             return 0
-        written = export(args.out, db, overwrite=args.overwrite)
+        if args.out == "-":  # the records on standard output, what was written on standard error
+            records = export_records(db)
+            sys.stdout.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            written, report = len(records), sys.stderr
+        else:
+            written, report = export(args.out, db, overwrite=args.overwrite), sys.stdout
         skipped = left_out(db)
         note = f" (left out: {', '.join(f'{n} {why}' for why, n in skipped.items())})" if skipped else ""
-        print(f"wrote {written} preference records to {args.out}{note}")
+        print(f"wrote {written} preference records to {args.out}{note}", file=report)
         return 0
     except RatingsError as err:
         print(f"error: {err}", file=sys.stderr)

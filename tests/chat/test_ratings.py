@@ -417,3 +417,16 @@ def test_rows_with_bad_types_are_skipped_and_counted_everywhere(store, tmp_path)
     assert len(data.read_source(str(out)).records) == 1  # what `train rm --data` reads
     loaded = data.read_source("ratings:")
     assert len(loaded.records) == 1 and f"{bad} malformed ratings rows" in loaded.report()
+
+
+def test_export_to_a_dash_writes_standard_output(tmp_path):
+    """Probe 5: `export --out -` wrote a file named '-' in the current folder."""
+    db = tmp_path / "x.db"
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A", path=db)
+    done = subprocess.run([sys.executable, "-m", "chat.ratings", "--db", str(db), "export", "--out", "-"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert [(r["chosen"], r["rejected"]) for r in map(json.loads, done.stdout.splitlines())] == \
+        [("Ada.", "Bob.")]
+    assert "wrote 1 preference records to -" in done.stderr and not (tmp_path / "-").exists()

@@ -114,4 +114,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before a stage installs its own handler (imports, loading)
+        print("error: interrupted (Ctrl-C) before training began: nothing was trained.", file=sys.stderr)
+        sys.exit(130)

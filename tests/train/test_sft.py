@@ -469,3 +469,16 @@ def test_a_stop_during_a_default_size_evaluation_ends_the_run_within_10_s(tmp_pa
     status = json.loads((out / "status.json").read_text())
     assert (status["state"], status["step"]) == ("stopped", 0)
     assert (out / "checkpoints" / "latest").is_file() and not (out / "metrics.jsonl").exists()
+
+
+def test_ctrl_c_while_starting_is_one_line(tmp_path, sft_file):
+    """Probe 5: Ctrl-C in the first seconds (while transformers imports) printed a ~40-line
+    KeyboardInterrupt traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "train", "sft", "--data", str(sft_file), "--output",
+                             str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # importing torch and transformers takes seconds
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")

@@ -101,8 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 def load_yaml(path: str | Path, cls) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {path} does not exist: pass the path of a YAML file.")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise ConfigError(f"config file {path} is not a regular file: pass the path of a YAML file.")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

@@ -34,6 +34,7 @@ import contextlib
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.models import DefaultModelMissing
 from serving.connections import (BODY_TIMEOUT_S, MAX_BODY_BYTES, Guard, ResourceErrorLog, bind,
-                                 uvicorn_server)
+                                 shutting_down, uvicorn_server)
 from serving.request import Failure, Request
 from serving.scheduler import QueueFull, Scheduler, ShuttingDown
 from serving.validation import (ApiError, ChatRequest, Limits, LoadRequest, answer_room,
@@ -55,11 +56,6 @@ from serving.validation import (ApiError, ChatRequest, Limits, LoadRequest, answ
 
 __all__ = ["Limits", "bind", "create_app", "uvicorn_server"]
 log = logging.getLogger("serving")
-
-
-def shutting_down() -> ApiError:
-    return ApiError(503, "the server is shutting down: send the request again once it is back.",
-                    type="server_error", code="server_shutting_down")
 
 
 def failure_error(failure: Failure) -> ApiError:
@@ -135,7 +131,9 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
                                        http_request.headers.get("content-type"))
         async with state.load_lock:
             try:
-                engine = await asyncio.to_thread(state.loader, body.model)
+                engine = await load_unless_closing(scheduler, state.loader, body.model)
+            except ApiError:  # the shutdown's 503
+                raise
             except DefaultModelMissing as err:  # says what to run; nothing about the user's files
                 raise ApiError(400, str(err), code="model_not_prepared", param="model") from None
             except Exception as err:  # noqa: BLE001  (the same answer for every reason: see above)
@@ -174,6 +172,39 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
         return await reply.whole(http_request)
 
     return app
+
+
+async def load_unless_closing(scheduler: Scheduler, loader: Callable[[str], object], name: str):
+    """`loader(name)` on a thread of its own, or the shutdown's 503 as soon as the server shuts
+    down: the new engine could not be served anyway, and the load (a .gguf conversion takes
+    half a minute) would otherwise be cut off by uvicorn's shutdown timeout with a 500. The
+    thread is a daemon, so an abandoned load does not hold the process's exit."""
+    loop = asyncio.get_running_loop()
+    loaded = loop.create_future()
+
+    def settle(engine, error):
+        if loaded.done():
+            return
+        if error is not None:
+            loaded.set_exception(error)
+        else:
+            loaded.set_result(engine)
+
+    def load():
+        try:
+            engine, error = loader(name), None
+        except Exception as err:  # noqa: BLE001  (the route sorts them out)
+            engine, error = None, err
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, engine, error)
+
+    threading.Thread(target=load, name="model-load", daemon=True).start()
+    while not loaded.done():
+        await asyncio.wait({loaded}, timeout=0.2)
+        if scheduler.closing and not loaded.done():
+            log.warning("loading model %r abandoned: the server is shutting down", name)
+            raise shutting_down()
+    return loaded.result()
 
 
 def body_schema(model) -> dict:

@@ -8,7 +8,8 @@ a limit and a deadline for its body, a cap on open connections and a quiet log w
   connection that sent nothing, half a head, or an HTTP/0.9 request line was held for ever,
   and 100 of them kept every client out of a server capped at 100 connections.
 - `Guard`: the app's outer layer (pure ASGI): the body limit (413), the body deadline (408),
-  ambiguous lengths (400), and an error no handler took as a 500 in OpenAI's shape.
+  ambiguous lengths (400), an error no handler took as a 500 in OpenAI's shape, and a request
+  that shutdown cut short as a 503.
 - `uvicorn_server`: the server with both, and the connection cap (503 beyond it).
 
 Left out: HTTP/2 and TLS (the server binds loopback by default; a proxy in front does those),
@@ -92,6 +93,11 @@ def head_timeout_answer(timeout_s: float) -> bytes:
             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)) + body
 
 
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down: send the request again once it is back.",
+                    type="server_error", code="server_shutting_down")
+
+
 class Guard:
     """The app's outer layer (pure ASGI). Every body is read here, before the app sees it, and
     replayed to it. A body over `max_body_bytes` is answered 413 before it is read: at once by
@@ -103,7 +109,9 @@ class Guard:
     length is ambiguous, the classic way to smuggle a body past a limit. These answers close
     the connection. An error no handler took becomes a 500 in OpenAI's shape here, logged
     once, instead of reaching uvicorn, which would print an ASGI traceback and drop the
-    connection."""
+    connection. A request still running when uvicorn's shutdown gives up on it is cancelled
+    (CancelledError, which no `except Exception` sees): it gets the shutdown's 503 here, not
+    uvicorn's text/plain 500 and an ASGI traceback."""
 
     def __init__(self, app, max_body_bytes: int, body_timeout_s: float = BODY_TIMEOUT_S):
         self.app, self.max_body_bytes, self.body_timeout_s = app, max_body_bytes, body_timeout_s
@@ -111,6 +119,27 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, tracked)
+        except ClientDisconnect:
+            pass  # nobody to answer
+        except asyncio.CancelledError:  # only uvicorn's shutdown cancels a request's task
+            log.warning("%s %s cut short by the shutdown", scope.get("method"), scope.get("path"))
+            await self._end(send, started, shutting_down())
+        except Exception:  # noqa: BLE001  (a bug answers its own request, not the connection)
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            await self._end(send, started, ApiError(500, "the server failed on this request: its "
+                                                         "log has the details.", type="server_error"))
+
+    async def _guarded(self, scope, receive, send) -> None:
+        """The request's framing and body checked (answered and closed when refused), then the app."""
         refused = self._framing_error(scope["headers"])
         if refused is None:
             lengths = [v for k, v in scope["headers"] if k.lower() == b"content-length"]
@@ -130,25 +159,15 @@ class Guard:
                                    code="request_timeout")
         if refused is not None:
             return await self._send_error(send, refused, close=True)
-        started = False
+        await self.app(scope, receive, send)
 
-        async def tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked)
-        except ClientDisconnect:
-            pass  # nobody to answer
-        except Exception:  # noqa: BLE001  (a bug answers its own request, not the connection)
-            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
-            if not started:
-                await self._send_error(send, ApiError(500, "the server failed on this request: "
-                                                           "its log has the details.", type="server_error"))
-            else:  # a stream already under way: end it, if the client is still there
-                with contextlib.suppress(Exception):
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    @classmethod
+    async def _end(cls, send, started: bool, error: ApiError) -> None:
+        """Answer `error`, or end a stream already under way if the client is still there."""
+        if not started:
+            return await cls._send_error(send, error)
+        with contextlib.suppress(Exception):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
     def _framing_error(headers) -> ApiError | None:

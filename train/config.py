@@ -9,6 +9,7 @@ lora, deepspeed, rl and evaluation (and saving) closed; a field without one goes
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -385,7 +386,8 @@ def parse_split(text: str) -> list[float]:
         parts = [float(p) for p in text.split(",")]
     except ValueError:
         parts = []
-    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ConfigError(f"--data-split {text!r} must be three non-negative weights for SFT, RM "
-                          "and PPO, such as 2,4,4.")
+    # nan passes every comparison and inf makes every share nan, so both are refused here.
+    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
+        raise ConfigError(f"--data-split {text!r} must be three finite non-negative weights for SFT, "
+                          "RM and PPO, not all zero, such as 2,4,4.")
     return parts

@@ -66,6 +66,17 @@ def _same(saved, new) -> bool:
         and Path(saved).expanduser().resolve() == Path(new).expanduser().resolve()
 
 
+def refuse_replacing(run: RunInfo) -> None:
+    """A run already in the folder, and neither flag: offer only what would work on it (a
+    finished run is never resumed, see refuse_resume)."""
+    if run.state == "done":
+        raise ConfigError(f"{run.path} already holds a finished run: pass --overwrite to replace it "
+                          "(this deletes its final/), or choose another --output.")
+    resume = ", --resume to continue it" if run.has_checkpoint() else ""
+    raise ConfigError(f"{run.path} already holds a run (state: {run.state}): pass --overwrite to "
+                      f"replace it{resume}, or choose another --output.")
+
+
 def refuse_resume(run: RunInfo, cfg, stage: str) -> None:
     """--resume continues a run that stopped or failed, of this stage, with the options its
     checkpoint was made with; anything else is refused before a byte is written."""
@@ -190,10 +201,7 @@ class RunDir:
                 raise ConfigError(f"{run.path} has no checkpoint to resume from: start it again "
                                   "without --resume.")
         elif existing is not None and existing.status and not cfg.overwrite and not launched:
-            state = existing.state
-            what = "a finished run" if state == "done" else f"a run (state: {state})"
-            raise ConfigError(f"{run.path} already holds {what}: pass --overwrite to replace it, "
-                              "--resume to continue it, or choose another --output.")
+            refuse_replacing(existing)
         run._pending, run._plan = [], (cfg, stage, resolve_precision(getattr(cfg, "precision", "fp32")))
         return run
 

@@ -24,7 +24,7 @@ def dtype(cfg):
 
 def render(tokenizer, prompt: list[dict], answer: str, max_prompt_len: int) -> tuple[list[int], list[int]]:
     """(prompt ids cut to max_prompt_len from the left, answer ids ending with end-of-turn)."""
-    prompt_ids, answer_ids = tokens.render(tokenizer, prompt, answer)
+    prompt_ids, answer_ids = tokens.render(tokenizer, prompt, answer, max_prompt_len)
     return prompt_ids[-max_prompt_len:], answer_ids
 
 

@@ -150,6 +150,13 @@ def sse(url: str, key: str, max_tokens: int, started: threading.Event) -> list[s
     return [line for line in lines if line]
 
 
+def assert_clean_exit(server: subprocess.Popen, timeout: float) -> None:
+    """The server exits 0 within `timeout` s, with no traceback or error in its log."""
+    assert server.wait(timeout=timeout) == 0
+    output = server.stdout.read()
+    assert "Traceback" not in output and "ERROR" not in output, output
+
+
 def test_sigterm_lets_running_answers_finish_then_ends_the_rest_cleanly(long_context_model):
     """SIGTERM with 3 answers running (2 of 32k tokens, 1 of 50) and 1 more sent: new requests
     get 503; the short answer finishes; after the 3 s grace the long stream ends with an error
@@ -186,9 +193,48 @@ def test_sigterm_lets_running_answers_finish_then_ends_the_rest_cleanly(long_con
             assert "shutting down" in cut[-2] and '"error"' in cut[-2] and cut[-1] == "data: [DONE]"
             for answer in (long_plain.result(), late.result()):
                 assert answer.status_code == 503 and "shutting down" in answer.json()["error"]["message"]
-        assert server.wait(timeout=60) == 0
-        output = server.stdout.read()
-        assert "Traceback" not in output and "ERROR" not in output, output
+        assert_clean_exit(server, timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+# `python -m serving` whose loader takes two minutes for the model "slow" (as a .gguf conversion
+# takes half a minute), and says when it starts
+SLOW_LOAD = """
+import sys, time
+import serving.engines
+real_load = serving.engines.load_engine
+def slow_load(model, *args, **kwargs):
+    if model == "slow":
+        print("slow load started", file=sys.stderr, flush=True)
+        time.sleep(120)
+    return real_load(model, *args, **kwargs)
+serving.engines.load_engine = slow_load
+from serving.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_a_model_load_answers_it_503_and_exits_within_the_grace(tiny_model):
+    """Probe 5, N5: SIGTERM while /v1/models/load converted a .gguf gave the loading client
+    uvicorn's text/plain 500 and an ASGI traceback (CancelledError, 5 s after the signal), and
+    the process exited only once the load's thread was done (46 s)."""
+    server = subprocess.Popen([sys.executable, "-c", SLOW_LOAD, "--model", str(tiny_model), "--port",
+                               "0", "--shutdown-grace", "3"], cwd=ROOT, env=user_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = wait_until_serving(server)
+        with ThreadPoolExecutor(1) as pool:
+            load = pool.submit(httpx.post, f"{url}/v1/models/load", json={"model": "slow"}, timeout=180)
+            while "slow load started" not in server.stdout.readline():
+                assert server.poll() is None
+            server.send_signal(signal.SIGTERM)
+            answer = load.result()
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "server_shutting_down"
+        assert_clean_exit(server, timeout=30)  # the load's thread would hold it for 2 minutes
     finally:
         if server.poll() is None:
             server.kill()

@@ -7,6 +7,7 @@ greedy."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import socket
@@ -201,6 +202,32 @@ def test_every_model_that_cannot_be_loaded_gets_the_same_sentence(engine, untied
             assert http.get(f"{url}/v1/models").json()["data"][0]["id"] == str(untied_model)
         assert len(sentences) == 1, sentences
         assert "not found or is not a model" in sentences.pop()
+
+
+def test_a_request_cut_short_by_the_shutdown_gets_the_shutdowns_503(engine, caplog):
+    """Probe 5, N5: a request still running when uvicorn's shutdown stops waiting (5 s) is
+    cancelled; it got uvicorn's text/plain 500 and an ASGI traceback (CancelledError is no
+    Exception), now the shutdown's 503 in OpenAI's shape."""
+    started, release = threading.Event(), threading.Event()
+
+    def loader(name):  # a load that outlasts the shutdown's patience
+        started.set()
+        release.wait(60)
+        return engine
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            with running_server(engine, loader, limits=LIMITS) as url:
+                logging.getLogger("uvicorn").addHandler(caplog.handler)
+                load = pool.submit(httpx.post, f"{url}/v1/models/load", json={"model": "x"}, timeout=60)
+                assert started.wait(timeout=30)
+            answer = load.result()  # the block's end shut the server down
+    finally:
+        release.set()
+        logging.getLogger("uvicorn").removeHandler(caplog.handler)
+    assert answer.status_code == 503 and answer.headers["content-type"] == "application/json"
+    assert answer.json()["error"]["code"] == "server_shutting_down"
+    assert "Exception in ASGI application" not in caplog.text
 
 
 def raw_exchange(url: str, head: bytes, parts: list[bytes], timeout: float = 20) -> tuple[int, bytes]:

@@ -89,7 +89,8 @@ def test_stop_then_resume_continues_the_same_loss_curve(tmp_path, tiny_model, sf
 
 @pytest.mark.parametrize("case", ["malformed line", "missing file", "unknown model", "zero stage 5",
                                   "finished run", "resume without checkpoint", "config list",
-                                  "data device", "data fifo"])
+                                  "data device", "data fifo", "nan split", "inf split",
+                                  "config fifo"])
 def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_file):
     finished = tmp_path / "finished"
     finished.mkdir()
@@ -102,6 +103,7 @@ def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_fi
     listed = tmp_path / "listed.yaml"
     listed.write_text("overwrite: [false]\n")  # was read as true: the finished run was replaced
     os.mkfifo(tmp_path / "fifo.jsonl")
+    os.mkfifo(tmp_path / "fifo.yaml")
     args = {"malformed line": ["--data", str(bad)],
             "missing file": ["--data", str(tmp_path / "nope.jsonl")],
             "unknown model": ["--model", str(tmp_path / "no-model")],
@@ -110,7 +112,10 @@ def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_fi
             "resume without checkpoint": ["--resume"],
             "config list": ["--config", str(listed)],
             "data device": ["--data", "/dev/zero"],
-            "data fifo": ["--data", str(tmp_path / "fifo.jsonl")]}[case]
+            "data fifo": ["--data", str(tmp_path / "fifo.jsonl")],
+            "nan split": ["--data-split", "1,nan,2"],
+            "inf split": ["--data-split", "1,inf,2"],
+            "config fifo": ["--config", str(tmp_path / "fifo.yaml")]}[case]
     in_finished = ("finished run", "resume without checkpoint", "config list")
     output = str(finished) if case in in_finished else str(tmp_path / "o")
     defaults = ["--model", str(tiny_model), "--data", str(sft_file), "--output", output]
@@ -119,11 +124,17 @@ def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_fi
                 "missing file": "nope.jsonl does not exist",
                 "unknown model": "not found",
                 "zero stage 5": "--zero-stage 5 is out of range",
-                "finished run": "already holds a finished run: pass --overwrite",
+                # probe 5, N4: it also offered --resume, which a finished run refuses
+                "finished run": "already holds a finished run: pass --overwrite to replace it "
+                                "(this deletes its final/), or choose another --output.",
                 "resume without checkpoint": "holds a finished run: nothing to resume",
                 "config list": "--overwrite (overwrite in a config file) must be one value (bool), not [False]",
                 "data device": "/dev/zero is not a regular file",
-                "data fifo": "fifo.jsonl is not a regular file"}[case]
+                "data fifo": "fifo.jsonl is not a regular file",
+                # probe 5, N4: nan ended in ValueError (exit 1), the FIFO was "does not exist"
+                "nan split": "--data-split '1,nan,2' must be three finite non-negative weights",
+                "inf split": "--data-split '1,inf,2' must be three finite non-negative weights",
+                "config fifo": "fifo.yaml is not a regular file"}[case]
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert "Traceback" not in done.stderr and lines[-1].startswith("error: ")
@@ -271,6 +282,18 @@ def stopped_run(folder, options):
     (folder / "status.json").write_text('{"state": "stopped", "step": 3}')
     (folder / "config.yaml").write_text("".join(f"{k}: {v}\n" for k, v in options.items()))
     return folder
+
+
+def test_a_stopped_run_without_flags_is_offered_resume_and_overwrite(tmp_path, tiny_model, sft_file):
+    ours = stopped_run(tmp_path / "ours", {"model": str(tiny_model)})
+    before = files_of(ours)
+    done = run_train("sft", "--model", str(tiny_model), "--data", str(sft_file), "--output",
+                     str(ours), "--max-steps", "1", *FAST)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "already holds a run (state: stopped): pass --overwrite to replace it, --resume to continue "
+        "it, or choose another --output.")
+    assert files_of(ours) == before
 
 
 def test_a_finished_run_is_never_resumed(tmp_path, tiny_model, sft_file):

@@ -67,7 +67,8 @@ def load_refused(name: str) -> ApiError:
     return ApiError(400, f"model {name!r} was not found or is not a model this server can load: "
                          "pass a run's final/ or ema/ folder, a Hugging Face model folder with "
                          "safetensors weights, a .gguf file converted before (a request never "
-                         "converts one) or 'default' (the server's log says why).", code="model_not_loadable", param="model")
+                         "converts one) or 'default' (the server's log says why).",
+                    code="model_not_loadable", param="model")
 
 
 # ---- the app --------------------------------------------------------------------------------------

@@ -247,7 +247,9 @@ def start_engines(cfg: PPOConfig, loaded: PPOModels, total_steps: int, tensorboa
     unused = [loaded.actor]
 
     def actor_lm():  # start_actor asks again for a fresh copy if DeepSpeed's Hybrid Engine fails
-        return unused.pop() if unused else models.make_trainable(load_causal_lm(resolve_model(cfg.actor)), cfg)
+        if unused:
+            return unused.pop()
+        return models.make_trainable(load_causal_lm(resolve_model(cfg.actor)), cfg)
 
     actor, rollout = start_actor(cfg, actor_lm, total_steps, tensorboard_dir, log)
     critic = None

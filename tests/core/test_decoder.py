@@ -72,7 +72,8 @@ def assert_greedy_matches_hugging_face(lm, tokenizer, texts, new_tokens, decoder
     `generate`, prompt by prompt."""
     prompts = chat_prompts(tokenizer, texts)
     sampling = Sampling(new_tokens, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
-    _, _, ours, mask, _ = generate(lm, prompts, sampling) if decoder is None else decode_batch(decoder, prompts, sampling)
+    rollout = generate(lm, prompts, sampling) if decoder is None else decode_batch(decoder, prompts, sampling)
+    ours, mask = rollout.response_ids, rollout.response_mask
     for row, prompt in enumerate(prompts):
         expected = hf_greedy(lm, prompt, new_tokens, tokenizer)
         assert ours[row, :len(expected)].tolist() == expected, row

@@ -6,7 +6,8 @@ the arena can compare two checkpoints without reloading weights for every answer
 
 - `with pool.lease(model) as client:` gives a `ChatClient` of a server holding `model`: an
   existing one, a newly started one (waiting for `/health`), or the least recently used idle
-  one switched through `POST /v1/models/load`;
+  one switched through `POST /v1/models/load` (or started again on `model`, for a folder a
+  server loads on request only from the runs and models folders);
 - a leased server is never switched under a running answer: a lease waits until one is idle.
 
 Every browser session shares the pool; chat state stays per session in the app. The app never
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from chat.client import ChatClient, ServerError
 from core.distributed import free_port
-from core.paths import rlhf_home
+from core.paths import outside_roots, request_roots, rlhf_home
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_COMMAND = (sys.executable, "-m", "serving")
@@ -83,9 +84,18 @@ class ManagedServer:
         raise ServerError(f"the inference server for {self.model} did not start within "
                           f"{timeout:.0f} s: see {self.log_path}.")
 
-    def switch(self, model: str) -> None:
+    def switch(self, model: str, timeout: float) -> None:
+        """Load `model` into this server; a folder a server loads only when its command line
+        names it (outside the runs and models folders) gets this server started again on it."""
         self.model = model
-        self.client.load(model)
+        if not outside_roots(model, request_roots()):
+            self.client.load(model)
+            return
+        self.stop()
+        self.port = free_port()
+        self.log_path = self.log_path.parent / f"serving-{self.port}.log"
+        self.client = ChatClient(f"http://127.0.0.1:{self.port}")
+        self.start(timeout)
 
     def stop(self) -> None:
         self.client.close()
@@ -157,7 +167,7 @@ class ServerPool:
                 self.notify(f"inference server started on {server.client.base_url} with {model} "
                             f"(engine {self.engine}, log {server.log_path})")
             else:
-                server.switch(model)
+                server.switch(model, self.startup_timeout)
                 self.notify(f"inference server on {server.client.base_url} switched to {model}")
         except BaseException as err:
             self.notify(f"inference server for {model} failed: {err}")

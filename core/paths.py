@@ -26,6 +26,25 @@ def runs_dir() -> Path:
     return Path(os.environ.get("RLHF_RUNS_DIR") or rlhf_home() / "runs").expanduser().resolve()
 
 
+def outside_roots(name: str, roots: list[Path]) -> bool:
+    """Whether a model name a request sent names a file or folder outside `roots` (links
+    resolved): 'default' and hub names (anything that is neither there nor looks like a path)
+    never do."""
+    path = Path(name).expanduser()
+    local = path.exists() or path.is_symlink() or name.startswith((".", "/", "~")) \
+        or name.count("/") > 1 or name.endswith(".gguf")
+    if name == "default" or not local:
+        return False
+    full = path.resolve()
+    return not any(full.is_relative_to(root.resolve()) for root in roots)
+
+
+def request_roots(extra: list[str] = ()) -> list[Path]:
+    """The folders an inference server loads models from on request: the runs folder, the
+    models folder and `extra` (its --load-from)."""
+    return [runs_dir(), models_dir(), *(Path(p).expanduser() for p in extra)]
+
+
 # ---- replacing a file or folder whole -------------------------------------------------------------
 # The temporary name beside the target is random (48 bits: nobody can plant a link there in
 # advance) and created exclusively (O_EXCL never opens an existing file nor follows a link),

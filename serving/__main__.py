@@ -150,13 +150,20 @@ def main(argv=None) -> int:
         print(f"error: cannot listen on {cfg.host}:{cfg.port} ({err.strerror or err}): stop the "
               "program using that port or pass --port with a free one.", file=sys.stderr)
         return 2
-    from serving.engines import load_engine
+    from core.paths import outside_roots, request_roots
+    from serving.engines import EngineError, load_engine
     from serving.scheduler import Scheduler
 
     quiet_libraries()
     max_len = cfg.max_prompt_tokens + cfg.max_tokens_limit
 
+    roots = request_roots(cfg.load_from)
+
     def loader(model: str, offline: bool = True):  # /v1/models/load never downloads
+        if offline and outside_roots(model, roots):  # a request loads only what the operator named
+            raise EngineError(f"{model} lies outside the folders this server loads from on request "
+                              f"({', '.join(map(str, roots))}): start it with --load-from FOLDER, "
+                              "or start a server with --model naming it.")
         return load_engine(model, cfg.engine, cfg.tp, cfg.slots, max_len, cfg.precision, offline)
 
     try:

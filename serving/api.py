@@ -66,8 +66,8 @@ def failure_error(failure: Failure) -> ApiError:
 def load_refused(name: str) -> ApiError:
     return ApiError(400, f"model {name!r} was not found or is not a model this server can load: "
                          "pass a run's final/ or ema/ folder, a Hugging Face model folder with "
-                         "safetensors weights, a .gguf file converted before (a request never "
-                         "converts one) or 'default' (the server's log says why).",
+                         "safetensors weights in the folders it loads from, a .gguf file "
+                         "converted before or 'default' (the server's log says why).",
                     code="model_not_loadable", param="model")
 
 

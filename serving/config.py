@@ -49,6 +49,8 @@ class ServeConfig:
     max_connections: int = opt(0, "open connections served at once; beyond them a new request "
                                   "gets 503 (0: slots + max_queue + 64, within the process's "
                                   "open-files limit)", range=(0, 1_000_000))
+    load_from: list[str] = opt([], "folders besides the runs folder and $RLHF_HOME/models whose "
+                                   "models /v1/models/load may load (--model may name any)")
     shutdown_grace: float = opt(30.0, "seconds running answers may take to finish after SIGTERM "
                                       "or Ctrl-C; then they end with an error", range=(0, 3600))
     # renamed: old name -> (type, value -> new options)

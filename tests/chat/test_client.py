@@ -16,6 +16,7 @@ import shutil
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI, Request
@@ -194,7 +195,8 @@ def make_stand_in_app(model: str, api_key: str | None = None):
 
 
 @pytest.fixture
-def pool(tmp_path):
+def pool(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_RUNS_DIR", str(Path.cwd() / "runs"))  # the stand-in's runs/... lie there
     pool = ServerPool(engine="hf", size=1, log_dir=tmp_path, startup_timeout=120,
                       command=STAND_IN_COMMAND)
     yield pool
@@ -215,6 +217,18 @@ def test_pool_starts_a_server_then_switches_it_instead_of_starting_another(pool)
     process = pool.servers[0].process
     pool.stop_all()
     assert process.poll() is not None
+
+
+def test_a_model_outside_the_runs_and_models_folders_gets_a_server_of_its_own(pool, tmp_path):
+    """Probe 6: a server loads on request only from the runs and models folders (a folder's
+    chat template runs inside it), so for another folder the pool starts a server whose command
+    line names it, instead of switching an idle one."""
+    with pool.lease("runs/a/final") as client:
+        first_url, first = client.base_url, pool.servers[0].process
+    elsewhere = str(tmp_path / "elsewhere" / "model")
+    with pool.lease(elsewhere) as client:
+        assert client.base_url != first_url and client.models() == [elsewhere]
+    assert first.poll() is not None and [s["model"] for s in pool.status()] == [elsewhere]
 
 
 def test_a_leased_server_is_not_switched_under_a_running_answer(pool):

@@ -268,3 +268,32 @@ def test_a_key_file_with_a_byte_order_mark_or_a_key_no_client_can_send(tmp_path)
                          (SimpleNamespace(api_key=None, api_key_file=None), {API_KEY_VARIABLE: "a\x7fb"})]:
         with pytest.raises(ConfigError, match="control character"):
             read_api_key(cfg, environ)
+
+
+def test_a_request_loads_models_only_from_the_runs_models_and_load_from_folders(tiny_model, tmp_path):
+    """Probe 6 (P1, P2): any client could make the server load any model folder on disk, and a
+    folder's chat template runs inside the server: one doing C-level work (7 ** 14000000, a
+    1.2 GB string) froze every client for 17-30 s. A request now loads only from the runs folder,
+    $RLHF_HOME/models and --load-from (links resolved); --model may still name any folder."""
+    runs, allowed, outside = tmp_path / "runs", tmp_path / "allowed", tmp_path / "outside"
+    for folder in (runs / "r1" / "final", allowed / "m", outside / "m"):
+        shutil.copytree(tiny_model, folder)
+    (runs / "link").symlink_to(outside / "m")
+    server = serve("--model", str(tiny_model), "--port", "0", "--slots", "2", "--load-from", str(allowed),
+                   RLHF_HOME=str(tmp_path / "home"), RLHF_RUNS_DIR=str(runs))
+    try:
+        url = wait_until_serving(server)
+        with httpx.Client(timeout=120) as http:
+            for name, status in [(outside / "m", 400), (runs / "link", 400), (runs / "r1" / "final", 200),
+                                 (allowed / "m", 200), ("someone/not-a-real-model", 400)]:
+                answer = http.post(f"{url}/v1/models/load", json={"model": str(name)})
+                assert answer.status_code == status, (name, answer.text)
+                if status == 400:
+                    assert "not found or is not a model" in answer.json()["error"]["message"]
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        assert "lies outside the folders this server loads from on request" in server.stdout.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

@@ -79,7 +79,7 @@ class Engine:
         # the model
         try:
             self.encode_chat([{"role": "user", "content": "Hi"}])
-        except TemplateTimeout:
+        except TemplateError:
             raise
         except Exception:  # noqa: BLE001
             pass
@@ -99,12 +99,23 @@ class Engine:
         stopped past TEMPLATE_SECONDS: TemplateTimeout)."""
         text = within(TEMPLATE_SECONDS, lambda: self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False))
+        # past this bound the text is over any conversation's tokens (see validation.py's byte
+        # bound): refused before tokenising it, which takes seconds a megabyte (probe 6, P2)
+        if len(text) > 4 * self.max_len * self.max_token_bytes:
+            raise TemplateError(f"the model's chat template wrote {len(text)} characters for this "
+                                f"conversation, far over the {self.max_len} tokens a conversation "
+                                "may take here: fix chat_template in its tokenizer files.")
         fast = getattr(self.tokenizer, "is_fast", False)
         with contextlib.nullcontext() if fast else self.tokenizer_lock:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-class TemplateTimeout(EngineError):
+class TemplateError(EngineError):
+    """A chat template that cannot serve: it writes far more than a conversation may hold, or
+    (TemplateTimeout) takes longer than TEMPLATE_SECONDS to render one."""
+
+
+class TemplateTimeout(TemplateError):
     """A chat template took longer than TEMPLATE_SECONDS to render one conversation."""
 
 

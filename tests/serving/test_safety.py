@@ -20,6 +20,7 @@ import httpx
 import pytest
 import torch
 
+import serving.engines
 import serving.scheduler
 from serving.api import Limits
 from serving.engines import load_engine
@@ -465,3 +466,23 @@ def test_a_chat_template_that_never_ends_is_stopped_and_its_model_refused(engine
                              "content": "Hi"}], "max_tokens": 2})
         assert answered.status_code == 200, answered.text
     assert not [t for t in threading.enumerate() if t.name == "chat-template"]
+
+
+def test_a_chat_template_that_writes_megabytes_is_refused_before_tokenising(engine, untied_model,
+                                                                            tmp_path):
+    """Probe 6 (P2): a template writing 18 MB for any conversation held the load lock for 20 s
+    while the text was tokenised, and each later request as long. The rendered text is bounded
+    by what a conversation may hold; the model is refused at load."""
+    expanding = tmp_path / "expanding"
+    shutil.copytree(untied_model, expanding)
+    template = expanding / "chat_template.jinja"
+    template.write_text("{{ 'hello world ' * 1500000 }}" + template.read_text())
+
+    def loader(name):
+        return load_engine(name, "hf", slots=2, max_len=1024, dtype="fp32", offline=True)
+
+    with pytest.raises(serving.engines.TemplateError, match="far over the 1024 tokens"):
+        loader(str(expanding))
+    with running_server(engine, loader, limits=LIMITS) as url, httpx.Client(timeout=60) as http:
+        assert http.post(f"{url}/v1/models/load", json={"model": str(expanding)}).status_code == 400
+        assert http.post(f"{url}/v1/models/load", json={"model": str(untied_model)}).status_code == 200

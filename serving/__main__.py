@@ -79,7 +79,9 @@ def key_from_file(path: Path) -> str:
     from core.options import ConfigError
 
     try:
-        lines = read_small_text(path, MAX_KEY_FILE_BYTES).removeprefix("\ufeff").splitlines()
+        # lines end at \n only: splitlines() also cut at U+2028, form feeds and more, so a key
+        # holding one silently became its first few characters
+        lines = read_small_text(path, MAX_KEY_FILE_BYTES).removeprefix("\ufeff").split("\n")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"--api-key-file {path} cannot be read "
                           f"({getattr(err, 'strerror', None) or type(err).__name__}): pass a "

@@ -144,13 +144,20 @@ def _iter_hub_dataset(spec: str):
 
 def _read_ratings(spec: str) -> Loaded:
     """`ratings:` reads the ratings store, `ratings:PATH` the store in PATH (which must be one)."""
-    from core.ratings import db_path, preference_records, read
+    from core.ratings import RatingsError, db_path, preference_records, read
 
     path = spec.removeprefix("ratings:")
     if path and not Path(path).expanduser().exists():
         raise DataError(f"data source {spec}: {path} does not exist: check the path, or pass "
                         f"ratings: alone for the store the app writes ({db_path()}).")
-    stored, malformed = read(path or None)
+    try:
+        stored, malformed = read(path or None)
+    except RatingsError as err:
+        if not path:
+            raise
+        # the store's own hint speaks of --db, which `python -m train` has not
+        raise DataError(f"data source {spec}: {str(err).split(': ')[0]}: pass a ratings database "
+                        f"the app wrote, or ratings: alone for its store ({db_path()}).") from None
     records = enumerate(preference_records(stored))
     return _normalise_all(((f"ratings, row {i}", r) for i, r in records), spec,
                           Counter({"malformed ratings rows": malformed} if malformed else {}))

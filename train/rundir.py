@@ -90,9 +90,10 @@ def refuse_resume(run: RunInfo, cfg, stage: str) -> None:
                           f"`python -m train {run.stage} ... --resume`, or choose another --output.")
     link = first_link(run.path)
     if link is not None:
-        raise ConfigError(f"{link} is a link to {os.readlink(link)}: resuming appends to and "
-                          "rewrites the run's files, which would change what the link points to; "
-                          "copy the run without links (cp -a, not cp -s) or start a new run.")
+        target = os.readlink(link) if link.is_symlink() else "a file of another folder (a hard link)"
+        raise ConfigError(f"{link} is a link to {target}: resuming appends to and rewrites the "
+                          "run's files, which would change what the link points to; copy the run "
+                          "without links (cp -a, not cp -s or cp -l) or start a new run.")
     saved = run.config()
     refuse_other_precision(run, saved, cfg)
     for name in CHECKPOINT_OPTIONS:
@@ -106,11 +107,13 @@ def refuse_resume(run: RunInfo, cfg, stage: str) -> None:
 
 
 def first_link(folder: Path) -> Path | None:
-    """The first symbolic link inside `folder` (files and folders, never followed), or None."""
+    """The first symbolic link inside `folder` (files and folders, never followed), or file
+    with another hard link (a copy made with cp -al shares its files), or None."""
     for top, dirs, files in os.walk(folder):
         for name in sorted(dirs + files):
-            if (Path(top) / name).is_symlink():
-                return Path(top) / name
+            path = Path(top) / name
+            if path.is_symlink() or (name in files and path.stat().st_nlink > 1):
+                return path
     return None
 
 

@@ -159,9 +159,10 @@ def test_ratings_with_a_path_reads_that_store_and_only_it(store, tmp_path):
     assert [r["chosen"] for r in named.records] == ["From the other store."]
     assert [r["chosen"] for r in data.read_source("ratings:").records] == ["From the default store."]
     (tmp_path / "notes.txt").write_text("not a store")
-    for path, says in [(tmp_path / "missing.db", "does not exist"), (tmp_path / "notes.txt", "not")]:
-        with pytest.raises((data.DataError, ratings.RatingsError), match=says):
+    for path, says in [(tmp_path / "missing.db", "does not exist"), (tmp_path / "notes.txt", "not a ratings")]:
+        with pytest.raises(data.DataError, match=says) as refused:
             data.read_source(f"ratings:{path}")
+        assert "--db" not in str(refused.value)  # probe 6 (P4): `python -m train` has no --db
 
 
 def test_train_rm_runs_on_the_exported_votes(store, tmp_path, tiny_model, monkeypatch):

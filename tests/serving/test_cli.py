@@ -261,6 +261,11 @@ def test_a_key_file_with_a_byte_order_mark_or_a_key_no_client_can_send(tmp_path)
     marked = tmp_path / "marked"
     marked.write_bytes(b"\xef\xbb\xbfbomkey\n")
     assert read_api_key(SimpleNamespace(api_key=None, api_key_file=str(marked)), {}) == "bomkey"
+    # probe 6 (P3): a line separator inside the key cut it short (splitlines), silently
+    separated = tmp_path / "separated"
+    separated.write_text("abc\u2028SECRET\n", encoding="utf-8")
+    assert read_api_key(SimpleNamespace(api_key=None, api_key_file=str(separated)), {}) == \
+        "abc\u2028SECRET"
     nul = tmp_path / "nul"
     nul.write_bytes(b"bad\x00key\n")
     for cfg, environ in [(SimpleNamespace(api_key=None, api_key_file=str(nul)), {}),

@@ -402,19 +402,21 @@ def test_every_stage_checks_its_models_before_an_overwrite_removes_anything(tmp_
 
 def test_a_run_copied_as_links_is_not_resumed_through_them(tmp_path, tiny_model, sft_file):
     """Probe 5 (N7): `cp -as run copy` then --resume of the copy appended the copy's metrics
-    and log to the original run's files and rewrote its config.yaml."""
+    and log to the original run's files and rewrote its config.yaml; `cp -al` (hard links)
+    would do the same."""
     original = tmp_path / "original"
     args = ["--model", str(tiny_model), "--data", str(sft_file), *FAST]
     assert run_train("sft", *args, "--output", str(original), "--max-steps", "2",
                      "--save-every", "1").returncode == 0
     (original / "status.json").write_text('{"state": "stopped", "step": 2}')  # as if stopped there
     before = files_of(original)
-    copy = tmp_path / "copy"
-    subprocess.run(["cp", "-as", str(original), str(copy)], check=True)
-    done = run_train("sft", *args, "--output", str(copy), "--resume", "--max-steps", "4")
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "is a link to" in done.stderr.strip().splitlines()[-1]
-    assert files_of(original) == before
+    for flags in ("-as", "-al"):  # symbolic links; hard links (probe 6)
+        copy = tmp_path / f"copy{flags}"
+        subprocess.run(["cp", flags, str(original), str(copy)], check=True)
+        done = run_train("sft", *args, "--output", str(copy), "--resume", "--max-steps", "4")
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert "is a link to" in done.stderr.strip().splitlines()[-1]
+        assert files_of(original) == before
 
 
 def test_a_run_is_never_put_inside_another_nor_removed_with_it(tmp_path, tiny_model, sft_file):

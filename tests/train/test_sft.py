@@ -499,9 +499,12 @@ def test_a_stop_during_a_default_size_evaluation_ends_the_run_within_10_s(tmp_pa
 def test_ctrl_c_while_starting_is_one_line(tmp_path, sft_file):
     """Probe 5: Ctrl-C in the first seconds (while transformers imports) printed a ~40-line
     KeyboardInterrupt traceback."""
+    # as from a terminal: a shell without job control starts background jobs (make test run with
+    # `&`, as CI may) with Ctrl-C ignored, and Python keeps it ignored
     proc = subprocess.Popen([sys.executable, "-m", "train", "sft", "--data", str(sft_file), "--output",
                              str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)  # importing torch and transformers takes seconds
     proc.send_signal(signal.SIGINT)
     stderr = proc.communicate(timeout=120)[1]

@@ -95,8 +95,8 @@ class Engine:
         return max(len(token.encode()) for token in self.tokenizer.get_vocab())
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Prompt token ids of a conversation through the model's chat template (its rendering
-        stopped past TEMPLATE_SECONDS: TemplateTimeout)."""
+        """Prompt token ids of a conversation through the model's chat template; TemplateError
+        for a render past TEMPLATE_SECONDS or far longer than a conversation may be."""
         text = within(TEMPLATE_SECONDS, lambda: self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False))
         # past this bound the text is over any conversation's tokens (see validation.py's byte

@@ -2,7 +2,8 @@
 our PPO at the same wall-clock budget, in one run.
 
     python bench/grpo.py [--steps 3] [--prompts 8] [--group-size 4] [--batch-size 8]
-                         [--max-new-tokens 64] [--budget-s 600] [--reward RM_FOLDER] [--skip trl,vs-ppo]
+                         [--max-new-tokens 64] [--budget-s 600] [--reward RM] [--judge RM]
+                         [--skip trl,vs-ppo]
 
 1. Step time. Ours (`python -m train ppo --algorithm grpo`) and TRL's GRPOTrainer
    (bench/peers/trl_grpo.py, current TRL in its own venv, bench/.peer-trl, created on first use
@@ -16,12 +17,17 @@ our PPO at the same wall-clock budget, in one run.
    sampled tokens (fp32) and those the training forward gives the same tokens. Within 1e-4 (the
    tests' tolerance; 1.76e-05 in the last run here) these recorded log-probs replace the actor's scoring
    forward (train/rollout.py, --rollout-logprobs auto): ours then runs no such forward.
-3. GRPO vs PPO (unless skipped): both from the built-in model against one reward model (--reward,
-   else one trained here exactly as tests/conftest.py's real_reward_model fixture trains it, on
-   the RM part of HH harmless), prompts from the PPO part, 16 rollouts per step (PPO: 16 prompts;
-   GRPO: 4 prompts x 4), greedy held-out reward every --eval-every steps. Each run is stopped
-   (SIGINT: it ends the step and stops) once its training time, evaluations excluded, passes
-   --budget-s; the figure is held-out reward gained per minute of training.
+3. GRPO vs PPO (unless skipped): both from the built-in model against one reward model, the
+   proxy (--reward, else one trained here on the first half of HH harmless's RM part), prompts
+   from the PPO part, 16 rollouts per step (PPO: 16 prompts; GRPO: 4 prompts x 4), greedy
+   held-out proxy reward every --eval-every steps. Each run is stopped (SIGINT: it ends the step
+   and stops) once its training time, evaluations excluded, passes --budget-s. Then
+   `python -m train report` scores the start and the end on the run's held-out prompts with a
+   judge (--judge, else one trained here on the second half of the RM part, as `train all`
+   does): the figure is judge reward gained per minute of training, with its interval.
+4. Floor: the weight products our score and train phases execute on their padded batches, and
+   the seconds they would take at this machine's matmul peak (F.linear timed on the model's own
+   layer shapes), so the step ratio reads against the best this machine allows.
 Writes bench/results/grpo.json.
 """
 from __future__ import annotations
@@ -57,8 +63,10 @@ def parse_args() -> argparse.Namespace:
                         "the GRPO vs PPO part")
     parser.add_argument("--eval-every", type=int, default=3, help="steps between held-out evaluations "
                         "in the GRPO vs PPO part")
-    parser.add_argument("--reward", default="", help="reward-model folder for the GRPO vs PPO part; "
-                        "empty trains one first")
+    parser.add_argument("--reward", default="", help="proxy reward model (a final/ folder) for the "
+                        "GRPO vs PPO part; empty trains one first")
+    parser.add_argument("--judge", default="", help="judge reward model (a final/ folder) for the GRPO "
+                        "vs PPO part, trained on data disjoint from the proxy's; empty trains one first")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: trl, vs-ppo")
     args = parser.parse_args()
     args.skip = {part for part in args.skip.split(",") if part}
@@ -86,6 +94,10 @@ def run_ours(args, folder: Path, env: dict, threads: int) -> dict:
     result = {key: round(statistics.fmean(r[key] for r in timed), 3) for key in PHASES}
     result["gen_tokens_per_s"] = round(statistics.fmean(r["gen_tokens_per_s"] for r in timed), 1)
     result["response_length"] = round(statistics.fmean(r["response_length"] for r in timed), 1)
+    result["widths"] = [round(statistics.fmean(r[f"{part}_width"] for r in timed), 1)
+                        for part in ("prompt", "response")]
+    log = (folder / "train.log").read_text()
+    result["actor_scored"] = "old log-probs: from sampling" not in log
     result["cpu_share_of_other_processes"] = others
     return result
 
@@ -151,13 +163,14 @@ def logprob_gap(max_new_tokens: int, rows: int = 16) -> dict:
 
 # ---- 3. GRPO against PPO at the same budget ------------------------------------------------------
 
-def train_reward_model(folder: Path, env: dict, threads: int) -> Path:
-    """The tests' real_reward_model recipe (tests/conftest.py): 70 steps on the RM part of HH."""
+def train_reward_model(folder: Path, split: str, role: str, env: dict, threads: int) -> Path:
+    """A reward model on one half of HH harmless's RM part (`split`), as tests/conftest.py's
+    real_reward_model fixture trains one, twice the steps."""
     cmd = [sys.executable, "-m", "train", "rm", "--model", "default", "--data", str(HH),
-           "--data-split", "0,5,5", "--output", str(folder), "--max-steps", "70", "--batch-size", "8",
-           "--max-seq-len", "256", "--learning-rate", "3e-5", "--eval-fraction", "0.15",
-           "--max-eval-samples", "170", "--eval-every", "0", "--save-every", "0", "--stats-samples", "128"]
-    run(cmd, env, "python -m train rm (the reward model both RL runs optimise)", threads)
+           "--data-split", split, "--output", str(folder), "--max-steps", "32", "--batch-size", "8",
+           "--max-seq-len", "160", "--learning-rate", "5e-5", "--eval-fraction", "0.15",
+           "--max-eval-samples", "120", "--eval-every", "0", "--save-every", "0", "--stats-samples", "64"]
+    run(cmd, env, f"python -m train rm (the {role})", threads)
     return folder / "final"
 
 
@@ -168,8 +181,9 @@ def training_seconds(metrics: Path) -> float:
     return sum(r["step_time_s"] for r in rows if "step_time_s" in r)
 
 
-def run_within_budget(algorithm: str, args, reward: Path, folder: Path, env: dict) -> dict:
-    """One RL run, stopped once its training time passes the budget; its held-out reward curve."""
+def run_within_budget(algorithm: str, args, reward: Path, judge: Path, folder: Path, env: dict) -> dict:
+    """One RL run, stopped once its training time passes the budget: its held-out proxy reward
+    curve and the judge's reward gained."""
     shape = (["--rollout-batch-size", "16", "--critic-learning-rate", "1e-5"] if algorithm == "ppo"
              else ["--rollout-batch-size", "4", "--group-size", "4"])
     cmd = [sys.executable, "-m", "train", "ppo", "--algorithm", algorithm, "--actor", "default",
@@ -193,10 +207,79 @@ def run_within_budget(algorithm: str, args, reward: Path, folder: Path, env: dic
         elapsed += row.get("step_time_s", 0.0)
         if "eval_reward" in row:
             curve.append({"step": row["step"], "train_s": round(elapsed, 1), "eval_reward": row["eval_reward"]})
+    minutes = sum(r.get("step_time_s", 0.0) for r in rows) / 60
     gained = curve[-1]["eval_reward"] - curve[0]["eval_reward"]
-    return {"curve": curve, "steps": max(r["step"] for r in rows), "eval_reward_gained": round(gained, 4),
-            "per_minute": round(gained / (curve[-1]["train_s"] / 60), 4) if curve[-1]["train_s"] else 0.0,
+    judged = judge_gain(folder, judge, env)
+    return {"curve": curve, "steps": max(r["step"] for r in rows), "train_minutes": round(minutes, 2),
+            "proxy_gained": round(gained, 4), "judge": judged,
+            "judge_per_minute": round(judged["gain"]["value"] / minutes, 4),
             "mean_kl": round(statistics.fmean(r["kl"] for r in rows if "kl" in r), 3)}
+
+
+def judge_gain(folder: Path, judge: Path, env: dict) -> dict:
+    """The judge's reward of the run's start and end on its held-out prompts (train report)."""
+    cmd = [sys.executable, "-m", "train", "report", str(folder), "--judge", str(judge),
+           "--max-samples", "32", "--max-new-tokens", "48", "--samples", "0"]
+    if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
+        sys.exit(f"bench: the report on {folder.name} failed (output above)")
+    figures = json.loads((folder / "report.json").read_text())["figures"]
+    return {**figures["judge"], "win_rate": figures["win_rate"]}
+
+
+# ---- 4. the floor ---------------------------------------------------------------------------------
+
+def weight_shapes(path: str) -> tuple[list[tuple[int, int]], int]:
+    """((out, in) of each linear layer in the transformer, lm-head weights) of the model at `path`."""
+    import torch
+
+    from core.models import load_causal_lm
+
+    lm = load_causal_lm(path)
+    head = lm.get_output_embeddings()
+    shapes = [tuple(m.weight.shape) for m in lm.modules()
+              if isinstance(m, torch.nn.Linear) and m is not head]
+    return shapes, head.weight.numel()
+
+
+def matmul_peak(shapes: list[tuple[int, int]], rows: int, seconds: float = 3.0) -> float:
+    """GFLOP/s of fp32 F.linear on `rows` input rows through each distinct layer shape, best of repeats."""
+    import torch
+
+    layer = sorted(set(shapes))
+    weights = [torch.randn(out, inp) for out, inp in layer]
+    inputs = [torch.randn(rows, inp) for _, inp in layer]
+    flops = sum(2 * rows * w.numel() for w in weights)
+    best, deadline = float("inf"), time.time() + seconds
+    while time.time() < deadline:
+        tic = time.perf_counter()
+        for x, w in zip(inputs, weights):
+            torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - tic)
+    return flops / best / 1e9
+
+
+def floor(ours: dict, args, path: str) -> dict:
+    """Our score and train phases against this machine's matmul peak. Counted: the weight
+    products on the padded batch (2 FLOPs a weight a token forward, 6 forward and backward; the
+    vocabulary projection at response positions only); left out: attention scores, norms and
+    the optimizer, so the floor is low and the achieved share a little high."""
+    shapes, head = weight_shapes(path)
+    linear = sum(out * inp for out, inp in shapes)
+    rows = args.prompts * args.group_size
+    prompt_width, response_width = ours["widths"]
+    tokens = rows * (prompt_width + response_width)
+    forward = 2 * linear * tokens + 2 * head * rows * response_width   # the policy or the reference
+    score = forward * (2 if ours["actor_scored"] else 1) + 2 * linear * tokens  # + the reward model
+    train = 3 * forward
+    peak = matmul_peak(shapes, int(args.batch_size * (prompt_width + response_width)))
+    result = {"peak_gflops": round(peak, 1)}
+    for phase, flops in (("score", score), ("train", train)):
+        seconds = ours[f"time_{phase}_s"]
+        result[phase] = {"tflop": round(flops / 1e12, 3), "gflops": round(flops / seconds / 1e9, 1),
+                         "seconds_at_peak": round(flops / peak / 1e9, 2)}
+    result["step_at_peak_s"] = round(ours["time_generate_s"] + result["score"]["seconds_at_peak"]
+                                     + result["train"]["seconds_at_peak"], 2)
+    return result
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -229,12 +312,18 @@ def main() -> None:
                 args, models.resolve_model("default"), precision, Path(tmp), env, threads)
         report["step"] = steps
         report["logprob_gap"] = logprob_gap(args.max_new_tokens)
+        if precision == "fp32":  # the peak is timed in fp32
+            report["floor"] = floor(steps["ours (grpo)"], args, models.resolve_model("default"))
         if "vs-ppo" not in args.skip:
-            reward = Path(args.reward) if args.reward else train_reward_model(Path(tmp) / "rm", env, threads)
-            report["vs_ppo"] = {"reward_model": str(args.reward or "trained here (real_reward_model recipe)"),
+            reward = Path(args.reward) if args.reward else train_reward_model(
+                Path(tmp) / "proxy", "0,2.5,7.5", "proxy", env, threads)
+            judge = Path(args.judge) if args.judge else train_reward_model(
+                Path(tmp) / "judge", "2.5,2.5,5", "judge", env, threads)
+            report["vs_ppo"] = {"proxy": args.reward or "trained here on the RM part's first half",
+                                "judge": args.judge or "trained here on the RM part's second half",
                                 "budget_s": args.budget_s}
             for algorithm in ("grpo", "ppo"):
-                report["vs_ppo"][algorithm] = run_within_budget(algorithm, args, reward,
+                report["vs_ppo"][algorithm] = run_within_budget(algorithm, args, reward, judge,
                                                                 Path(tmp) / algorithm, env)
 
     print(f"\nmachine: {machine}")
@@ -246,15 +335,25 @@ def main() -> None:
               f"{trl['time_generate_s'] / ours['time_generate_s']:.2f}x (TRL {trl['setup']['trl']}, "
               f"mixed precision {trl['setup']['mixed_precision']}, loss {trl['setup']['loss_type']}, "
               f"gradient checkpointing {trl['setup']['gradient_checkpointing']})")
+    if "floor" in report:
+        low = report["floor"]
+        print(f"floor: fp32 matmul peak {low['peak_gflops']} GFLOP/s on the model's layer shapes; "
+              + "; ".join(f"{phase} {low[phase]['tflop']} TFLOP at {low[phase]['gflops']} GFLOP/s "
+                          f"({low[phase]['seconds_at_peak']} s at peak)" for phase in ("score", "train"))
+              + f"; ours at peak with its own generation: {low['step_at_peak_s']} s a step"
+              + (f", TRL/that {trl['step_time_s'] / low['step_at_peak_s']:.2f}x" if trl else ""))
     gap = report["logprob_gap"]
     print(f"sampling vs training log-probs ({gap['decoder']} decoder, {gap['dtype']}, {gap['tokens']} "
           f"tokens): max |diff| {gap['max_abs_diff']:.3g}, mean {gap['mean_abs_diff']:.3g}")
     if "vs_ppo" in report:
         for algorithm in ("grpo", "ppo"):
             row = report["vs_ppo"][algorithm]
-            print(f"{algorithm}: {row['steps']} steps, held-out reward {row['curve'][0]['eval_reward']} -> "
-                  f"{row['curve'][-1]['eval_reward']} after {row['curve'][-1]['train_s']:.0f} s of "
-                  f"training: {row['per_minute']:+.4f} per minute (mean KL {row['mean_kl']})")
+            judged, gain = row["judge"], row["judge"]["gain"]
+            print(f"{algorithm}: {row['steps']} steps in {row['train_minutes']:.1f} min of training; held-out "
+                  f"proxy {row['curve'][0]['eval_reward']} -> {row['curve'][-1]['eval_reward']}; judge "
+                  f"{judged['before']} -> {judged['after']} ({gain['value']:+} [{gain['low']}, {gain['high']}], "
+                  f"win rate {judged['win_rate']['value']}): {row['judge_per_minute']:+.4f} judge reward per "
+                  f"minute (mean KL {row['mean_kl']})")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")

@@ -195,6 +195,8 @@ def step_metrics(step: int, exp: Experience, group_size: int, update_metrics: di
             "reward_group_std": round(by_group.std(dim=1).mean().item(), 4) if by_group.shape[1] > 1 else 0.0,
             "score": round(exp.scores.mean().item(), 4), "kl": round(kl.mean().item(), 4),
             "response_length": round(exp.action_mask.sum(1).mean().item(), 1),
+            # the padded widths every forward of this step computes on
+            "prompt_width": exp.prompt_width, "response_width": exp.action_mask.shape[1],
             **{k: round(sum(v) / len(v), 5) for k, v in update_metrics.items() if v},
             **{f"time_{k}_s": round(timer[k], 3) for k in ("generate", "score", "train", "switch")},
             "gen_tokens_per_s": round(timer["generated_tokens"] / max(timer["generate"], 1e-9), 1)}

@@ -57,6 +57,16 @@ def win_rate(after, before, bootstrap: int, seed: int, confidence: float = 0.95,
             "ties": int((outcome == 0.5).sum()), "losses": int((outcome == 0).sum())}
 
 
+def mean_gain(after, before, bootstrap: int, seed: int, confidence: float = 0.95) -> dict:
+    """Mean of after - before over prompts, with a paired percentile bootstrap interval."""
+    gain = np.asarray(after, float) - np.asarray(before, float)
+    rng = np.random.default_rng(seed)
+    resampled = gain[rng.integers(0, len(gain), size=(bootstrap, len(gain)))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(resampled, [tail, 100 - tail])
+    return {"value": round(float(gain.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4)}
+
+
 def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (sound at small counts and near 0 or 1)."""
     if total == 0:
@@ -213,7 +223,8 @@ def policy_report(cfg: ReportConfig, run: RunInfo, log) -> dict:
     judged = scoring.reward_scores(judge, prompts, answers, cfg) if judge else None
     if judged:
         same = [a == b for a, b in zip(answers["before"], answers["after"])]
-        figures["judge"] = {"before": mean(judged["before"]), "after": mean(judged["after"])}
+        figures["judge"] = {"before": mean(judged["before"]), "after": mean(judged["after"]),
+                            "gain": mean_gain(judged["after"], judged["before"], cfg.bootstrap, cfg.seed)}
         figures["win_rate"] = win_rate(judged["after"], judged["before"], cfg.bootstrap, cfg.seed, same=same)
         figures["reward_length_correlation"]["judge"] = correlation(judged["after"], lengths["after"])
     if run.stage == "dpo":
@@ -310,7 +321,9 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {name} | {figures[name]['before']} | {figures[name]['after']} |")
     lines.append(f"| KL drift (after vs before, nats per answer) | | {figures['kl']} |")
     if "win_rate" in figures:
-        win = figures["win_rate"]
+        win, gain = figures["win_rate"], figures["judge"]["gain"]
+        lines += ["", f"Judge reward gained: **{gain['value']:+}** (95% interval {gain['low']} to "
+                      f"{gain['high']}, paired over prompts)."]
         lines += ["", f"Judge win rate of after over before: **{win['value']}** (95% interval "
                       f"{win['low']}-{win['high']}; {win['wins']} wins, {win['ties']} ties, {win['losses']} losses)."]
     lines += ["", f"Proxy: {figures['proxy']['kind']}. Reward-length correlation (after): "

@@ -10,8 +10,8 @@ from core import ratings
 from tests.conftest import HH, read_jsonl, run_train, shared_file
 from train import data
 from train.config import ReportConfig
-from train.report import alarms, calibration, correlation, load_report, render_markdown, report_command, \
-    wilson_interval, win_rate
+from train.report import alarms, calibration, correlation, load_report, mean_gain, render_markdown, \
+    report_command, wilson_interval, win_rate
 
 
 # ---- statistics and alarms, by hand --------------------------------------------------------------------
@@ -32,6 +32,16 @@ def test_win_rate_interval_excludes_one_half_only_with_enough_wins():
     assert clear["low"] > 0.5
     close = win_rate([1.0] * 27 + [0.0] * 23, [0.5] * 50, bootstrap=2000, seed=1)   # 27 of 50
     assert close["low"] < 0.5 < close["high"]
+
+
+def test_mean_gain_is_paired_over_prompts():
+    # every prompt gains exactly 1 while the scores themselves spread widely: a paired interval
+    # is the point itself; an unpaired one would be wide
+    before = [float(i) for i in range(-20, 20)]
+    steady = mean_gain([b + 1.0 for b in before], before, bootstrap=1000, seed=0)
+    assert steady == {"value": 1.0, "low": 1.0, "high": 1.0}
+    noisy = mean_gain([b + (3.0 if i % 2 else -1.0) for i, b in enumerate(before)], before, 1000, 0)
+    assert noisy["value"] == pytest.approx(1.0) and noisy["low"] < 1.0 < noisy["high"] and noisy["low"] > 0
 
 
 def test_wilson_interval_and_correlation_against_known_values():
@@ -123,8 +133,11 @@ def test_a_report_with_a_judge_and_on_a_reward_model_with_votes(tmp_path, tiny_m
                          "--max-samples", "6", "--max-new-tokens", "8", "--samples", "3", "--fp32")
     assert reported.returncode == 0, reported.stderr
     report = load_report(policy)
-    win = report["figures"]["win_rate"]
+    win, gain = report["figures"]["win_rate"], report["figures"]["judge"]["gain"]
     assert win["wins"] + win["ties"] + win["losses"] == 6 and win["low"] <= win["value"] <= win["high"]
+    judged = report["figures"]["judge"]
+    assert gain["value"] == pytest.approx(judged["after"] - judged["before"], abs=2e-4)
+    assert gain["low"] <= gain["value"] <= gain["high"]
     assert report["figures"]["proxy"]["kind"] == f"reward model {judge / 'final'}"
     assert len(report["samples"]) == 3 and all(len(s["judge"]) == 2 for s in report["samples"])
 

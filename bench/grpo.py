@@ -25,9 +25,9 @@ our PPO at the same wall-clock budget, in one run.
    `python -m train report` scores the start and the end on the run's held-out prompts with a
    judge (--judge, else one trained here on the second half of the RM part, as `train all`
    does): the figure is judge reward gained per minute of training, with its interval.
-4. Floor: the weight products our score and train phases execute on their padded batches, and
-   the seconds they would take at this machine's matmul peak (F.linear timed on the model's own
-   layer shapes), so the step ratio reads against the best this machine allows.
+4. Floor: the weight products each of our phases executes, and the seconds they would take at
+   this machine's fp32 matmul peak (F.linear timed on the model's own layer shapes): how far
+   our step is from the best this machine allows, and the ratio to TRL a step at peak would give.
 Writes bench/results/grpo.json.
 """
 from __future__ import annotations
@@ -259,26 +259,27 @@ def matmul_peak(shapes: list[tuple[int, int]], rows: int, seconds: float = 3.0) 
 
 
 def floor(ours: dict, args, path: str) -> dict:
-    """Our score and train phases against this machine's matmul peak. Counted: the weight
-    products on the padded batch (2 FLOPs a weight a token forward, 6 forward and backward; the
-    vocabulary projection at response positions only); left out: attention scores, norms and
-    the optimizer, so the floor is low and the achieved share a little high."""
+    """Our three phases against this machine's matmul peak. Counted: the weight products (2 FLOPs
+    a weight a token forward, 6 forward and backward; the vocabulary projection at response
+    positions only) on the padded batch for score and train, and on the prompts once plus each
+    generated token for generation; left out: attention scores, norms and the optimizer, so
+    each floor is low and each achieved share a little high."""
     shapes, head = weight_shapes(path)
     linear = sum(out * inp for out, inp in shapes)
     rows = args.prompts * args.group_size
     prompt_width, response_width = ours["widths"]
     tokens = rows * (prompt_width + response_width)
+    generated = ours["gen_tokens_per_s"] * ours["time_generate_s"]
     forward = 2 * linear * tokens + 2 * head * rows * response_width   # the policy or the reference
-    score = forward * (2 if ours["actor_scored"] else 1) + 2 * linear * tokens  # + the reward model
-    train = 3 * forward
+    flops = {"generate": 2 * linear * (rows * prompt_width + generated) + 2 * head * generated,
+             "score": forward * (2 if ours["actor_scored"] else 1) + 2 * linear * tokens,  # + the reward model
+             "train": 3 * forward}
     peak = matmul_peak(shapes, int(args.batch_size * (prompt_width + response_width)))
     result = {"peak_gflops": round(peak, 1)}
-    for phase, flops in (("score", score), ("train", train)):
-        seconds = ours[f"time_{phase}_s"]
-        result[phase] = {"tflop": round(flops / 1e12, 3), "gflops": round(flops / seconds / 1e9, 1),
-                         "seconds_at_peak": round(flops / peak / 1e9, 2)}
-    result["step_at_peak_s"] = round(ours["time_generate_s"] + result["score"]["seconds_at_peak"]
-                                     + result["train"]["seconds_at_peak"], 2)
+    for phase, count in flops.items():
+        result[phase] = {"tflop": round(count / 1e12, 3), "gflops": round(count / ours[f"time_{phase}_s"] / 1e9, 1),
+                         "seconds_at_peak": round(count / peak / 1e9, 2)}
+    result["step_at_peak_s"] = round(sum(result[phase]["seconds_at_peak"] for phase in flops), 2)
     return result
 
 
@@ -339,8 +340,8 @@ def main() -> None:
         low = report["floor"]
         print(f"floor: fp32 matmul peak {low['peak_gflops']} GFLOP/s on the model's layer shapes; "
               + "; ".join(f"{phase} {low[phase]['tflop']} TFLOP at {low[phase]['gflops']} GFLOP/s "
-                          f"({low[phase]['seconds_at_peak']} s at peak)" for phase in ("score", "train"))
-              + f"; ours at peak with its own generation: {low['step_at_peak_s']} s a step"
+                          f"({low[phase]['seconds_at_peak']} s at peak)" for phase in ("generate", "score", "train"))
+              + f"; a step at peak: {low['step_at_peak_s']} s"
               + (f", TRL/that {trl['step_time_s'] / low['step_at_peak_s']:.2f}x" if trl else ""))
     gap = report["logprob_gap"]
     print(f"sampling vs training log-probs ({gap['decoder']} decoder, {gap['dtype']}, {gap['tokens']} "

@@ -31,13 +31,13 @@ def main(argv=None) -> int:
         if args.command == "counts":
             print(json.dumps(counts(db)))
             return 0
+        skipped = left_out(db)  # read before anything is written: an error then changed nothing
         if args.out == "-":  # the records on standard output, what was written on standard error
             records = export_records(db)
             sys.stdout.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
             written, report = len(records), sys.stderr
         else:
             written, report = export(args.out, db, overwrite=args.overwrite), sys.stdout
-        skipped = left_out(db)
         note = f" (left out: {', '.join(f'{n} {why}' for why, n in skipped.items())})" if skipped else ""
         print(f"wrote {written} preference records to {args.out}{note}", file=report)
         return 0

@@ -514,7 +514,9 @@ def _check_export_target(out: Path, store: Path, overwrite: bool) -> None:
     """Refuse an export onto the store or its side files (by resolved path, and by identity for
     files that exist, so symlinks, hard links and other spellings count), onto anything that is
     not a regular file, and onto an existing file without `overwrite`."""
-    store_files = [Path(f"{store}{suffix}") for suffix in ("",) + SIDE_FILES]
+    # SQLite keeps its side files beside the store's real file: a --db spelled through a link
+    # has them beside the link's target (probe 7, F1)
+    store_files = [Path(f"{name}{suffix}") for name in {store, store.resolve()} for suffix in ("",) + SIDE_FILES]
     same = out.resolve() in {f.resolve() for f in store_files}
     if not same and out.exists():
         same = any(f.exists() and os.path.samefile(out, f) for f in store_files)

@@ -326,6 +326,21 @@ def test_resume_clicked_twice_starts_one_process(runs, sleeper):
         launch.start("sft", config.SFTConfig(output=str(folder)))  # a click while one is made
 
 
+def test_resume_writes_nothing_through_a_link_in_the_run(runs, sleeper, tmp_path):
+    """Probe 7, F3: Resume of a run whose console.log links elsewhere appended the launcher's
+    output to the link's target before the run itself refused the link."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    folder = write_run(runs / "linked", {"state": "stopped", "step": 3, "total_steps": 9}, stage="sft",
+                       checkpoint=True)
+    (folder / "console.log").symlink_to(victim)
+    sleeper.append(folder)
+    note, *_ = app.resume_run("linked")
+    assert note.startswith("**Not resumed:**") and "is a link to" in note, note
+    assert victim.read_text() == "keep me\n"
+    assert RunInfo.load(folder).status.get("state") == "stopped"
+
+
 def test_resume_and_start_over_queue_in_the_runs_folder_not_where_a_file_says(runs, sleeper, tmp_path):
     """Issue 14 (third probe, F5): Resume followed the queue path of an edited launch.json and
     made /tmp/x/victim/.slots/0.lock."""

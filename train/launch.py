@@ -39,6 +39,7 @@ from core.options import ConfigError, build, load_yaml, to_argv, to_dict
 from core.runs import (LIVE_STATES, MARKER, PIPELINE_STEPS, RunInfo, enclosing_run, is_run_folder,
                        pid_alive, read_json, read_status, runs_inside, write_json_atomic)
 from train.config import STAGES
+from train.rundir import refuse_links
 
 ROOT = Path(__file__).resolve().parents[1]
 QUEUE_FILE, SLOTS = "queue.json", ".slots"
@@ -131,6 +132,8 @@ def start(stage: str, cfg, replace: bool = False) -> subprocess.Popen:
                               "another name.")
         if run is None and any(p.name != ".launching" for p in folder.iterdir()):
             raise ConfigError(f"{folder} holds files that are not a run: choose another name.")
+        if getattr(cfg, "resume", False):  # the run would refuse links, after console.log was opened
+            refuse_links(folder)
         if replace and run is not None:
             clear_run(folder)
         elif (folder / "config.yaml").is_file() and not getattr(cfg, "resume", False):  # it ran

@@ -15,15 +15,15 @@ and report.md in the third step's folder) and a table of wall time, final metric
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from core.options import ConfigError, build, load_yaml, to_yaml
+from core.paths import atomic_write
 from core.runs import MARKER, RunInfo, read_metrics, read_status, write_json_atomic
 from train import config, dpo, ppo, report, reward, sft
 from train.config import AllConfig, parse_split
-from train.rundir import RunDir, refuse_foreign, refuse_nesting
+from train.rundir import RunDir, refuse_foreign, refuse_links, refuse_nesting
 
 STEP_METRICS = {"sft": ("eval_loss", "eval_ppl", "loss"),
                 "rm": ("eval_accuracy", "eval_margin", "accuracy"),
@@ -124,6 +124,8 @@ def check_root(root: Path) -> None:
     if existing is not None and existing.stage != "all":
         raise ConfigError(f"{root} holds a {existing.stage or 'training'} run, not a pipeline: "
                           "choose another --output.")
+    if existing is not None:  # a copy made with cp -s or cp -al writes into the original (probe 7, F4)
+        refuse_links(root, "running the pipeline again")
 
 
 def main(cfg: AllConfig) -> dict:
@@ -133,7 +135,8 @@ def main(cfg: AllConfig) -> dict:
     check_root(root)
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / MARKER, {"stage": "all", "created_at": time.time()})
-    (root / "config.yaml").write_text(to_yaml(cfg))
+    with atomic_write(root / "config.yaml") as handle:
+        handle.write(to_yaml(cfg))
     pipeline = RunDir(root)
     steps = plan(cfg, root)
     total = len(steps) + cfg.report
@@ -161,7 +164,7 @@ def main(cfg: AllConfig) -> dict:
         pipeline.status("running", step=len(steps), total_steps=total, current="report")
         summary.append(run_report(cfg, root, pipeline))
     pipeline.status("done", step=total, total_steps=total)
-    (root / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(root / "summary.json", summary)
     pipeline.log("\n" + summary_table(summary))
     return {"steps": summary}
 

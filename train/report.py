@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from core.options import ConfigError, build, load_yaml
+from core.paths import atomic_write
 from core.runs import RunInfo, read_metrics, write_json_atomic
 from train.config import STAGES, ReportConfig
 
@@ -339,8 +340,12 @@ def render_markdown(report: dict) -> str:
 def main(cfg: ReportConfig) -> dict:
     report = build_report(cfg)
     folder = Path(report["run"])
+    markdown = render_markdown(report)
+    # both replaced whole, never written into: a link there (a symlink, or a run copied with
+    # cp -al) keeps what it points at (probe 7, F2)
     write_json_atomic(folder / REPORT_JSON, report)
-    (folder / REPORT_MD).write_text(render_markdown(report))
-    print(render_markdown(report))
+    with atomic_write(folder / REPORT_MD) as handle:
+        handle.write(markdown)
+    print(markdown)
     print(f"wrote {folder / REPORT_JSON} and {folder / REPORT_MD}")
     return report

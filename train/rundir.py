@@ -88,12 +88,7 @@ def refuse_resume(run: RunInfo, cfg, stage: str) -> None:
     if run.stage and run.stage != stage:
         raise ConfigError(f"{run.path} holds a {run.stage} run, not {stage}: resume it with "
                           f"`python -m train {run.stage} ... --resume`, or choose another --output.")
-    link = first_link(run.path)
-    if link is not None:
-        target = os.readlink(link) if link.is_symlink() else "a file of another folder (a hard link)"
-        raise ConfigError(f"{link} is a link to {target}: resuming appends to and rewrites the "
-                          "run's files, which would change what the link points to; copy the run "
-                          "without links (cp -a, not cp -s or cp -l) or start a new run.")
+    refuse_links(run.path)
     saved = run.config()
     refuse_other_precision(run, saved, cfg)
     for name in CHECKPOINT_OPTIONS:
@@ -104,6 +99,17 @@ def refuse_resume(run: RunInfo, cfg, stage: str) -> None:
                               f"{_as_flag(name, getattr(cfg, name))}: its checkpoint holds that "
                               f"state, so resume with {_as_flag(name, saved[name])} (config.yaml "
                               "lists every option it started with), or choose another --output.")
+
+
+def refuse_links(folder: Path, doing: str = "resuming") -> None:
+    """Refuse a run folder holding a link (see first_link): `doing` appends to and rewrites
+    its files, which would change what the link points to."""
+    link = first_link(folder)
+    if link is not None:
+        target = os.readlink(link) if link.is_symlink() else "a file of another folder (a hard link)"
+        raise ConfigError(f"{link} is a link to {target}: {doing} appends to and rewrites the "
+                          "run's files, which would change what the link points to; copy the run "
+                          "without links (cp -a, not cp -s or cp -l) or start a new run.")
 
 
 def first_link(folder: Path) -> Path | None:

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -332,6 +333,23 @@ def test_export_never_writes_onto_a_side_file_of_the_store(tmp_path):
     done = ratings_cli("counts", db=db)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"because of {db}-journal" in done.stderr and "move that file away" in done.stderr
+
+
+def test_export_refuses_the_side_files_of_a_store_named_through_a_link(tmp_path):
+    """Probe 7, F1: with --db spelled through a symlink, the side files were looked for beside
+    the link, while SQLite keeps them beside its target: `export --out S.db-wal --overwrite`
+    replaced the live WAL (committed votes lost) and then said nothing was changed."""
+    real = tmp_path / "data" / "S.db"
+    real.parent.mkdir()
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A", path=real)
+    link = tmp_path / "L.db"
+    link.symlink_to(real)
+    for out in (Path(f"{real}{suffix}") for suffix in ("-wal", "-journal", "-shm")):
+        done = ratings_cli("export", "--out", str(out), "--overwrite", db=link)
+        assert done.returncode == 2 and "SQLite side files" in done.stderr, done.stderr
+        assert not out.exists() or b'"chosen"' not in out.read_bytes()  # SQLite's, not an export
+    done = ratings_cli("counts", db=link)
+    assert done.returncode == 0 and json.loads(done.stdout)["A"] == 1
 
 
 def test_export_replaces_only_a_regular_file_and_a_store_must_be_one(tmp_path):

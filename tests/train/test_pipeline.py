@@ -94,3 +94,23 @@ def test_all_never_resumes_or_writes_into_folders_that_are_not_its_runs(tmp_path
     done = run_train(*args, "--output", str(theirs))
     assert done.returncode == 2 and "is not a run folder" in done.stderr.splitlines()[-1]
     assert [p.name for p in theirs.iterdir()] == ["config.yaml"]
+
+
+def test_all_never_writes_through_a_pipeline_copied_as_links(tmp_path, tiny_model, sft_file):
+    """Probe 7, F4: `train all` on a copy made with cp -as rewrote the original pipeline's
+    config.yaml and appended to its train.log."""
+    original = tmp_path / "pipe"
+    original.mkdir()
+    files = {"run.json": '{"stage": "all"}', "config.yaml": "output: pipe\n", "train.log": "line\n",
+             "status.json": '{"state": "failed"}'}
+    for name, text in files.items():
+        (original / name).write_text(text)
+    copy = tmp_path / "pipe-copy"
+    copy.mkdir()
+    for name in files:
+        (copy / name).symlink_to(original / name)
+    done = run_train("all", "--actor-model", str(tiny_model), "--data", str(sft_file), "--output", str(copy),
+                     "--sft-max-steps", "1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "is a link to" in done.stderr.splitlines()[-1]
+    assert {name: (original / name).read_text() for name in files} == files

@@ -90,8 +90,12 @@ def test_the_report_of_an_over_optimised_dpo_run_raises_the_alarm(tmp_path, tiny
                      "--lr-scheduler", "constant", "--eval-fraction", "0.2", "--eval-every", "0", "--fp32",
                      "--save-every", "0", "--no-tensorboard")
     assert done.returncode == 0, done.stderr
+    victim = tmp_path / "victim.txt"  # probe 7, F2: report.md was written through a link there
+    victim.write_text("keep me\n")
+    (out / "report.md").symlink_to(victim)
     reported = run_train("report", str(out), "--max-samples", "8", "--max-new-tokens", "16", "--fp32")
     assert reported.returncode == 0, reported.stderr
+    assert victim.read_text() == "keep me\n" and not (out / "report.md").is_symlink()
     report = load_report(out)
     assert [a["name"] for a in report["alarms"]] == ["length_growth"]
     figures = report["figures"]

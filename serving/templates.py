@@ -180,12 +180,14 @@ class RenderPool:
     def close(self) -> None:
         """Kill every worker (renders in flight end in TemplateError); later renders are refused."""
         with self._changed:
-            self._closed, workers = True, list(self._workers)
+            self._closed, idle, busy = True, list(self._idle), self._workers - set(self._idle)
             self._idle.clear()
             self._workers.clear()
             self._changed.notify_all()
-        for worker in workers:
+        for worker in idle:
             worker.kill()
+        for worker in busy:  # its render thread sees the pipe end, then closes and reaps it
+            worker.process.kill()
 
     def pids(self) -> list[int]:
         with self._changed:

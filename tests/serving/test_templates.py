@@ -128,9 +128,7 @@ def test_a_hostile_template_is_refused_while_others_render(kind, engine, tiny_mo
     time limit, and a conversation rendered meanwhile on another model waits no more than ~2 s."""
     folder = hostile_model(tiny_model, tmp_path / kind, kind)
     engine.encode_chat(CONVERSATIONS[0])
-    deadline = time.monotonic() + 60  # two workers up: the other thread starts none
-    while len(templates.shared_pool().pids()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    until(lambda: len(templates.shared_pool().pids()) >= 2)  # a spare up: the other thread waits for no start
     refused = []
 
     def load_hostile():
@@ -149,20 +147,31 @@ def test_a_hostile_template_is_refused_while_others_render(kind, engine, tiny_mo
 
 def test_a_killed_worker_is_replaced_and_none_outlives_the_pool(tokenizer):
     pool = RenderPool(size=2)
+    looping = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    looping.chat_template = HOSTILE["loop"] + tokenizer.chat_template
     try:
-        looping = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
-        looping.chat_template = HOSTILE["loop"] + tokenizer.chat_template
         assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
+        before = until(lambda: set(pool.pids()) if len(pool.pids()) == 2 else None)  # and its spare
         with pytest.raises(TemplateTimeout):
             render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=1.0)
-        seen = set(pool.pids())
-        for _ in range(3):  # the replacement (and the spare) serve the next renders
+        killed = before - set(pool.pids())
+        assert len(killed) == 1 and not running(killed)  # SIGKILLed and reaped
+        for _ in range(3):
             assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
-        seen.update(pool.pids())
-        assert 1 <= len(pool.pids()) <= 2
+        fresh = until(lambda: set(pool.pids()) - before)  # its replacement
+        assert len(pool.pids()) <= 2
     finally:
         pool.close()
-    assert seen and not running(seen)
+    assert not running(before | fresh)
+
+
+def until(value, seconds: float = 60):
+    """value() once it is truthy (polled: a worker takes a second or two to start)."""
+    deadline = time.monotonic() + seconds
+    while not (result := value()):
+        assert time.monotonic() < deadline, "not within 60 s"
+        time.sleep(0.1)
+    return result
 
 
 def running(pids) -> set[int]:

@@ -114,7 +114,11 @@ class Worker:
         self.replies = Connection(os.dup(self.process.stdout.fileno()), writable=False)
         self.process.stdin.close()
         self.process.stdout.close()
-        if not self.replies.poll(START_SECONDS) or self._reply(1024) != {"ready": True}:
+        try:
+            ready = self.replies.poll(START_SECONDS) and self._reply(1024) == {"ready": True}
+        except TemplateError:  # it ended: its error is in the server's log
+            ready = False
+        if not ready:
             self.kill()
             raise TemplateError(f"the chat-template process did not start within {START_SECONDS:g} s "
                                 "(see the server's log): check that transformers imports here.")
@@ -136,9 +140,6 @@ class Worker:
             code = self.kill()
             raise TemplateError(f"the chat-template process ended while rendering (exit {code}): "
                                 "fix chat_template in the model's tokenizer files.") from None
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
 
     def kill(self) -> int:
         """SIGKILL (a template in C code answers nothing else), then reap it; its exit code."""

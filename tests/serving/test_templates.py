@@ -235,3 +235,13 @@ def test_loading_a_power_template_answers_400_while_a_stream_flows(tiny_model, t
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_a_worker_that_cannot_start_is_one_sentence_not_a_hang(tokenizer, monkeypatch):
+    monkeypatch.setattr(templates, "BOOT", "import sys; sys.exit(3)")  # as a broken install would
+    pool = RenderPool(size=2)
+    try:
+        with pytest.raises(TemplateError, match="did not start"):
+            render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
+    finally:
+        pool.close()

@@ -7,6 +7,8 @@
 - `engines.py`: loading a checkpoint (safetensors only; hub names from the local cache only for
   /v1/models/load) into an `Engine`: tokenizer, its copy for the decoding thread, end-of-turn
   tokens and a slot decoder (`core.decoder.SlotDecoder`, the generation core PPO uses too);
+- `templates.py`: chat templates rendered in a small pool of worker processes, bounded in time
+  and memory, so a hostile template stalls no other client;
 - `request.py`: a chat completion in flight (settings, choices, events, the failure it ends with);
 - `scheduler.py`: continuous batching on one thread that owns the decoder; admission fair to
   small requests without starving large ones; a bounded queue; errors isolated per request;

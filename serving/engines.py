@@ -2,7 +2,8 @@
 
 An engine is what the scheduler needs and nothing more: the tokenizer, a slot decoder over the
 loaded model (`core.decoder.SlotDecoder`, the generation core PPO rollouts use too: one
-implementation), the end-of-turn token ids, and the names /v1/models and /health report.
+implementation), the end-of-turn token ids, and the names /v1/models and /health report. Its
+chat template renders in a worker process (serving/templates.py), its tokenizer in the server.
 
 - `hf`: the plain transformers model, in the precision core/hardware.py picks (`--precision`).
 - `ds-inference`: the model wrapped by `deepspeed.init_inference` (without kernel injection,
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import functools
 import importlib.util
 import threading
@@ -41,13 +41,11 @@ from core.hardware import device, hardware, resolve_precision, torch_dtype
 from core.models import (ModelError, load_causal_lm, load_tokenizer, prepared_default_model,
                          resolve_model)
 from serving.config import ENGINES
+# TemplateError and TemplateTimeout are also this module's: what a load or an encode raises
+from serving.templates import TemplateError, TemplateTimeout, TemplateTooLong, render_chat  # noqa: F401
+
 # End-of-turn tokens of common chat templates, besides the tokenizer's own eos token.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
-
-
-# the longest a chat template may take to render one conversation (a loop in it would hold a
-# worker thread, and during a load the load lock, for ever)
-TEMPLATE_SECONDS = 10.0
 
 
 class EngineError(ModelError):
@@ -75,8 +73,8 @@ class Engine:
             self.detokenizer = copy.deepcopy(self.tokenizer)
         # the first encode may reset truncation or padding a tokenizer.json set (a write to the
         # Rust tokenizer that concurrent encodes must not meet): do it now, alone; a template
-        # that fails here fails each request with its own message, one that never ends refuses
-        # the model
+        # that fails here fails each request with its own message, one that takes too long or
+        # too much (TemplateError: serving/templates.py) refuses the model
         try:
             self.encode_chat([{"role": "user", "content": "Hi"}])
         except TemplateError:
@@ -95,55 +93,21 @@ class Engine:
         return max(len(token.encode()) for token in self.tokenizer.get_vocab())
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Prompt token ids of a conversation through the model's chat template; TemplateError
-        for a render past TEMPLATE_SECONDS or far longer than a conversation may be."""
-        text = within(TEMPLATE_SECONDS, lambda: self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False))
+        """Prompt token ids of a conversation through the model's chat template, rendered in a
+        worker process (serving/templates.py); TemplateError for a render past its time or
+        memory, or far longer than a conversation may be."""
         # past this bound the text is over any conversation's tokens (see validation.py's byte
         # bound): refused before tokenising it, which takes seconds a megabyte (probe 6, P2)
-        if len(text) > 4 * self.max_len * self.max_token_bytes:
-            raise TemplateError(f"the model's chat template wrote {len(text)} characters for this "
+        bound = 4 * self.max_len * self.max_token_bytes
+        try:
+            text = render_chat(self.tokenizer, messages, max_chars=bound)
+        except TemplateTooLong as err:
+            raise TemplateError(f"the model's chat template wrote {err.chars} characters for this "
                                 f"conversation, far over the {self.max_len} tokens a conversation "
-                                "may take here: fix chat_template in its tokenizer files.")
+                                "may take here: fix chat_template in its tokenizer files.") from None
         fast = getattr(self.tokenizer, "is_fast", False)
         with contextlib.nullcontext() if fast else self.tokenizer_lock:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-class TemplateError(EngineError):
-    """A chat template that cannot serve: it writes far more than a conversation may hold, or
-    (TemplateTimeout) takes longer than TEMPLATE_SECONDS to render one."""
-
-
-class TemplateTimeout(TemplateError):
-    """A chat template took longer than TEMPLATE_SECONDS to render one conversation."""
-
-
-def within(seconds: float, render):
-    """render() on a thread of its own; past `seconds` an exception is raised inside that thread
-    (a template is Python code Jinja compiled, so the exception stops it at its next step) and
-    TemplateTimeout here."""
-    done: dict = {}
-
-    def run():
-        try:
-            done["value"] = render()
-        except BaseException as err:  # noqa: BLE001  (handed to the caller)
-            done["error"] = err
-
-    worker = threading.Thread(target=run, name="chat-template", daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident),
-                                                   ctypes.py_object(TemplateTimeout))
-        worker.join(1.0)
-        raise TemplateTimeout(f"the model's chat template took over {seconds:g} s to render one "
-                              "conversation (a loop that never ends?): fix chat_template in its "
-                              "tokenizer files.")
-    if "error" in done:
-        raise done["error"]
-    return done["value"]
 
 
 def load_engine(model: str, engine: str = "auto", tp: int = 1, slots: int = 16,

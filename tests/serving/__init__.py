@@ -117,21 +117,18 @@ def scripted_engine(tokenizer, answer, slots: int = 4, delay_s: float = 0.0, nam
 
 
 class GatedTokenizer:
-    """The engine's tokenizer, except that a conversation containing `marker` waits in the
-    chat template until the test opens `gate` (a prompt that takes as long as the test wants)."""
+    """The engine's tokenizer, except that encoding a rendered conversation containing `marker`
+    waits until the test opens `gate` (a prompt that takes as long as the test wants)."""
 
     def __init__(self, tokenizer, marker: str):
         self.tokenizer, self.marker = tokenizer, marker
         self.gate, self.waiting = threading.Event(), threading.Event()
 
-    def apply_chat_template(self, messages, **kwargs):
-        if any(self.marker in m["content"] for m in messages):
+    def __call__(self, text, *args, **kwargs):  # encoding the rendered conversation
+        if self.marker in text:
             self.waiting.set()
             assert self.gate.wait(timeout=120), "the test never opened the gate"
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
-
-    def __call__(self, *args, **kwargs):  # encoding the rendered conversation
-        return self.tokenizer(*args, **kwargs)
+        return self.tokenizer(text, *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)

@@ -51,9 +51,9 @@ def wait_until_serving(server: subprocess.Popen) -> str:
             time.sleep(0.2)
 
 
-def run_to_end(*args: str) -> subprocess.CompletedProcess:
+def run_to_end(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "serving", *args], cwd=ROOT, env=user_env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def assert_one_error_line(done: subprocess.CompletedProcess, *words: str) -> None:
@@ -88,6 +88,16 @@ def test_serves_a_chat_over_http_on_loopback_with_the_key_from_a_file(tiny_model
 def test_missing_model_folder_is_one_error_line(tmp_path):
     assert_one_error_line(run_to_end("--model", str(tmp_path / "no-such-run" / "final")),
                           "not found")
+
+
+def test_an_empty_or_missing_load_from_folder_is_one_error_line(tiny_model, tmp_path):
+    """Probe 7, F10: `--load-from ""` (an unset variable) let requests load every folder under
+    the working directory, and a folder that does not exist was accepted without a word."""
+    done = run_to_end("--model", str(tiny_model), "--port", "0", "--load-from", "", timeout=120)
+    assert_one_error_line(done, "--load-from is empty", "leave --load-from out")
+    missing = tmp_path / "no-such-folder"
+    done = run_to_end("--model", str(tiny_model), "--port", "0", "--load-from", str(missing), timeout=120)
+    assert_one_error_line(done, f"--load-from {missing} is not a folder", "name an existing folder")
 
 
 def test_port_in_use_is_one_error_line(tiny_model):

@@ -466,6 +466,11 @@ def output_problems(cfg, errors: dict) -> RunInfo | None:
     there is an error of the output field (never started into, never overwritten)."""
     folder = Path(cfg.output) if cfg is not None else None
     run = RunInfo.load(folder) if folder else None
+    if folder is not None and (run is None or not run.alive):
+        if launch.being_started(folder):  # by another click: run.json may be there, its pid not yet
+            errors["output"] = f"{folder.name} is being started: follow it in the Runs tab or choose another name."
+            return None
+        run = RunInfo.load(folder)  # a start that ended meanwhile wrote its pid before it did
     if run is not None and run.alive:
         errors["output"] = f"{run.name} is {state_label(run)}: stop it in the Runs tab or choose another name."
     elif folder is not None and run is None and folder.is_dir() and any(folder.iterdir()):

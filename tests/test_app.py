@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import gradio as gr
 import pytest
@@ -339,6 +340,31 @@ def test_resume_clicked_twice_starts_one_process(runs, sleeper):
     assert second.startswith("**Not resumed:**") and "sft1 is" in second
     with launch.launching(folder), pytest.raises(launch.ConfigError, match="being started already"):
         launch.start("sft", config.SFTConfig(output=str(folder)))  # a click while one is made
+
+
+def test_a_run_being_started_by_another_click_reads_as_starting_without_the_offer(runs, sleeper):
+    """Probe 7, F12: of 3 concurrent Start clicks on a new name, a loser that looked while the
+    winner had written run.json but not yet its pid was told the run had failed (process gone)
+    and offered Resume/Overwrite; one that looked before run.json, "holds files that are not a run"."""
+    form = form_of("sft")
+    folder = runs / "dup1"
+    folder.mkdir()
+    with launch.launching(folder):  # the winner, deciding and making its start
+        for marker in (False, True):
+            if marker:  # the moment of the probe's loser: run.json written, no pid yet
+                (folder / "run.json").write_text(json.dumps({"stage": "sft", "created_at": time.time()}))
+            for handler in (app.start_run, app.overwrite_run):
+                message, _, offer, *rest = handler(form, values_of(form, output="dup1"))
+                assert message == app.NOT_STARTED and offer["visible"] is False
+                assert info_of(rest[-len(form.names):], form, "output") == \
+                    "⚠ dup1 is being started: follow it in the Runs tab or choose another name."
+    assert sorted(p.name for p in folder.iterdir()) == ["run.json"]  # nothing started, nothing removed
+    # the clicks themselves: one starts, no other is offered Resume/Overwrite
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: app.start_run(form, values_of(form, output="dup2")), range(3)))
+    sleeper.append(runs / "dup2")
+    assert sum(a[0].startswith("Started **dup2**") for a in answers) == 1, [a[0] for a in answers]
+    assert all(a[2]["visible"] is False for a in answers), [a[0] for a in answers]
 
 
 def test_resume_and_start_over_queue_in_the_runs_folder_not_where_a_file_says(runs, sleeper, tmp_path):

@@ -292,15 +292,22 @@ def render_fields(form: Form, cls, fields: list, per_row: int) -> None:
                 field_component(form, f, types[f.name], default)
 
 
+# an option's flag as a word of its own (--data-split, "pass --overwrite."), not text inside a
+# value such as --output=/x, ratings:--x or '--x'
+FLAG_IN_WORDS = re.compile(r"(?<![^\s(])--([a-z0-9]+(?:-[a-z0-9]+)*)(?=$|[\s,;:)]|\.(?!\w))")
+OPTION_NAMES = {f.name for cls in config.STAGES.values() for f in dataclasses.fields(cls)}
+
+
 def in_words(message: str, field: str | None = None) -> str:
     """A ConfigError in the form's words: option labels instead of flags, no type names; the
     field the message sits beside is not named again."""
     if field and message.startswith(flag_name(field) + " "):
         message = message[len(flag_name(field)) + 1:]
-    message = re.sub(r"(?<!['\"])--([a-z0-9-]+)",  # a flag, not a quoted value such as '--x'
-                     lambda m: label_of(m.group(1).replace("-", "_")), message)
+    message = FLAG_IN_WORDS.sub(lambda m: label_of(m.group(1).replace("-", "_"))
+                                if m.group(1).replace("-", "_") in OPTION_NAMES else m.group(0), message)
     message = message.replace("a valid int.", "a whole number.").replace("a valid float.", "a number.")
-    return message[:1].upper() + message[1:]
+    # a sentence, not a value it starts with (ratings:--x, prompts/a.jsonl), gets its capital
+    return message[:1].upper() + message[1:] if re.match(r"[a-z]+[,;:.]?(\s|$)", message) else message
 
 
 def field_of(message: str, names) -> str | None:
@@ -459,6 +466,11 @@ def output_problems(cfg, errors: dict) -> RunInfo | None:
     there is an error of the output field (never started into, never overwritten)."""
     folder = Path(cfg.output) if cfg is not None else None
     run = RunInfo.load(folder) if folder else None
+    if folder is not None and (run is None or not run.alive):
+        if launch.being_started(folder):  # by another click: run.json may be there, its pid not yet
+            errors["output"] = f"{folder.name} is being started: follow it in the Runs tab or choose another name."
+            return None
+        run = RunInfo.load(folder)  # a start that ended meanwhile wrote its pid before it did
     if run is not None and run.alive:
         errors["output"] = f"{run.name} is {state_label(run)}: stop it in the Runs tab or choose another name."
     elif folder is not None and run is None and folder.is_dir() and any(folder.iterdir()):
@@ -492,11 +504,15 @@ def preview_data(sources, split, seed) -> str:
                 for spec in sources or [] if not spec.startswith("ratings:") and not plan.is_local(spec)]
     if refused:
         return f"**Cannot preview:** {refused[0]}"
+    try:  # the seed as a run takes it (1e400 is no whole number)
+        seed = build(config.RunConfig, {"seed": seed or 0}).seed
+    except ConfigError as err:
+        return f"**Cannot preview:** {in_words(str(err))}"
     try:
         weights = config.parse_split(split) if split else None
         local = [s if s.startswith("ratings:") or Path(s).is_absolute() else str(ROOT / s)
                  for s in sources or []]
-        return data.preview(local, weights, int(seed or 0))
+        return data.preview(local, weights, seed)
     except (ConfigError, data.DataError, ValueError, TypeError) as err:
         return f"**Cannot read the data:** {err}"
 
@@ -1304,8 +1320,12 @@ def round_vote(verdict: str, pending_id, session: str = "") -> tuple:
     """A vote on the shown pair: stored with its round and provenance; the next pair shows."""
     if pending_id is None:
         return "Nothing to vote on: sample a round first.", *pair_view()
+    number = row_number(pending_id)
+    if number is None or not 0 < number < 2**63:  # SQLite's integers have 64 bits
+        return f"**Vote not saved:** {str(pending_id)[:40]!r} is not a pair shown here: vote on " \
+               "the one shown.", *pair_view()
     try:
-        ratings.vote_pending(int(pending_id), verdict, session=session)
+        ratings.vote_pending(number, verdict, session=session)
         note = f"Vote saved ({verdict})."
     except ratings.RatingsError as err:
         note = f"**Vote not saved:** {err}"
@@ -1513,16 +1533,21 @@ def safe_ratings_view():
         return f"**Cannot read the ratings store:** {err}", None, None, gr.update(choices=[]), "", None
 
 
+def row_number(value) -> int | None:
+    """`value` as a table or a state holds a row's number, or None: int() would also read "1_0"
+    as 10, "٣" as 3, 2.9 as 2, True as 1."""
+    plain = isinstance(value, int) and not isinstance(value, bool) or \
+        isinstance(value, str) and value.strip().isascii() and value.strip().isdigit()
+    return int(value) if plain else None
+
+
 def undo_vote(rating_id):
     """Remove one vote from the store (the Ratings tab's undo)."""
     if rating_id in (None, ""):
         return "Pick a vote to undo."
-    # a whole number as the table writes it: int() would also read "1_0" as 10, "٣" as 3, 2.9 as 2
-    plain = isinstance(rating_id, int) and not isinstance(rating_id, bool) or \
-        isinstance(rating_id, str) and rating_id.strip().isascii() and rating_id.strip().isdigit()
-    if not plain:
+    number = row_number(rating_id)
+    if number is None:
         return f"**Not undone:** {str(rating_id)[:40]!r} is not a vote number: pick one from the table."
-    number = int(rating_id)
     if not 0 < number < 2**63:
         return f"**Not undone:** there is no vote #{number}: pick one from the table."
     try:

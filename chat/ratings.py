@@ -27,6 +27,10 @@ def main(argv=None) -> int:
     commands.add_parser("counts", help="print the number of votes by verdict as JSON")
     args = parser.parse_args(argv)
     db = args.db or str(db_path())  # named, so a missing store is an error here, not "no votes"
+    if args.command == "export" and not args.out.strip():  # Path("") is ".", the working folder
+        print("error: --out is empty: name the JSONL file to write, or - for standard output.",
+              file=sys.stderr)
+        return 2
     try:
         if args.command == "counts":
             print(json.dumps(counts(db)))

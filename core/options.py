@@ -106,7 +106,13 @@ def load_yaml(path: str | Path, cls) -> dict:
     if not path.is_file():  # a FIFO or a device would block or never end
         raise ConfigError(f"config file {path} is not a regular file: pass the path of a YAML file.")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} "
+                          f"at offset {err.start}): pass the path of a YAML file.") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror or err}): pass the "
+                          "path of a readable YAML file.") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML ({err.__class__.__name__}): "
                           "fix its syntax.") from None

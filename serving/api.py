@@ -54,8 +54,9 @@ from serving.validation import (ApiError, ChatRequest, Limits, LoadRequest, answ
                                 check_request, encode, error_response, parse_chat, parse_load,
                                 validation_message)
 
-__all__ = ["Limits", "bind", "create_app", "uvicorn_server"]
+__all__ = ["Limits", "bind", "create_app", "load_running", "uvicorn_server"]
 log = logging.getLogger("serving")
+LOAD_THREAD = "model-load"
 
 
 def failure_error(failure: Failure) -> ApiError:
@@ -199,13 +200,18 @@ async def load_unless_closing(scheduler: Scheduler, loader: Callable[[str], obje
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
             loop.call_soon_threadsafe(settle, engine, error)
 
-    threading.Thread(target=load, name="model-load", daemon=True).start()
+    threading.Thread(target=load, name=LOAD_THREAD, daemon=True).start()
     while not loaded.done():
         await asyncio.wait({loaded}, timeout=0.2)
         if scheduler.closing and not loaded.done():
             log.warning("loading model %r abandoned: the server is shutting down", name)
             raise shutting_down()
     return loaded.result()
+
+
+def load_running() -> bool:
+    """Whether a /v1/models/load is still loading (after a shutdown: one that was abandoned)."""
+    return any(thread.name == LOAD_THREAD and thread.is_alive() for thread in threading.enumerate())
 
 
 def body_schema(model) -> dict:

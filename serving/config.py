@@ -4,10 +4,11 @@ the environment variable RLHF_API_KEY (read by __main__.py, as the flag would be
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from core.hardware import PRECISIONS
-from core.options import opt, validate
+from core.options import ConfigError, opt, validate
 
 ENGINES = ("auto", "mii", "ds-inference", "hf")
 
@@ -58,3 +59,10 @@ class ServeConfig:
 
     def __post_init__(self):
         validate(self)
+        for folder in self.load_from:
+            if not folder.strip():  # Path("") is the working directory: every folder under it
+                raise ConfigError("--load-from is empty (an unset shell variable?): name a folder of "
+                                  "models, or leave --load-from out.")
+            if not Path(folder).expanduser().is_dir():
+                raise ConfigError(f"--load-from {folder} is not a folder (it does not exist?): name "
+                                  "an existing folder of models, or leave --load-from out.")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import gradio as gr
 import pytest
@@ -168,6 +169,18 @@ def test_a_data_entry_that_looks_like_an_option_is_refused_not_run(runs, tmp_pat
     assert launch.command("sft", cfg)[-1] == "--data=./--odd.jsonl"  # a value rides in its flag
 
 
+def test_option_like_text_inside_a_value_is_shown_as_typed(runs):
+    """Probe 7, F11: the model `--output=/x` was reported as "Run name=/x does not exist" and the
+    data `ratings:--x` as "Ratings:X is outside ...": only an option's own flag becomes its label."""
+    form = form_of("sft")
+    _, problems = app.check_form("sft", form.names, values_of(form, model="--output=/tmp/x-victim"))
+    assert problems["model"].startswith("--output=/tmp/x-victim does not exist")
+    _, problems = app.check_form("sft", form.names, values_of(form, data=["ratings:--x"]))
+    assert problems["data"].startswith("ratings:--x is outside the folders the app reads data from")
+    assert app.in_words("pass --overwrite to replace it, or choose another --output.") == \
+        "Pass Overwrite to replace it, or choose another Run name."
+
+
 def test_ppo_checks_its_models_before_starting(runs):
     form = form_of("ppo")
     sft = finished_model(runs / "sft1", "sft")
@@ -212,6 +225,9 @@ def test_preview_reads_only_what_a_run_may_read(runs, tmp_path):
     assert "hub dataset" in app.preview_data(["someone/dataset"], "", 0)
     shown = app.preview_data(["prompts/sft.jsonl"], "", 0)
     assert "prompts/sft.jsonl" in shown and "records" in shown
+    # probe 7, F11: a seed no run takes raised OverflowError (1e400 is infinity)
+    for seed in (1e400, -1, 2.5):
+        assert app.preview_data(["prompts/sft.jsonl"], "1,1,1", seed).startswith("**Cannot preview:** Seed ")
 
 
 def test_summary_says_what_will_run(runs):
@@ -339,6 +355,31 @@ def test_resume_writes_nothing_through_a_link_in_the_run(runs, sleeper, tmp_path
     assert note.startswith("**Not resumed:**") and "is a link to" in note, note
     assert victim.read_text() == "keep me\n"
     assert RunInfo.load(folder).status.get("state") == "stopped"
+
+
+def test_a_run_being_started_by_another_click_reads_as_starting_without_the_offer(runs, sleeper):
+    """Probe 7, F12: of 3 concurrent Start clicks on a new name, a loser that looked while the
+    winner had written run.json but not yet its pid was told the run had failed (process gone)
+    and offered Resume/Overwrite; one that looked before run.json, "holds files that are not a run"."""
+    form = form_of("sft")
+    folder = runs / "dup1"
+    folder.mkdir()
+    with launch.launching(folder):  # the winner, deciding and making its start
+        for marker in (False, True):
+            if marker:  # the moment of the probe's loser: run.json written, no pid yet
+                (folder / "run.json").write_text(json.dumps({"stage": "sft", "created_at": time.time()}))
+            for handler in (app.start_run, app.overwrite_run):
+                message, _, offer, *rest = handler(form, values_of(form, output="dup1"))
+                assert message == app.NOT_STARTED and offer["visible"] is False
+                assert info_of(rest[-len(form.names):], form, "output") == \
+                    "⚠ dup1 is being started: follow it in the Runs tab or choose another name."
+    assert sorted(p.name for p in folder.iterdir()) == ["run.json"]  # nothing started, nothing removed
+    # the clicks themselves: one starts, no other is offered Resume/Overwrite
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: app.start_run(form, values_of(form, output="dup2")), range(3)))
+    sleeper.append(runs / "dup2")
+    assert sum(a[0].startswith("Started **dup2**") for a in answers) == 1, [a[0] for a in answers]
+    assert all(a[2]["visible"] is False for a in answers), [a[0] for a in answers]
 
 
 def test_resume_and_start_over_queue_in_the_runs_folder_not_where_a_file_says(runs, sleeper, tmp_path):
@@ -772,6 +813,18 @@ def decisive_round_vote(verdict="A", round_number=1):
     pending_id = ratings.add_pending(prompt, "Hello!", "Go away.", "default", "default",
                                      {"seed": 1}, {"seed": 2}, round=round_number)
     return ratings.vote_pending(pending_id, verdict)
+
+
+def test_a_vote_on_a_pair_id_no_pair_has_is_one_sentence(runs):
+    """Probe 7, F11: round_vote("A", 10**30) raised OverflowError, ("A", "abc") ValueError (the
+    id comes from a gr.State: only a direct call reaches it); 2.9 would have voted on pair 2."""
+    prompt = [{"role": "user", "content": "Hi"}]
+    pending_id = ratings.add_pending(prompt, "Hello!", "Go away.", "default", "default",
+                                     {"seed": 1}, {"seed": 2}, round=1)
+    for bad in (10**30, "abc", -1, True, pending_id + 0.9, "1_0"):
+        assert app.round_vote("A", bad)[0].startswith("**Vote not saved:**"), bad
+    assert ratings.counts()["total"] == 0
+    assert app.round_vote("A", str(pending_id))[0] == "Vote saved (A)."
 
 
 def test_training_on_the_votes_starts_one_dpo_run_on_the_checkpoint(runs, sleeper):

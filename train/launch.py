@@ -92,12 +92,9 @@ def launching(folder: Path):
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            holder = lock.read_text().strip() if lock.is_file() else ""
-            stale = not holder.isdigit() or not _pid_exists(int(holder)) \
-                or time.time() - lock.stat().st_mtime > 60
-            if attempt or not stale:
+            if attempt or being_started(folder):
                 raise ConfigError(f"{folder.name} is being started already: look at the Runs tab.") from None
-            lock.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)  # its holder is gone
     try:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
@@ -106,11 +103,23 @@ def launching(folder: Path):
         lock.unlink(missing_ok=True)
 
 
+def being_started(folder: str | Path) -> bool:
+    """Whether a start of `folder` is being decided and made now: its .launching is held by a
+    live process (or was created under a minute ago and its holder has not written its pid
+    yet). The run may then already have run.json but no pid: it is starting, not failed."""
+    lock = Path(folder) / ".launching"
+    try:
+        holder, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
+    except OSError:  # no lock: nobody is starting it
+        return False
+    return age <= 60 and (not holder.isdigit() or _pid_exists(int(holder)))
+
+
 def _pid_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
         return True
-    except OSError:
+    except (OSError, OverflowError):
         return False
 
 

@@ -55,12 +55,20 @@ def check_model(value: str, kind: str = "chat") -> str | None:
         return None
     if run.alive:
         return f"{run.name} is still {run.state}: wait until it finishes."
-    if kind == "reward" and run.stage != "rm":
-        return f"{value} is the {run.stage} run {run.name}, not a reward model: pick a " \
-               "reward-model run's final/."
+    if kind == "reward":
+        return not_a_reward_model(value, run)
     if kind == "chat" and run.stage == "rm":
         return f"{value} is a reward model ({run.name}): it scores answers and cannot write " \
                "them; pick default or an SFT or PPO run's final/."
+    return None
+
+
+def not_a_reward_model(value: str, run: RunInfo | None) -> str | None:
+    """Why `value`, a model folder inside `run` (its final/ or ema/), is not a reward model, or
+    None; `python -m train ppo` asks it too (a chat model scores nothing, yet trains silently)."""
+    if run is not None and run.stage != "rm":
+        return f"{value} is the {run.stage} run {run.name}, not a reward model: pick a " \
+               "reward-model run's final/."
     return None
 
 

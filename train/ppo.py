@@ -20,6 +20,7 @@ import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,11 +28,13 @@ from tqdm import tqdm
 
 from core.hardware import torch_dtype
 from core.models import ModelError, load_causal_lm, load_tokenizer, resolve_model
+from core.runs import RunInfo
 from core.sampling import Sampling
 
 from train import data, ds, loop, losses, models, tokens
 from train.config import PPOConfig, parse_split
 from train.experience import Experience, make_experience, response_logprobs, response_values, score
+from train.plan import not_a_reward_model
 from train.rollout import RolloutEngine, start_actor
 from train.rundir import RunDir
 
@@ -222,6 +225,9 @@ def load_models(cfg: PPOConfig, tokenizer, log) -> PPOModels:
     trainable modules that `start_engines` wraps, no rollout engine yet."""
     actor_path = resolve_model(cfg.actor)
     reward_path = resolve_model(cfg.reward)
+    wrong_kind = not_a_reward_model(cfg.reward, RunInfo.load(Path(reward_path).parent))
+    if wrong_kind:
+        raise ModelError(wrong_kind)
     if load_tokenizer(reward_path).get_vocab() != tokenizer.get_vocab():
         raise ModelError(f"the reward model {cfg.reward} uses another tokenizer than the "
                           f"actor {cfg.actor}: train it from the same base model.")

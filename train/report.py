@@ -131,10 +131,7 @@ def mean(values) -> float:
 
 def run_config(run: RunInfo):
     """The run's config as its stage's config object (config.yaml, as the run started)."""
-    cls = STAGES.get(run.stage)
-    if cls is None:
-        raise ConfigError(f"{run.path} is a {run.stage or 'unknown'} run: a report covers PPO, DPO "
-                          "and reward-model runs, and `train all` folders.")
+    cls = STAGES[run.stage]
     return build(cls, load_yaml(run.path / "config.yaml", cls))
 
 
@@ -170,6 +167,9 @@ def find_run(folder: str) -> RunInfo:
         if not steps:
             raise ConfigError(f"{folder} holds no finished PPO or DPO step to report on yet.")
         run = steps[-1]
+    if run.stage not in (*POLICY_STAGES, "rm"):  # before any model is loaded
+        raise ConfigError(f"{run.path} is a run of stage {run.stage or 'unknown'}: a report covers "
+                          "PPO/GRPO/RLOO, DPO and reward-model runs, and `train all` folders.")
     if run.state != "done":
         raise ConfigError(f"{run.path} has not finished (state: {run.state}): report on it once "
                           "it is done.")

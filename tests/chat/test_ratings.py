@@ -203,6 +203,15 @@ def test_export_never_writes_onto_the_store_or_an_existing_file(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # written beside, then renamed
 
 
+def test_an_empty_out_is_one_sentence_saying_so(tmp_path):
+    """Probe 7, F11: `export --out ""` said ". is not a regular file"."""
+    db = tmp_path / "x.db"
+    ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A", path=db)
+    done = export_cli("--out", "", db=db)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "error: --out is empty: name the JSONL file to write, or - for standard output.\n"
+
+
 def test_a_damaged_store_is_one_sentence_naming_the_file_and_the_fix(tmp_path):
     """Issue 14, item 10: a valid header over corrupt pages, and random bytes."""
     db = tmp_path / "damaged.db"

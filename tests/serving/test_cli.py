@@ -51,9 +51,9 @@ def wait_until_serving(server: subprocess.Popen) -> str:
             time.sleep(0.2)
 
 
-def run_to_end(*args: str) -> subprocess.CompletedProcess:
+def run_to_end(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "serving", *args], cwd=ROOT, env=user_env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def assert_one_error_line(done: subprocess.CompletedProcess, *words: str) -> None:
@@ -88,6 +88,16 @@ def test_serves_a_chat_over_http_on_loopback_with_the_key_from_a_file(tiny_model
 def test_missing_model_folder_is_one_error_line(tmp_path):
     assert_one_error_line(run_to_end("--model", str(tmp_path / "no-such-run" / "final")),
                           "not found")
+
+
+def test_an_empty_or_missing_load_from_folder_is_one_error_line(tiny_model, tmp_path):
+    """Probe 7, F10: `--load-from ""` (an unset variable) let requests load every folder under
+    the working directory, and a folder that does not exist was accepted without a word."""
+    done = run_to_end("--model", str(tiny_model), "--port", "0", "--load-from", "", timeout=120)
+    assert_one_error_line(done, "--load-from is empty", "leave --load-from out")
+    missing = tmp_path / "no-such-folder"
+    done = run_to_end("--model", str(tiny_model), "--port", "0", "--load-from", str(missing), timeout=120)
+    assert_one_error_line(done, f"--load-from {missing} is not a folder", "name an existing folder")
 
 
 def test_port_in_use_is_one_error_line(tiny_model):
@@ -201,15 +211,19 @@ def test_sigterm_lets_running_answers_finish_then_ends_the_rest_cleanly(long_con
 
 
 # `python -m serving` whose loader takes two minutes for the model "slow" (as a .gguf conversion
-# takes half a minute), and says when it starts
+# takes half a minute), and says when it starts; it spends them inside torch operators, as a
+# real load does (a load thread left inside one when Python exits aborted the process: F6)
 SLOW_LOAD = """
 import sys, time
+import torch
 import serving.engines
 real_load = serving.engines.load_engine
 def slow_load(model, *args, **kwargs):
     if model == "slow":
         print("slow load started", file=sys.stderr, flush=True)
-        time.sleep(120)
+        weights, until = torch.ones(600, 600), time.time() + 120
+        while time.time() < until:
+            torch.ops.aten.mm(weights, weights)
     return real_load(model, *args, **kwargs)
 serving.engines.load_engine = slow_load
 from serving.__main__ import main
@@ -220,7 +234,9 @@ sys.exit(main(sys.argv[1:]))
 def test_sigterm_during_a_model_load_answers_it_503_and_exits_within_the_grace(tiny_model):
     """Probe 5, N5: SIGTERM while /v1/models/load converted a .gguf gave the loading client
     uvicorn's text/plain 500 and an ASGI traceback (CancelledError, 5 s after the signal), and
-    the process exited only once the load's thread was done (46 s)."""
+    the process exited only once the load's thread was done (46 s). Probe 7, F6: with the load
+    inside a torch call the process then aborted ("terminate called without an active
+    exception", exit code 134) as Python finalised around the abandoned thread."""
     server = subprocess.Popen([sys.executable, "-c", SLOW_LOAD, "--model", str(tiny_model), "--port",
                                "0", "--shutdown-grace", "3"], cwd=ROOT, env=user_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -114,3 +114,15 @@ def test_all_never_writes_through_a_pipeline_copied_as_links(tmp_path, tiny_mode
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "is a link to" in done.stderr.splitlines()[-1]
     assert {name: (original / name).read_text() for name in files} == files
+
+
+def test_a_step_config_that_is_not_text_is_one_sentence(tmp_path, tiny_model, sft_file):
+    """Probe 7, F8: `--sft-config` naming a binary file ended in a bare UnicodeDecodeError."""
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(bytes(range(224, 256)) * 8)
+    done = run_train("all", "--actor-model", str(tiny_model), "--data", str(sft_file), "--output",
+                     str(tmp_path / "demo"), "--sft-config", str(binary), "--sft-max-steps", "1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: config file {binary} is not UTF-8 text (byte 0xe0 at offset 0): pass the path of "
+        "a YAML file.")

@@ -108,6 +108,26 @@ def test_ppo_without_a_reward_model_is_one_clear_sentence(tmp_path, tiny_model):
     assert "--reward is required" in done.stderr
 
 
+def test_a_reward_that_is_a_chat_run_is_refused_before_the_run_folder_is_written(tmp_path, tiny_model):
+    """Probe 7, F9: `--reward runs/dpo-done/final` (a DPO policy) trained to the end, rc 0; the
+    sentence is the one the app's form gives (train/plan.py check_model)."""
+    import shutil
+
+    dpo = tmp_path / "dpo-done"
+    shutil.copytree(tiny_model, dpo / "final")
+    (dpo / "run.json").write_text(json.dumps({"stage": "dpo"}))
+    (dpo / "status.json").write_text(json.dumps({"state": "done"}))
+    out = tmp_path / "grpo"
+    done = run_train("ppo", "--algorithm", "grpo", "--actor", str(tiny_model), "--reward",
+                     str(dpo / "final"), "--output", str(out), "--max-steps", "1", "--max-new-tokens", "4",
+                     "--no-tensorboard")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: {dpo / 'final'} is the dpo run dpo-done, not a reward model: pick a reward-model "
+        "run's final/.")
+    assert not out.exists()
+
+
 def test_a_stop_inside_a_rollout_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model, tiny_reward_model):
     """SIGTERM (the app's Stop) while rollouts are being generated: the step is dropped, a
     checkpoint of the last whole step is saved, the run ends `stopped` (exit 0, no traceback),

@@ -2,14 +2,16 @@
 alarm, a reward model's report with votes, and (slow) the real DPO run on half of HH judged by a
 reward model trained on the other half."""
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from core import ratings
+from core.options import to_yaml
 from tests.conftest import HH, read_jsonl, run_train, shared_file
 from train import data
-from train.config import ReportConfig
+from train.config import ReportConfig, SFTConfig
 from train.report import alarms, calibration, correlation, load_report, mean_gain, render_markdown, \
     report_command, wilson_interval, win_rate
 
@@ -150,6 +152,22 @@ def test_reporting_on_a_folder_that_holds_no_run_is_one_sentence(tmp_path):
     done = run_train("report", str(tmp_path))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "is not a run folder" in done.stderr.strip().splitlines()[-1]
+
+
+def test_reporting_on_an_sft_run_is_one_sentence_before_any_work(tmp_path, tiny_model, sft_file):
+    """Probe 7, F7: a finished SFT run got `AttributeError: 'SFTConfig' object has no attribute
+    'reference'` after half a minute of loading and generating."""
+    sft = tmp_path / "sft-done"
+    shutil.copytree(tiny_model, sft / "final")
+    (sft / "run.json").write_text(json.dumps({"stage": "sft"}))
+    (sft / "config.yaml").write_text(to_yaml(SFTConfig(model=str(tiny_model), data=[str(sft_file)],
+                                                       output=str(sft))))
+    (sft / "status.json").write_text(json.dumps({"state": "done"}))
+    done = run_train("report", str(sft))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: {sft} is a run of stage sft: a report covers PPO/GRPO/RLOO, DPO and reward-model "
+        "runs, and `train all` folders.")
 
 
 # ---- the real model ------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_stop_then_resume_continues_the_same_loss_curve(tmp_path, tiny_model, sf
 @pytest.mark.parametrize("case", ["malformed line", "missing file", "unknown model", "zero stage 5",
                                   "finished run", "resume without checkpoint", "config list",
                                   "data device", "data fifo", "nan split", "inf split",
-                                  "config fifo"])
+                                  "config fifo", "config binary"])
 def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_file):
     finished = tmp_path / "finished"
     finished.mkdir()
@@ -104,6 +104,7 @@ def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_fi
     listed.write_text("overwrite: [false]\n")  # was read as true: the finished run was replaced
     os.mkfifo(tmp_path / "fifo.jsonl")
     os.mkfifo(tmp_path / "fifo.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"model: \xe0\xff\n")
     args = {"malformed line": ["--data", str(bad)],
             "missing file": ["--data", str(tmp_path / "nope.jsonl")],
             "unknown model": ["--model", str(tmp_path / "no-model")],
@@ -115,7 +116,8 @@ def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_fi
             "data fifo": ["--data", str(tmp_path / "fifo.jsonl")],
             "nan split": ["--data-split", "1,nan,2"],
             "inf split": ["--data-split", "1,inf,2"],
-            "config fifo": ["--config", str(tmp_path / "fifo.yaml")]}[case]
+            "config fifo": ["--config", str(tmp_path / "fifo.yaml")],
+            "config binary": ["--config", str(tmp_path / "binary.yaml")]}[case]
     in_finished = ("finished run", "resume without checkpoint", "config list")
     output = str(finished) if case in in_finished else str(tmp_path / "o")
     defaults = ["--model", str(tiny_model), "--data", str(sft_file), "--output", output]
@@ -134,7 +136,9 @@ def test_bad_input_ends_in_one_clear_sentence(case, tmp_path, tiny_model, sft_fi
                 # probe 5, N4: nan ended in ValueError (exit 1), the FIFO was "does not exist"
                 "nan split": "--data-split '1,nan,2' must be three finite non-negative weights",
                 "inf split": "--data-split '1,inf,2' must be three finite non-negative weights",
-                "config fifo": "fifo.yaml is not a regular file"}[case]
+                "config fifo": "fifo.yaml is not a regular file",
+                # probe 7, F8: a bare UnicodeDecodeError
+                "config binary": "binary.yaml is not UTF-8 text (byte 0xe0 at offset 7)"}[case]
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert "Traceback" not in done.stderr and lines[-1].startswith("error: ")

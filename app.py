@@ -52,6 +52,8 @@ from core.options import ConfigError, build, flag_name
 from core.paths import models_dir, rlhf_home, runs_dir
 from core.runs import LIVE_STATES, RunInfo, list_runs, read_json, read_metrics
 from train import config, data, launch, plan
+from train import report as run_report
+from train.rundir import refuse_links
 
 ROOT = Path(__file__).resolve().parent
 RUNS = runs_dir()
@@ -792,23 +794,78 @@ def samples_html(folder: Path | None, count: int = 6) -> str:
 
 
 def run_view(name: str | None) -> tuple:
-    """The Runs tab's outputs for one run: progress, plots, step lines, log, samples, and the
-    Stop / Resume / Start over buttons enabled only where they apply."""
+    """The Runs tab's outputs for one run: progress, plots, step lines, log, samples, the
+    Stop / Resume / Start over / Report buttons enabled only where they apply, and the report."""
     run = RunInfo.load(RUNS / name) if name and launch.NAME.fullmatch(name) else None
     if run is None:
         off = gr.update(interactive=False)
         return (f"No run named {name}." if name else "Pick a run.", "", "", "",
-                gr.update(value="", visible=False), off, off, off)
+                gr.update(value="", visible=False), off, off, off, off, gr.update(value="", visible=False))
     rows = read_metrics(run.path)
     log = launch.tail(run.path / "train.log", 30) or launch.tail(run.path / "console.log", 30)
     samples = samples_html(run.path)
+    report = report_text(run)
     return (progress_html(run), metrics_html(run.path),
             step_lines(rows, run.status.get("total_steps")), log,
             gr.update(value=samples, visible=bool(samples)),
             gr.update(interactive=run.alive and run.state in LIVE_STATES
                       and not launch.stop_requested(run.path)),
             gr.update(interactive=launch.resumable(run.path)),
-            gr.update(interactive=not run.alive and launch.restartable(run.path)))
+            gr.update(interactive=not run.alive and launch.restartable(run.path)),
+            gr.update(interactive=reportable(run) and not reporting(run.path)),
+            gr.update(value=report, visible=bool(report)))
+
+
+# ---- the Report view: `python -m train report` on a finished run, as a subprocess ------------------
+
+REPORTS: dict[Path, subprocess.Popen] = {}  # run folder -> its report process (this app's)
+
+
+def reportable(run: RunInfo) -> bool:
+    return run.state == "done" and run.stage in ("ppo", "dpo", "rm", "all")
+
+
+def reporting(folder: Path) -> bool:
+    process = REPORTS.get(folder)
+    return process is not None and process.poll() is None
+
+
+def report_folder(run: RunInfo) -> Path:
+    """Where the run's report is written: the run, or a pipeline's last PPO/DPO step."""
+    try:
+        return run_report.find_run(str(run.path)).path if run.stage == "all" else run.path
+    except ConfigError:
+        return run.path
+
+
+def report_text(run: RunInfo) -> str:
+    """The run's report.md; while one is made, a line saying so; after a failed one, its error."""
+    folder = report_folder(run)
+    if reporting(run.path):
+        return "*A report is being made: it appears here when done (a few minutes).*"
+    try:
+        return (folder / run_report.REPORT_MD).read_text()
+    except OSError:
+        pass
+    failed = REPORTS.get(run.path)
+    if failed is not None and failed.returncode:
+        last = (launch.tail(run.path / "report.log", 1) or "").strip()
+        return f"**The report failed:** {last or f'exit {failed.returncode}'} (report.log in the run folder)."
+    return ""
+
+
+def _report(folder: Path) -> None:
+    run = RunInfo.load(folder)
+    if run is None or not reportable(run):
+        raise ConfigError(f"{folder.name} is not a finished PPO, GRPO, RLOO, DPO, reward-model or "
+                          "pipeline run: a report compares a finished run with its start.")
+    if reporting(folder):
+        raise ConfigError(f"a report on {folder.name} is being made already.")
+    refuse_links(folder, "writing a report")  # report.log is written inside the run
+    with open(folder / "report.log", "wb") as log:
+        REPORTS[folder] = subprocess.Popen(run_report.report_command(str(folder)), cwd=ROOT,
+                                           stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def run_signature(name: str | None) -> tuple:
@@ -818,9 +875,9 @@ def run_signature(name: str | None) -> tuple:
     folder = RUNS / name
     stamps = tuple((folder / f).stat().st_mtime if (folder / f).exists() else None
                    for f in ("status.json", "metrics.jsonl", "train.log", "console.log",
-                             "samples.jsonl", "launch.json"))
+                             "samples.jsonl", "launch.json", "report.log"))
     run = RunInfo.load(folder)
-    return (name, stamps, run.alive if run else None)
+    return (name, stamps, run.alive if run else None, reporting(folder))
 
 
 def listing_signature() -> tuple:
@@ -852,6 +909,7 @@ def _stop(folder: Path) -> None:
 stop_run = run_action(_stop, "asked to stop: it saves a checkpoint first")
 resume_run = run_action(launch.resume, "resumed")
 start_over_run = run_action(launch.start_over, "started over")
+report_run = run_action(_report, "is being reported on: the report appears below when done")
 
 
 @dataclasses.dataclass
@@ -880,6 +938,7 @@ def build_runs_tab(remember: gr.BrowserState) -> RunsTab:
         stop = gr.Button("Stop", scale=1, interactive=False, elem_id="runs-stop")
         resume = gr.Button("Resume", scale=1, interactive=False, elem_id="runs-resume")
         start_over = gr.Button("Start over", scale=1, interactive=False, elem_id="runs-start-over")
+        report = gr.Button("Report", scale=1, interactive=False, elem_id="runs-report")
     note = gr.Markdown(elem_id="runs-note")
     progress = gr.HTML(elem_id="runs-progress")
     plots = gr.HTML(elem_id="runs-plots")
@@ -888,9 +947,10 @@ def build_runs_tab(remember: gr.BrowserState) -> RunsTab:
         log = gr.Textbox(label="train.log (tail)", lines=10, max_lines=10, autoscroll=True,
                          elem_id="runs-log")
     samples = gr.HTML(visible=False, elem_id="runs-samples")
+    report_view = gr.Markdown(visible=False, elem_id="runs-report-view")
     timer = gr.Timer(2.0, active=False)
     seen = gr.State(None)
-    view_outputs = [progress, plots, steps, log, samples, stop, resume, start_over]
+    view_outputs = [progress, plots, steps, log, samples, stop, resume, start_over, report, report_view]
     outputs = [table, pick, queue, *view_outputs, seen, timer]
 
     def refresh(name, last=None):
@@ -926,6 +986,7 @@ def build_runs_tab(remember: gr.BrowserState) -> RunsTab:
     stop.click(stop_run, pick, [note, *view_outputs])
     resume.click(resume_run, pick, [note, *view_outputs])
     start_over.click(start_over_run, pick, [note, *view_outputs])
+    report.click(report_run, pick, [note, *view_outputs])
     at_once.submit(on_at_once, at_once, [note, queue])
     at_once.blur(on_at_once, at_once, [note, queue])
     return RunsTab(pick, timer, remember, outputs, refresh, show)

@@ -382,6 +382,33 @@ def test_a_run_being_started_by_another_click_reads_as_starting_without_the_offe
     assert all(a[2]["visible"] is False for a in answers), [a[0] for a in answers]
 
 
+def test_the_report_view_makes_and_shows_a_finished_runs_report(runs, monkeypatch):
+    """Issue 17: Report in the Runs tab runs `python -m train report` on a finished run (here a
+    stand-in command, as fast as the view needs) and shows its report.md, or why it failed."""
+    done = write_run(runs / "d1", {"state": "done"}, stage="dpo")
+    write_run(runs / "s1", {"state": "done"}, stage="sft")
+    script = ("import pathlib, sys, time; time.sleep(0.5); folder = pathlib.Path(sys.argv[1])\n"
+              "if folder.name == 'bad': sys.exit('error: the judge has another tokenizer')\n"
+              "(folder / 'report.md').write_text('# Report: ' + folder.name)")
+    monkeypatch.setattr(app.run_report, "report_command", lambda run: [sys.executable, "-c", script, run])
+    *_, button, view = app.run_view("d1")
+    assert button["interactive"] is True and view["visible"] is False
+    note, *_, button, view = app.report_run("d1")
+    assert "is being reported on" in note and button["interactive"] is False
+    assert "being made" in view["value"]
+    assert app.report_run("d1")[0].startswith("**Not ")  # a second click while it runs
+    assert wait_for(lambda: (done / "report.md").is_file() and not app.reporting(done))
+    *_, button, view = app.run_view("d1")
+    assert view["value"] == "# Report: d1" and view["visible"] is True and button["interactive"] is True
+    note, *_, button, view = app.report_run("s1")
+    assert note.startswith("**Not ") and "not a finished PPO" in note and button["interactive"] is False
+    write_run(runs / "bad", {"state": "done"}, stage="ppo")
+    app.report_run("bad")
+    assert wait_for(lambda: not app.reporting(runs / "bad"))
+    view = app.run_view("bad")[-1]
+    assert view["value"].startswith("**The report failed:** error: the judge has another tokenizer")
+
+
 def test_resume_and_start_over_queue_in_the_runs_folder_not_where_a_file_says(runs, sleeper, tmp_path):
     """Issue 14 (third probe, F5): Resume followed the queue path of an edited launch.json and
     made /tmp/x/victim/.slots/0.lock."""
@@ -437,7 +464,7 @@ def test_a_killed_run_is_failed_process_gone_and_can_be_resumed_or_started_over(
     dead.wait()
     write_run(runs / "sft1", {"state": "running", "step": 3, "total_steps": 9, "pid": dead.pid},
               stage="sft", checkpoint=True)
-    progress, _, _, _, _, stop, resume, start_over = app.run_view("sft1")
+    progress, _, _, _, _, stop, resume, start_over, *_ = app.run_view("sft1")
     assert "failed (process gone)" in progress
     assert stop["interactive"] is False and resume["interactive"] is True
     assert start_over["interactive"] is True
@@ -451,7 +478,7 @@ def test_stop_shows_stopping_at_once_and_buttons_follow_the_state(runs, sleeper)
     assert message.startswith("Started **s1**")
     assert wait_for(lambda: RunInfo.load(runs / "s1").status.get("state") == "running")
     assert wait_for(lambda: "ready" in (runs / "s1" / "console.log").read_text())
-    progress, _, _, _, _, stop, resume, start_over = app.run_view("s1")
+    progress, _, _, _, _, stop, resume, start_over, *_ = app.run_view("s1")
     assert stop["interactive"] is True and resume["interactive"] is False
     assert start_over["interactive"] is False
     note, progress, *_ = app.stop_run("s1")

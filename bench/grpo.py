@@ -201,6 +201,7 @@ def run_within_budget(algorithm: str, args, reward: Path, judge: Path, folder: P
             break
     if child.wait() != 0:
         sys.exit(f"bench: the {algorithm} run failed (output above)")
+    finish(cmd, folder, env)
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     elapsed, curve = 0.0, []
     for row in rows:
@@ -214,6 +215,19 @@ def run_within_budget(algorithm: str, args, reward: Path, judge: Path, folder: P
             "proxy_gained": round(gained, 4), "judge": judged,
             "judge_per_minute": round(judged["gain"]["value"] / minutes, 4),
             "mean_kl": round(statistics.fmean(r["kl"] for r in rows if "kl" in r), 3)}
+
+
+def finish(cmd: list[str], folder: Path, env: dict) -> None:
+    """A run stopped at the budget, resumed with the step it reached as its last: it saves
+    final/ (what the report compares with the start) and trains no further."""
+    state = json.loads((folder / "status.json").read_text())
+    if state["state"] == "done":
+        return
+    steps = cmd.index("--max-steps")
+    resume = [*cmd[:steps], "--max-steps", str(state["step"]), *cmd[steps + 2:], "--resume"]
+    resume.remove("--overwrite")
+    if subprocess.run(resume, cwd=ROOT, env=env).returncode != 0:
+        sys.exit(f"bench: saving the {folder.name} run's final/ failed (output above)")
 
 
 def judge_gain(folder: Path, judge: Path, env: dict) -> dict:

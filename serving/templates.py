@@ -281,14 +281,14 @@ def serve() -> None:
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_AS, (TEMPLATE_MEMORY_BYTES, TEMPLATE_MEMORY_BYTES))
-    replies.send_bytes(b'{"ready": true}')
-    while True:
-        try:
+    try:
+        replies.send_bytes(b'{"ready": true}')
+        while True:
             job = json.loads(jobs.recv_bytes())
-        except EOFError:
-            return
-        limit_cpu(job["seconds"])
-        replies.send_bytes(json.dumps(render_job(render_jinja_template, job)).encode())
+            limit_cpu(job["seconds"])
+            replies.send_bytes(json.dumps(render_job(render_jinja_template, job)).encode())
+    except (EOFError, OSError):  # the server closed the pipes (it ended, or gave up on this worker)
+        return
 
 
 def limit_cpu(seconds: float) -> None:

@@ -819,6 +819,8 @@ def run_view(name: str | None) -> tuple:
 # ---- the Report view: `python -m train report` on a finished run, as a subprocess ------------------
 
 REPORTS: dict[Path, subprocess.Popen] = {}  # run folder -> its report process (this app's)
+REPORTS_LOCK = threading.Lock()  # a click's check and start, one at a time
+REPORT_BYTES = 256 * 1024  # a report.md is a few kB; never send a planted huge file to the browser
 
 
 def reportable(run: RunInfo) -> bool:
@@ -843,10 +845,9 @@ def report_text(run: RunInfo) -> str:
     folder = report_folder(run)
     if reporting(run.path):
         return "*A report is being made: it appears here when done (a few minutes).*"
-    try:
-        return (folder / run_report.REPORT_MD).read_text()
-    except OSError:
-        pass
+    text = launch.read_own(folder / run_report.REPORT_MD, REPORT_BYTES)
+    if text:
+        return text
     failed = REPORTS.get(run.path)
     if failed is not None and failed.returncode:
         last = (launch.tail(run.path / "report.log", 1) or "").strip()
@@ -859,13 +860,14 @@ def _report(folder: Path) -> None:
     if run is None or not reportable(run):
         raise ConfigError(f"{folder.name} is not a finished PPO, GRPO, RLOO, DPO, reward-model or "
                           "pipeline run: a report compares a finished run with its start.")
-    if reporting(folder):
-        raise ConfigError(f"a report on {folder.name} is being made already.")
     refuse_links(folder, "writing a report")  # report.log is written inside the run
-    with open(folder / "report.log", "wb") as log:
-        REPORTS[folder] = subprocess.Popen(run_report.report_command(str(folder)), cwd=ROOT,
-                                           stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, start_new_session=True)
+    with REPORTS_LOCK:
+        if reporting(folder):
+            raise ConfigError(f"a report on {folder.name} is being made already.")
+        with open(folder / "report.log", "wb") as log:
+            REPORTS[folder] = subprocess.Popen(run_report.report_command(str(folder)), cwd=ROOT,
+                                               stdout=log, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def run_signature(name: str | None) -> tuple:
@@ -887,8 +889,9 @@ def listing_signature() -> tuple:
             launch.max_running(RUNS), len(launch.queued(RUNS)))
 
 
-def run_action(action, verb: str):
-    """A Runs-tab button: (note, the run's view) after `action` on the picked run's folder."""
+def run_action(action, verb: str, then: str = ""):
+    """A Runs-tab button: (note, the run's view) after `action` on the picked run's folder;
+    `then` follows the note when it worked."""
     def handler(name):
         if not name:
             return "Pick a run first.", *run_view(name)
@@ -897,7 +900,7 @@ def run_action(action, verb: str):
         except ConfigError as err:
             return f"**Not {verb}:** {err}", *run_view(name)
         say(f"run {name} {verb}: {RUNS / name}")
-        return f"**{name}** {verb}.", *run_view(name)
+        return f"**{name}** {verb}{then}.", *run_view(name)
     return handler
 
 
@@ -909,7 +912,7 @@ def _stop(folder: Path) -> None:
 stop_run = run_action(_stop, "asked to stop: it saves a checkpoint first")
 resume_run = run_action(launch.resume, "resumed")
 start_over_run = run_action(launch.start_over, "started over")
-report_run = run_action(_report, "is being reported on: the report appears below when done")
+report_run = run_action(_report, "reported on", ": the report appears below when done")
 
 
 @dataclasses.dataclass

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import from_json
 
 from serving.request import Params
+from serving.templates import TemplateError
 
 MAX_N = 8
 MAX_STOPS = 4
@@ -266,6 +267,9 @@ def encode(engine, messages: list[dict]) -> list[int]:
     """Prompt token ids (call it off the event loop), or a 400 ApiError."""
     try:
         return engine.encode_chat(messages)
+    except TemplateError as err:  # the template's own cost (time, memory, size): not the request's fault
+        raise ApiError(400, f"the model's chat template cannot render this conversation: {err}",
+                       param="messages") from None
     except Exception as err:  # noqa: BLE001  (chat templates raise their own errors)
         raise ApiError(400, f"the model's chat template rejected these messages ({err}): "
                             "check the order of roles.", param="messages") from None

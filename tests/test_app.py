@@ -393,10 +393,13 @@ def test_the_report_view_makes_and_shows_a_finished_runs_report(runs, monkeypatc
     monkeypatch.setattr(app.run_report, "report_command", lambda run: [sys.executable, "-c", script, run])
     *_, button, view = app.run_view("d1")
     assert button["interactive"] is True and view["visible"] is False
-    note, *_, button, view = app.report_run("d1")
-    assert "is being reported on" in note and button["interactive"] is False
-    assert "being made" in view["value"]
-    assert app.report_run("d1")[0].startswith("**Not ")  # a second click while it runs
+    with ThreadPoolExecutor(3) as pool:  # three clicks at once start one report (probe 8, N6)
+        notes = [answer[0] for answer in pool.map(app.report_run, ["d1"] * 3)]
+    assert sorted(n.startswith("**d1** reported on: the report appears below") for n in notes) == \
+        [False, False, True], notes
+    assert all(n.startswith("**Not reported on:**") for n in notes if not n.startswith("**d1**"))
+    *_, button, view = app.run_view("d1")
+    assert button["interactive"] is False and "being made" in view["value"]
     assert wait_for(lambda: (done / "report.md").is_file() and not app.reporting(done))
     *_, button, view = app.run_view("d1")
     assert view["value"] == "# Report: d1" and view["visible"] is True and button["interactive"] is True
@@ -407,6 +410,15 @@ def test_the_report_view_makes_and_shows_a_finished_runs_report(runs, monkeypatc
     assert wait_for(lambda: not app.reporting(runs / "bad"))
     view = app.run_view("bad")[-1]
     assert view["value"].startswith("**The report failed:** error: the judge has another tokenizer")
+    # the view shows a run's own report.md only: not a link's target, nor a FIFO (a read would
+    # block the app), and at most REPORT_BYTES of it (probe 8, N3 and N5)
+    secret = runs.parent / "secret.txt"
+    secret.write_text("SECRET")
+    for name, plant in (("linked", lambda f: f.symlink_to(secret)), ("fifo", lambda f: os.mkfifo(f)),
+                        ("huge", lambda f: f.write_text("x" * (app.REPORT_BYTES * 4)))):
+        plant(write_run(runs / name, {"state": "done"}, stage="dpo") / "report.md")
+        view = app.run_view(name)[-1]
+        assert "SECRET" not in view["value"] and len(view["value"]) <= app.REPORT_BYTES, name
 
 
 def test_resume_and_start_over_queue_in_the_runs_folder_not_where_a_file_says(runs, sleeper, tmp_path):

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ POLL_S = 1.0
 # what a run (or its launcher) writes into its folder: Start over removes these and nothing else
 RUN_ENTRIES = ("run.json", "config.yaml", "status.json", "metrics.jsonl", "train.log", "console.log",
                "launch.json", "samples.jsonl", "summary.json", "checkpoints", "final", "ema",
-               "tensorboard")
+               "tensorboard", "report.json", "report.md", "report.log")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -373,14 +374,25 @@ def wait_and_run(folder: Path, root: Path, argv: list[str]) -> None:
     os.execv(argv[0], argv)
 
 
-def tail(path: str | Path, lines: int = 40) -> str:
+def read_own(path: str | Path, max_bytes: int, end: bool = False) -> str:
+    """At most `max_bytes` of a run's own file (its start, or with `end` its end), as text; ""
+    for a link (never followed: the view would show what it points at), a FIFO or device (a
+    read would block the app), or a missing file."""
     try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 64 * 1024))
-            return "\n".join(handle.read().decode(errors="replace").splitlines()[-lines:])
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return ""
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+            return ""
+        if end:
+            handle.seek(max(0, info.st_size - max_bytes))
+        return handle.read(max_bytes).decode(errors="replace")
+
+
+def tail(path: str | Path, lines: int = 40) -> str:
+    return "\n".join(read_own(path, 64 * 1024, end=True).splitlines()[-lines:])
 
 
 def main(argv=None) -> int:

@@ -162,7 +162,8 @@ def find_run(folder: str) -> RunInfo:
         raise ConfigError(f"{folder or 'no folder'} is not a run folder: pass a run such as "
                           "runs/dpo1 (python -m train report RUN).")
     if run.stage == "all":
-        steps = [RunInfo.load(p) for p in sorted(Path(folder).iterdir()) if p.is_dir()]
+        # a step folder that is a link leads out of the pipeline: its report would be written there
+        steps = [RunInfo.load(p) for p in sorted(Path(folder).iterdir()) if p.is_dir() and not p.is_symlink()]
         steps = [s for s in steps if s is not None and s.stage in POLICY_STAGES]
         if not steps:
             raise ConfigError(f"{folder} holds no finished PPO or DPO step to report on yet.")

@@ -42,7 +42,7 @@ def _barrier() -> None:
 
 # What a run writes, and so all that --overwrite removes: nothing else in the folder is touched.
 RUN_FILES = (MARKER, "config.yaml", "status.json", "metrics.jsonl", "train.log", "samples.jsonl",
-             "summary.json", "report.json", "report.md")
+             "summary.json", "report.json", "report.md", "report.log")
 RUN_FOLDERS = ("checkpoints", "final", "ema", "tensorboard", "final.tmp", "ema.tmp")
 
 

@@ -351,12 +351,14 @@ def test_export_refuses_the_side_files_of_a_store_named_through_a_link(tmp_path)
     real = tmp_path / "data" / "S.db"
     real.parent.mkdir()
     ratings.add_comparison(CONVERSATION, "Ada.", "Bob.", "m1", "m2", "A", path=real)
-    link = tmp_path / "L.db"
+    link, hard = tmp_path / "L.db", tmp_path / "data" / "H.db"
     link.symlink_to(real)
-    for out in (Path(f"{real}{suffix}") for suffix in ("-wal", "-journal", "-shm")):
-        done = ratings_cli("export", "--out", str(out), "--overwrite", db=link)
-        assert done.returncode == 2 and "SQLite side files" in done.stderr, done.stderr
-        assert not out.exists() or b'"chosen"' not in out.read_bytes()  # SQLite's, not an export
+    os.link(real, hard)  # probe 8, N2: a hard link's side files are named after the other name
+    for db in (link, hard):
+        for out in (Path(f"{real}{suffix}") for suffix in ("-wal", "-journal", "-shm")):
+            done = ratings_cli("export", "--out", str(out), "--overwrite", db=db)
+            assert done.returncode == 2 and "SQLite side files" in done.stderr, done.stderr
+            assert not out.exists() or b'"chosen"' not in out.read_bytes()  # SQLite's, not an export
     done = ratings_cli("counts", db=link)
     assert done.returncode == 0 and json.loads(done.stdout)["A"] == 1
 

@@ -245,3 +245,24 @@ def test_a_worker_that_cannot_start_is_one_sentence_not_a_hang(tokenizer, monkey
             render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
     finally:
         pool.close()
+
+
+def test_a_template_that_runs_out_of_time_is_not_blamed_on_the_request():
+    """Probe 8, N9: a timeout or memory refusal of the model's template told the client to
+    "check the order of roles", which cannot help."""
+    from serving.validation import ApiError, encode
+
+    class Failing:
+        def __init__(self, err):
+            self.err = err
+
+        def encode_chat(self, messages):
+            raise self.err
+
+    with pytest.raises(ApiError) as caught:
+        encode(Failing(TemplateTimeout("the model's chat template took over 5 s")), [])
+    assert "cannot render this conversation" in caught.value.message
+    assert "order of roles" not in caught.value.message
+    with pytest.raises(ApiError) as caught:  # the template's own refusal still is the request's
+        encode(Failing(ValueError("Conversation roles must alternate")), [])
+    assert "order of roles" in caught.value.message

@@ -206,6 +206,8 @@ def test_start_over_removes_only_what_a_run_wrote(tmp_path):
     (folder / "status.json").write_text(json.dumps({"state": "failed"}))
     for name in ("final", "checkpoints", "tensorboard"):
         (folder / name).mkdir()
+    for name in ("report.json", "report.md", "report.log"):  # the old run's report (probe 8, N8)
+        (folder / name).write_text("of the run being replaced")
     (folder / "notes.txt").write_text("mine")
     launch.clear_run(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]

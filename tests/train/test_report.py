@@ -202,3 +202,21 @@ def test_real_dpo_on_half_of_hh_beats_its_start_on_held_out_pairs_and_by_the_jud
 REAL_DPO = ("--max-steps", "24", "--batch-size", "8", "--max-seq-len", "160", "--learning-rate", "5e-5",
             "--beta", "0.1", "--max-eval-samples", "200", "--eval-every", "0", "--save-every", "0")
 REAL_REPORT = ("--max-samples", "96", "--max-new-tokens", "48")
+
+
+def test_a_report_on_a_pipeline_never_follows_a_step_that_links_outside(tmp_path):
+    """Probe 8, N4: a `train all` folder whose dpo step was a symlink to a run elsewhere had
+    that run's report.md replaced: a linked step is not the pipeline's."""
+    outside = tmp_path / "outside" / "dpo"
+    outside.mkdir(parents=True)
+    (outside / "run.json").write_text('{"stage": "dpo"}')
+    (outside / "status.json").write_text('{"state": "done"}')
+    (outside / "report.md").write_text("theirs\n")
+    pipeline = tmp_path / "runs" / "pipe"
+    pipeline.mkdir(parents=True)
+    (pipeline / "run.json").write_text('{"stage": "all"}')
+    (pipeline / "dpo").symlink_to(outside)
+    done = run_train("report", str(pipeline))
+    assert done.returncode == 2 and "holds no finished PPO or DPO step" in done.stderr.splitlines()[-1]
+    assert sorted(p.name for p in outside.iterdir()) == ["report.md", "run.json", "status.json"]
+    assert (outside / "report.md").read_text() == "theirs\n"

@@ -521,8 +521,9 @@ def _check_export_target(out: Path, store: Path, overwrite: bool) -> None:
     if not same and out.exists():
         same = any(f.exists() and os.path.samefile(out, f) for f in store_files)
     for suffix in SIDE_FILES:  # a side file named beside another hard link of the store (probe 8, N2)
-        base = Path(str(out)[:-len(suffix)]) if str(out).endswith(suffix) else None
-        same = same or (base is not None and base.exists() and store.exists() and os.path.samefile(base, store))
+        base = Path(str(out).removesuffix(suffix))
+        if not same and base != out and base.exists() and store.exists():
+            same = os.path.samefile(base, store)
     if same:
         raise RatingsError(f"{out} is the ratings store itself or one of its SQLite side files "
                            "(-journal, -wal, -shm): export to another file, such as prefs.jsonl.")

@@ -115,7 +115,12 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
+        if code:  # the error is printed: end now, as the server does, for a library's C++ thread
+            sys.stdout.flush()  # still alive would abort Python's shutdown after the message
+            sys.stderr.flush()  # ("terminate called without an active exception", exit -6)
+            os._exit(code)
+        sys.exit(code)
     except KeyboardInterrupt:  # Ctrl-C before a stage installs its own handler (imports, loading)
         print("error: interrupted (Ctrl-C) before training began: nothing was trained.", file=sys.stderr)
         sys.exit(130)

@@ -107,8 +107,8 @@ def refuse_links(folder: Path, doing: str = "resuming") -> None:
     link = first_link(folder)
     if link is not None:
         target = os.readlink(link) if link.is_symlink() else "a file of another folder (a hard link)"
-        raise ConfigError(f"{link} is a link to {target}: {doing} appends to and rewrites the "
-                          "run's files, which would change what the link points to; copy the run "
+        raise ConfigError(f"{link} is a link to {target}: {doing} writes into the run's files, "
+                          "which would change what the link points to; copy the run "
                           "without links (cp -a, not cp -s or cp -l) or start a new run.")
 
 

@@ -21,7 +21,11 @@ then off; /health stays open for supervisors. A model that cannot be loaded gets
 whatever the reason (missing, not a model, pickled weights, a hub name not cached: hub names
 are never downloaded here), so a client cannot probe the server's files; the server's log has
 the reason. Bodies are parsed and checked, and prompts tokenised, on worker threads, never on
-the event loop. The `model` field of a chat request is accepted and ignored: the server serves
+the event loop. Chat templates render in worker processes (serving/templates.py) from threads
+of their own: at most RENDERS_AT_ONCE requests render or wait for a render (past that: 429),
+and a request whose client disconnects, or that the shutdown overtakes, stops its render, so
+requests with slow templates never hold the threads that parse other bodies or load models
+(probe 8, N1). The `model` field of a chat request is accepted and ignored: the server serves
 the one loaded checkpoint.
 
 Left out: tools and function calling, logprobs, response_format, penalties (other fields are
@@ -30,6 +34,7 @@ accepted and ignored, as many OpenAI-compatible servers do), the legacy /v1/comp
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -50,6 +55,7 @@ from serving.connections import (BODY_TIMEOUT_S, MAX_BODY_BYTES, Guard, Resource
                                  shutting_down, uvicorn_server)
 from serving.request import Failure, Request
 from serving.scheduler import QueueFull, Scheduler, ShuttingDown
+from serving.templates import POOL_SIZE
 from serving.validation import (ApiError, ChatRequest, Limits, LoadRequest, answer_room,
                                 check_request, encode, error_response, parse_chat, parse_load,
                                 validation_message)
@@ -57,6 +63,9 @@ from serving.validation import (ApiError, ChatRequest, Limits, LoadRequest, answ
 __all__ = ["Limits", "bind", "create_app", "load_running", "uvicorn_server"]
 log = logging.getLogger("serving")
 LOAD_THREAD = "model-load"
+# requests rendering their chat template or waiting for a render process: POOL_SIZE render, the
+# rest wait (serving/templates.py bounds the wait); past this they get 429 at once
+RENDERS_AT_ONCE = 3 * POOL_SIZE
 
 
 def failure_error(failure: Failure) -> ApiError:
@@ -82,6 +91,8 @@ class ServerState:
     loader: Callable[[str], object]  # model name -> Engine (load_engine with the CLI's options)
     loaded_at: int = 0
     load_lock: asyncio.Lock | None = None
+    renders: concurrent.futures.ThreadPoolExecutor | None = None  # encode() calls, RENDERS_AT_ONCE
+    rendering: int = 0  # requests in `renders` (changed on the event loop only)
 
 
 def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Limits | None = None,
@@ -93,10 +104,12 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         state.load_lock = asyncio.Lock()
+        state.renders = concurrent.futures.ThreadPoolExecutor(RENDERS_AT_ONCE, "render")
         asyncio.get_running_loop().set_exception_handler(ResourceErrorLog())
         scheduler.start()
         yield
         scheduler.stop()
+        state.renders.shutdown(wait=False, cancel_futures=True)
 
     docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="RLHF Studio inference server", lifespan=lifespan, **docs)
@@ -155,7 +168,9 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
         engine = scheduler.engine
         body, messages, params, requested = await asyncio.to_thread(
             read_chat_request, raw, http_request.headers.get("content-type"), state.limits, engine)
-        prompt_ids = await asyncio.to_thread(encode, engine, messages)
+        prompt_ids = await encode_unless_gone(state, http_request, engine, messages)
+        if prompt_ids is None:  # the client went away while its template rendered
+            return JSONResponse({}, status_code=499)
         params.max_tokens = answer_room(prompt_ids, requested, engine, state.limits)
         request = Request(prompt_ids, params, asyncio.get_running_loop(), stream=body.stream)
         try:
@@ -174,6 +189,38 @@ def create_app(scheduler: Scheduler, loader: Callable[[str], object], limits: Li
         return await reply.whole(http_request)
 
     return app
+
+
+async def encode_unless_gone(state: ServerState, http_request: HttpRequest, engine,
+                             messages: list[dict]) -> list[int] | None:
+    """encode() on the render threads: the prompt's ids, None once the client has disconnected
+    (its render stopped), the shutdown's 503 once the server shuts down, 429 while
+    RENDERS_AT_ONCE requests render already."""
+    if state.rendering >= RENDERS_AT_ONCE:
+        raise ApiError(429, "the server is busy rendering other conversations' chat templates; "
+                            "retry in a moment.", type="server_busy", code="render_queue_full",
+                       headers={"Retry-After": "1"})
+    cancelled = threading.Event()
+    state.rendering += 1
+    encoded = asyncio.get_running_loop().run_in_executor(state.renders, encode, engine, messages,
+                                                         cancelled)
+
+    def finished(future):
+        state.rendering -= 1
+        if not future.cancelled():
+            future.exception()  # retrieved: a cancelled render's RenderCancelled is nobody's error
+
+    encoded.add_done_callback(finished)
+    try:
+        while not (await asyncio.wait({encoded}, timeout=0.25))[0]:
+            if state.scheduler.closing:
+                raise shutting_down()
+            if await http_request.is_disconnected():
+                return None
+        return encoded.result()
+    finally:
+        if not encoded.done():
+            cancelled.set()
 
 
 async def load_unless_closing(scheduler: Scheduler, loader: Callable[[str], object], name: str):

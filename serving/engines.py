@@ -92,15 +92,16 @@ class Engine:
         byte-level or SentencePiece token's spelling is never shorter than its text)."""
         return max(len(token.encode()) for token in self.tokenizer.get_vocab())
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], cancelled: threading.Event | None = None) -> list[int]:
         """Prompt token ids of a conversation through the model's chat template, rendered in a
         worker process (serving/templates.py); TemplateError for a render past its time or
-        memory, or far longer than a conversation may be."""
+        memory, or far longer than a conversation may be; RenderBusy while every worker is
+        taken; RenderCancelled once `cancelled` is set."""
         # past this bound the text is over any conversation's tokens (see validation.py's byte
         # bound): refused before tokenising it, which takes seconds a megabyte (probe 6, P2)
         bound = 4 * self.max_len * self.max_token_bytes
         try:
-            text = render_chat(self.tokenizer, messages, max_chars=bound)
+            text = render_chat(self.tokenizer, messages, max_chars=bound, cancelled=cancelled)
         except TemplateTooLong as err:
             raise TemplateError(f"the model's chat template wrote {err.chars} characters for this "
                                 f"conversation, far over the {self.max_len} tokens a conversation "

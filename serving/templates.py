@@ -10,11 +10,19 @@ worker processes:
   fork of the server, which runs torch threads) that imports transformers' renderer only, not
   torch nor the server, with its address space capped (TEMPLATE_MEMORY_BYTES): a huge string
   ends in MemoryError there, a TemplateError here;
-- a render past TEMPLATE_SECONDS gets its worker SIGKILLed and the caller a TemplateTimeout; a
-  fresh worker is started in its place;
+- a render past its time (TEMPLATE_SECONDS) ends in TemplateTimeout: the worker's own alarm
+  interrupts it (a Jinja loop, or `7 ** 14000000`, whose C code checks for signals) and it
+  serves on; one that does not answer (a C call that never checks) gets SIGKILL, and a fresh
+  worker is started in its place. A template that
+  has run out of time once is suspect: its later renders get SUSPECT_SECONDS, since real
+  templates render in milliseconds and its slow content may come again (probe 8, N1);
 - renders run side by side: each takes an idle worker; while none is idle the pool starts more,
-  up to POOL_SIZE (past it, a render waits for one), and it keeps a spare started, so one slow
-  render delays no other;
+  up to POOL_SIZE, and it keeps a spare started, so one slow render delays no other. Past
+  POOL_SIZE renders, up to twice as many more wait for a worker, each at most WAIT_SECONDS;
+  past those, RenderBusy at once (the server answers 429): slow renders never pile up behind
+  one another;
+- a render whose caller sets its `cancelled` event (the client went away, the server is shutting
+  down) stops waiting, or has its worker interrupted (SIGUSR1, as its alarm) or else killed;
 - the text is what `tokenizer.apply_chat_template(messages, add_generation_prompt=True,
   tokenize=False)` gives: the same `render_jinja_template` call with the tokenizer's special
   tokens as variables, the messages' None values dropped as transformers does.
@@ -43,14 +51,19 @@ from pathlib import Path
 
 from core.models import ModelError
 
-# The longest one render may take. Real templates render in milliseconds; this is how long a
-# hostile one holds a worker (and a refused load its caller), with a wide margin for a busy machine.
-TEMPLATE_SECONDS = 5.0
+# The longest one render may take. Real templates render a conversation in about a millisecond;
+# this is how long a hostile one holds a worker (and a refused load its caller), and so about how
+# long other requests wait for a worker while hostile renders hold them all (probe 8, N1).
+TEMPLATE_SECONDS = 2.0
 # A worker's whole address space (~200 MB of it is the interpreter and the renderer): a rendered
 # conversation is at most a few MB (Engine.encode_chat's bound), so 1 GiB refuses only hostile ones.
 TEMPLATE_MEMORY_BYTES = 1 << 30
-POOL_SIZE = 4            # workers at most: renders in flight at once
+# A template that has timed out once gets this long per render: still far over a real one's time.
+SUSPECT_SECONDS = 1.0
+KILL_GRACE_SECONDS = 0.5  # how long past its time a worker has to answer for its own alarm
+POOL_SIZE = 4            # workers at most: renders in flight at once (twice as many may wait)
 START_SECONDS = 60.0     # the longest a render waits for a worker to start (~1-3 s on a busy machine)
+WAIT_SECONDS = 2 * TEMPLATE_SECONDS  # the longest a render waits for a busy worker to come free
 ROOT = Path(__file__).resolve().parents[1]
 BOOT = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from serving.templates import serve; serve()"
 
@@ -72,19 +85,28 @@ class TemplateTooLong(TemplateError):
         self.chars = chars
 
 
+class RenderBusy(Exception):
+    """Every worker is rendering and twice as many renders wait already, or none came free
+    within WAIT_SECONDS: the server is busy, not the request wrong."""
+
+
+class RenderCancelled(Exception):
+    """The render's caller gave up on it (its `cancelled` event was set)."""
+
+
 class TemplateRejected(ValueError):
     """The template refused these messages itself (raise_exception, an undefined name, ...): the
     request's fault or the template's, as apply_chat_template would have raised."""
 
 
 def render_chat(tokenizer, messages: list[dict], max_chars: int, pool: RenderPool | None = None,
-                seconds: float | None = None) -> str:
+                seconds: float | None = None, cancelled: threading.Event | None = None) -> str:
     """The text of `messages` through `tokenizer`'s chat template with the generation prompt,
     rendered by `pool` (the shared one) within `seconds` (TEMPLATE_SECONDS); TemplateTooLong
-    past `max_chars`."""
+    past `max_chars`; RenderCancelled once `cancelled` is set."""
     job = {"template": tokenizer.get_chat_template(), "messages": messages,
            "variables": dict(tokenizer.special_tokens_map), "max_chars": max_chars}
-    return (pool or shared_pool()).render(job, seconds or TEMPLATE_SECONDS)
+    return (pool or shared_pool()).render(job, seconds or TEMPLATE_SECONDS, cancelled)
 
 
 _pool: RenderPool | None = None
@@ -112,6 +134,7 @@ class Worker:
                                         stdout=subprocess.PIPE, env=env)
         self.jobs = Connection(os.dup(self.process.stdin.fileno()), readable=False)
         self.replies = Connection(os.dup(self.process.stdout.fileno()), writable=False)
+        self.killed = False
         self.process.stdin.close()
         self.process.stdout.close()
         try:
@@ -123,13 +146,23 @@ class Worker:
             raise TemplateError(f"the chat-template process did not start within {START_SECONDS:g} s "
                                 "(see the server's log): check that transformers imports here.")
 
-    def render(self, job: dict, seconds: float) -> dict:
+    def render(self, job: dict, seconds: float, cancelled: threading.Event | None) -> dict:
+        """The worker's reply; TemplateTimeout (the worker killed) when it does not answer in
+        time, RenderCancelled (the worker interrupted, or killed if it does not answer) once
+        `cancelled` is set."""
         self.jobs.send_bytes(json.dumps({**job, "seconds": seconds}, default=str).encode())
-        if not self.replies.poll(seconds):
-            self.kill()
-            raise TemplateTimeout(f"the model's chat template took over {seconds:g} s to render one "
-                                  "conversation (a loop, or a huge computation?): fix chat_template "
-                                  "in its tokenizer files.")
+        deadline = time.monotonic() + seconds + KILL_GRACE_SECONDS  # its own alarm comes first
+        while not self.replies.poll(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if cancelled is not None and cancelled.is_set():
+                self.process.send_signal(signal.SIGUSR1)  # as its alarm: it answers and serves on
+                if self.replies.poll(KILL_GRACE_SECONDS):
+                    self._reply(12 * job["max_chars"] + 4096)
+                else:
+                    self.kill()
+                raise RenderCancelled()
+            if time.monotonic() >= deadline:
+                self.kill()
+                raise timed_out(seconds)
         # a reply is at most max_chars characters, each at most 12 bytes as JSON (\\uXXXX pairs)
         return self._reply(12 * job["max_chars"] + 4096)
 
@@ -143,17 +176,25 @@ class Worker:
 
     def kill(self) -> int:
         """SIGKILL (a template in C code answers nothing else), then reap it; its exit code."""
+        self.killed = True
         self.process.kill()
         for pipe in (self.jobs, self.replies):
             pipe.close()
         return self.process.wait()
 
 
+def timed_out(seconds: float) -> TemplateTimeout:
+    return TemplateTimeout(f"the model's chat template took over {seconds:g} s to render one "
+                           "conversation (a loop, or a huge computation?): fix chat_template in "
+                           "its tokenizer files.")
+
+
 class RenderPool:
-    """Up to `size` workers; `render` takes an idle one (or waits for one being started)."""
+    """Up to `size` workers; `render` takes an idle one (or waits for one, `size` renders at most)."""
 
     def __init__(self, size: int = POOL_SIZE):
         self.size = size
+        self._suspects: set[int] = set()  # hashes of templates that have run out of time
         self._idle: list[Worker] = []
         self._workers: set[Worker] = set()  # started and not killed: idle or rendering
         self._starting = self._waiting = 0
@@ -161,21 +202,37 @@ class RenderPool:
         self._closed = False
         self._changed = threading.Condition()
 
-    def render(self, job: dict, seconds: float) -> str:
+    def render(self, job: dict, seconds: float, cancelled: threading.Event | None = None) -> str:
+        suspect = hash(job["template"])
+        if suspect in self._suspects:
+            seconds = min(seconds, SUSPECT_SECONDS)
         for attempt in range(2):
-            worker = self._take()
+            worker = self._take(cancelled)
             try:
-                reply = worker.render(job, seconds)
+                reply = worker.render(job, seconds, cancelled)
             except (BrokenPipeError, ConnectionResetError):  # it died while idle: another one
                 self._drop(worker)
                 if attempt:
                     raise TemplateError("the chat-template processes end as soon as they start: "
                                         "see the server's log.") from None
                 continue
+            except TemplateTimeout:
+                self._suspects.add(suspect)
+                self._drop(worker)
+                raise
+            except RenderCancelled:
+                if worker.killed:
+                    self._drop(worker)
+                else:
+                    self._give_back(worker)
+                raise
             except BaseException:
                 self._drop(worker)
                 raise
             self._give_back(worker)
+            if reply.get("error") == "timeout":  # its own alarm: the worker serves on
+                self._suspects.add(suspect)
+                raise timed_out(seconds)
             return result_of(reply)
 
     def close(self) -> None:
@@ -194,9 +251,11 @@ class RenderPool:
         with self._changed:
             return [worker.process.pid for worker in self._workers]
 
-    def _take(self) -> Worker:
-        deadline = time.monotonic() + START_SECONDS + TEMPLATE_SECONDS * self.size
+    def _take(self, cancelled: threading.Event | None) -> Worker:
+        start = time.monotonic()
         with self._changed:
+            if not self._idle and self._waiting >= 2 * self.size:
+                raise RenderBusy("every chat-template process is busy and twice as many renders wait")
             self._waiting += 1
             try:
                 while not self._idle:
@@ -207,8 +266,13 @@ class RenderPool:
                         raise error
                     if self._starting < self._waiting and len(self._workers) + self._starting < self.size:
                         self._start_one()
-                    if not self._changed.wait(deadline - time.monotonic()):
-                        raise TemplateTimeout("no chat-template process came free in time: retry.")
+                    if cancelled is not None and cancelled.is_set():
+                        raise RenderCancelled()
+                    # for a busy worker WAIT_SECONDS; while none runs yet, for one to start
+                    waited = time.monotonic() - start
+                    if waited >= (WAIT_SECONDS if self._workers else START_SECONDS):
+                        raise RenderBusy(f"no chat-template process came free in {waited:.0f} s")
+                    self._changed.wait(0.1 if cancelled is not None else 1.0)
                 worker = self._idle.pop()
             finally:
                 self._waiting -= 1
@@ -270,6 +334,18 @@ def result_of(reply: dict) -> str:
 
 # ---- the worker process ----------------------------------------------------------------------
 
+class TimeUp(BaseException):
+    """A render's alarm or its caller's cancel (a BaseException: a template catches no such thing)."""
+
+
+_rendering = False  # a signal's handler raises TimeUp only while this is set
+
+
+def time_up(_signum, _frame):
+    if _rendering:  # not after the render: a late signal must not cut the reply short
+        raise TimeUp()
+
+
 def serve() -> None:
     """A worker's main loop: one job in, one reply out, until stdin closes."""
     jobs, replies = Connection(os.dup(0), writable=False), Connection(os.dup(1), readable=False)
@@ -277,6 +353,8 @@ def serve() -> None:
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # a stray print goes to the server's log, not into the replies
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle (it closes us)
+    signal.signal(signal.SIGALRM, time_up)  # the render's time is up
+    signal.signal(signal.SIGUSR1, time_up)  # its caller gave up on it
     from transformers.utils.chat_template_utils import render_jinja_template
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -299,15 +377,26 @@ def limit_cpu(seconds: float) -> None:
 
 
 def render_job(render_jinja_template, job: dict) -> dict:
+    """The reply to one job; Python code past the job's time is interrupted by SIGALRM, or by
+    SIGUSR1 from the server (a C call is not: the server kills us then)."""
+    global _rendering
     try:
         # as apply_chat_template: None values dropped, special tokens as variables
         messages = [{key: value for key, value in message.items() if value is not None}
                     for message in job["messages"]]
-        rendered, _ = render_jinja_template(conversations=[messages], tools=None, documents=None,
-                                            chat_template=job["template"],
-                                            return_assistant_tokens_mask=False,
-                                            continue_final_message=False,
-                                            add_generation_prompt=True, **job["variables"])
+        _rendering = True
+        signal.setitimer(signal.ITIMER_REAL, job["seconds"])
+        try:
+            rendered, _ = render_jinja_template(conversations=[messages], tools=None, documents=None,
+                                                chat_template=job["template"],
+                                                return_assistant_tokens_mask=False,
+                                                continue_final_message=False,
+                                                add_generation_prompt=True, **job["variables"])
+        finally:
+            _rendering = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except TimeUp:
+        return {"error": "timeout"}
     except MemoryError:
         return {"error": "MemoryError"}
     except Exception as err:  # noqa: BLE001  (the template's own error, for the caller)

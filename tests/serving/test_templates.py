@@ -4,8 +4,11 @@ while every other client goes on (probe 6 P1, probe 7 F5: `7 ** 14000000` froze 
 server for 18 s and the model was loaded all the same)."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -16,7 +19,8 @@ from transformers import AutoTokenizer
 
 from serving import templates
 from serving.engines import Engine, load_engine
-from serving.templates import RenderPool, TemplateError, TemplateRejected, TemplateTimeout, render_chat
+from serving.templates import (RenderBusy, RenderCancelled, RenderPool, TemplateError, TemplateRejected,
+                               TemplateTimeout, render_chat)
 from tests.serving.test_cli import serve, wait_until_serving
 
 # Templates in the manner of four families (written for these tests), besides SmolLM2's own:
@@ -145,21 +149,31 @@ def test_a_hostile_template_is_refused_while_others_render(kind, engine, tiny_mo
     assert count >= 5 and longest < 2.0, (count, longest)
 
 
+def with_prefix(tokenizer, prefix: str):
+    """A copy of `tokenizer` whose chat template starts with `prefix`."""
+    copy = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    copy.chat_template = prefix + tokenizer.chat_template
+    return copy
+
+
 def test_a_killed_worker_is_replaced_and_none_outlives_the_pool(tokenizer):
-    pool = RenderPool(size=2)
-    looping = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
-    looping.chat_template = HOSTILE["loop"] + tokenizer.chat_template
+    """A worker that does not answer even its own alarm (stuck in a C call that never checks for
+    signals; stopped here with SIGSTOP) is SIGKILLed past its time and replaced."""
+    pool = RenderPool(size=1)
     try:
         assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
-        before = until(lambda: set(pool.pids()) if len(pool.pids()) == 2 else None)  # and its spare
+        before = set(pool.pids())
+        for pid in before:
+            os.kill(pid, signal.SIGSTOP)
+        start = time.monotonic()
         with pytest.raises(TemplateTimeout):
-            render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=1.0)
-        killed = before - set(pool.pids())
-        assert len(killed) == 1 and not running(killed)  # SIGKILLed and reaped
+            render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool, seconds=1.0)
+        assert time.monotonic() - start < 1.0 + templates.KILL_GRACE_SECONDS + 0.5
+        assert not running(before)  # SIGKILLed and reaped
         for _ in range(3):
             assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
-        fresh = until(lambda: set(pool.pids()) - before)  # its replacement
-        assert len(pool.pids()) <= 2
+        fresh = set(pool.pids())
+        assert len(fresh) == 1 and not fresh & before  # its replacement
     finally:
         pool.close()
     assert not running(before | fresh)
@@ -256,7 +270,7 @@ def test_a_template_that_runs_out_of_time_is_not_blamed_on_the_request():
         def __init__(self, err):
             self.err = err
 
-        def encode_chat(self, messages):
+        def encode_chat(self, messages, cancelled=None):
             raise self.err
 
     with pytest.raises(ApiError) as caught:
@@ -266,3 +280,172 @@ def test_a_template_that_runs_out_of_time_is_not_blamed_on_the_request():
     with pytest.raises(ApiError) as caught:  # the template's own refusal still is the request's
         encode(Failing(ValueError("Conversation roles must alternate")), [])
     assert "order of roles" in caught.value.message
+
+
+# ---- probe 8, N1: slow renders must not hold up other requests --------------------------------
+
+def test_a_looping_template_is_stopped_by_its_own_alarm_and_then_gets_less_time(tokenizer):
+    """Probe 8, N1: every timeout SIGKILLed its worker (a fresh interpreter takes seconds to
+    start on a busy machine), and the same slow content held a worker for the full 5 s again and
+    again. Python code is now interrupted in the worker, which serves on, and a template that has
+    run out of time once gets SUSPECT_SECONDS."""
+    pool = RenderPool(size=1)
+    looping = with_prefix(tokenizer, HOSTILE["loop"])
+    try:
+        assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
+        worker = pool.pids()
+        start = time.monotonic()
+        with pytest.raises(TemplateTimeout):
+            render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=2.0)
+        assert 2.0 <= time.monotonic() - start < 2.0 + templates.KILL_GRACE_SECONDS
+        assert pool.pids() == worker  # interrupted, not killed
+        start = time.monotonic()
+        with pytest.raises(TemplateTimeout, match=f"over {templates.SUSPECT_SECONDS:g} s"):
+            render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=5.0)
+        assert time.monotonic() - start < templates.SUSPECT_SECONDS + templates.KILL_GRACE_SECONDS
+        assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)  # the other template: full time
+        assert pool.pids() == worker
+    finally:
+        pool.close()
+
+
+def in_thread(call) -> dict:
+    """Runs call() on a thread; the dict gets its "result" or "error" and "seconds" (and the
+    thread, to join)."""
+    outcome = {}
+
+    def run():
+        start = time.monotonic()
+        try:
+            outcome["result"] = call()
+        except Exception as err:  # noqa: BLE001  (the test looks at it)
+            outcome["error"] = err
+        outcome["seconds"] = time.monotonic() - start
+    outcome["thread"] = threading.Thread(target=run)
+    outcome["thread"].start()
+    return outcome
+
+
+def test_a_render_given_up_stops_at_once_rendering_or_waiting(tokenizer):
+    """Probe 8, N1: closing the connection did not stop its render: 16 requests sent and
+    abandoned kept every worker busy. A render whose `cancelled` event is set now ends within a
+    fraction of a second, and its worker serves on."""
+    pool = RenderPool(size=1)
+    looping = with_prefix(tokenizer, HOSTILE["loop"])
+    try:
+        assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
+        worker = pool.pids()
+        given_up = threading.Event()
+        threading.Timer(0.5, given_up.set).start()
+        start = time.monotonic()
+        with pytest.raises(RenderCancelled):
+            render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=4.0, cancelled=given_up)
+        assert time.monotonic() - start < 1.5
+        assert pool.pids() == worker  # interrupted, not killed
+
+        holder = in_thread(lambda: render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=3.0))
+        time.sleep(0.3)  # it holds the only worker
+        given_up = threading.Event()
+        waiter = in_thread(lambda: render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool,
+                                               cancelled=given_up))
+        time.sleep(0.5)
+        given_up.set()
+        waiter["thread"].join(timeout=10)
+        assert isinstance(waiter.get("error"), RenderCancelled) and waiter["seconds"] < 1.5, waiter
+        holder["thread"].join(timeout=10)
+        assert isinstance(holder.get("error"), TemplateTimeout), holder
+    finally:
+        pool.close()
+
+
+def test_renders_past_the_pool_s_room_are_refused_at_once_and_waits_are_bounded(tokenizer, monkeypatch):
+    """Probe 8, N1: a render waited up to 80 s for a worker, so 12 slow requests queued every
+    other client's render behind them for 30 s. Now a render waits WAIT_SECONDS at most, and past
+    twice the pool's size waiting, RenderBusy comes at once (the server answers 429)."""
+    monkeypatch.setattr(templates, "WAIT_SECONDS", 1.5)
+    pool = RenderPool(size=1)
+    looping = with_prefix(tokenizer, HOSTILE["loop"])
+    try:
+        assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
+        holder = in_thread(lambda: render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=4.0))
+        time.sleep(0.3)
+        waiters = [in_thread(lambda: render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool))
+                   for _ in range(2)]
+        time.sleep(0.3)
+        start = time.monotonic()
+        with pytest.raises(RenderBusy):
+            render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
+        assert time.monotonic() - start < 0.5
+        for waiter in waiters:
+            waiter["thread"].join(timeout=10)
+            assert isinstance(waiter.get("error"), RenderBusy), waiter
+            assert 1.4 <= waiter["seconds"] < 3.0, waiter
+        holder["thread"].join(timeout=10)
+        assert isinstance(holder.get("error"), TemplateTimeout), holder
+        assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
+    finally:
+        pool.close()
+
+
+SLOW_CONTENT = "{% if 'SLOWSLOW' in messages[-1]['content'] %}" + HOSTILE["loop"] + "{% endif %}"
+
+
+def timed_post(url: str, body, path: str = "/v1/chat/completions") -> tuple[int, float]:
+    start = time.monotonic()
+    if isinstance(body, bytes):
+        response = httpx.post(url + path, content=body, headers={"content-type": "application/json"},
+                              timeout=120)
+    else:
+        response = httpx.post(url + path, json=body, timeout=120)
+    return response.status_code, time.monotonic() - start
+
+
+def test_slow_renders_hold_up_no_other_request_nor_a_load(tiny_model, tmp_path):
+    """Probe 8, N1, through HTTP: on a model whose template loops only for some content, 12
+    such requests made an innocent request wait 31 s and left a bad-JSON request and a model
+    load unanswered for 15 s, and 16 such requests sent and abandoned did the same. Now the
+    abandoned ones' renders stop, the innocent request is answered within seconds (200, or 429
+    while all render room is taken), a bad body gets its 400 and the load its 200 at once, and
+    the server still shuts down promptly."""
+    allowed = tmp_path / "allowed"
+    shutil.copytree(tiny_model, allowed / "slow")
+    template = allowed / "slow" / "chat_template.jinja"
+    template.write_text(SLOW_CONTENT + template.read_text())
+    other = shutil.copytree(tiny_model, allowed / "other")
+    server = serve("--model", str(allowed / "slow"), "--port", "0", "--slots", "2",
+                   "--load-from", str(allowed), RLHF_HOME=str(tmp_path / "home"),
+                   RLHF_RUNS_DIR=str(tmp_path / "runs"))
+    innocent = {"messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 4}
+    slow = json.dumps({"messages": [{"role": "user", "content": "SLOWSLOW"}], "max_tokens": 4}).encode()
+    try:
+        url = wait_until_serving(server)
+        assert timed_post(url, innocent)[0] == 200
+        host, port = url.removeprefix("http://").split(":")
+        for _ in range(16):  # sent, then abandoned
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(slow), slow))
+                time.sleep(0.02)
+        time.sleep(1.0)
+        status, seconds = timed_post(url, innocent)
+        assert status == 200 and seconds < 4.0, (status, seconds)  # no render was left running
+
+        attackers = [in_thread(lambda: timed_post(url, slow)) for _ in range(12)]
+        time.sleep(1.0)
+        status, seconds = timed_post(url, innocent)
+        assert status in (200, 429) and seconds < 4.0, (status, seconds)
+        status, seconds = timed_post(url, b"{not json")
+        assert status == 400 and seconds < 1.0, (status, seconds)
+        status, seconds = timed_post(url, {"model": str(other)}, "/v1/models/load")
+        assert status == 200 and seconds < 30, (status, seconds)
+        for attacker in attackers:
+            attacker["thread"].join(timeout=120)
+            assert attacker["result"][0] in (400, 429), attacker
+        assert timed_post(url, innocent)[0] == 200
+
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

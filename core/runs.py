@@ -79,7 +79,7 @@ def stage_of(folder: Path) -> str | None:
     try:
         with open(folder / "config.yaml") as handle:
             first = handle.readline()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
     return first.removeprefix("# step:").strip() or None if first.startswith("# step:") else None
 
@@ -127,12 +127,12 @@ class RunInfo:
         return "the training process is gone without saying why (killed?): see console.log"
 
     def config(self) -> dict:
-        """config.yaml as a mapping ({} when absent or unreadable)."""
+        """config.yaml as a mapping ({} when absent or unreadable, or not UTF-8)."""
         import yaml
 
         try:
             values = yaml.safe_load((self.path / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
             return {}
         return values if isinstance(values, dict) else {}
 

@@ -34,6 +34,7 @@ from core.options import ConfigError, build, load_yaml
 from core.paths import atomic_write
 from core.runs import RunInfo, read_metrics, write_json_atomic
 from train.config import STAGES, ReportConfig
+from train.plan import not_a_reward_model
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 POLICY_STAGES = ("ppo", "dpo")
@@ -198,8 +199,12 @@ def policy_report(cfg: ReportConfig, run: RunInfo, log) -> dict:
     if not (Path(after) / "config.json").is_file():
         raise ConfigError(f"{after} does not exist: pass --checkpoint final (ema/ exists only for "
                           "PPO runs with --ema).")
-    prompts = [r["prompt"] for r in held_out(cfg, run, run_cfg, "ppo")]
     judge = default_judge(cfg, run)
+    for model in (judge, cfg.proxy):  # a chat model would score every answer, meaninglessly
+        wrong_kind = model and not_a_reward_model(model, RunInfo.load(Path(model).expanduser().parent))
+        if wrong_kind:
+            raise ConfigError(wrong_kind)
+    prompts = [r["prompt"] for r in held_out(cfg, run, run_cfg, "ppo")]
     log(f"report: {len(prompts)} held-out prompts; before {start}, after {after}"
         + (f"; judge {judge}" if judge else "; no judge"))
     policy = scoring.Policies(start, after, cfg)

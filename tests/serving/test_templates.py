@@ -284,29 +284,34 @@ def test_a_template_that_runs_out_of_time_is_not_blamed_on_the_request():
 
 # ---- probe 8, N1: slow renders must not hold up other requests --------------------------------
 
-def test_a_looping_template_is_stopped_by_its_own_alarm_and_then_gets_less_time(tokenizer):
+@pytest.fixture
+def one_worker(tokenizer):
+    """A pool of one worker, started (one render done), and a copy of the tokenizer whose
+    template loops."""
+    pool = RenderPool(size=1)
+    assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
+    yield pool, with_prefix(tokenizer, HOSTILE["loop"])
+    pool.close()
+
+
+def test_a_looping_template_is_stopped_by_its_own_alarm_and_then_gets_less_time(tokenizer, one_worker):
     """Probe 8, N1: every timeout SIGKILLed its worker (a fresh interpreter takes seconds to
     start on a busy machine), and the same slow content held a worker for the full 5 s again and
     again. Python code is now interrupted in the worker, which serves on, and a template that has
     run out of time once gets SUSPECT_SECONDS."""
-    pool = RenderPool(size=1)
-    looping = with_prefix(tokenizer, HOSTILE["loop"])
-    try:
-        assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
-        worker = pool.pids()
-        start = time.monotonic()
-        with pytest.raises(TemplateTimeout):
-            render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=2.0)
-        assert 2.0 <= time.monotonic() - start < 2.0 + templates.KILL_GRACE_SECONDS
-        assert pool.pids() == worker  # interrupted, not killed
-        start = time.monotonic()
-        with pytest.raises(TemplateTimeout, match=f"over {templates.SUSPECT_SECONDS:g} s"):
-            render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=5.0)
-        assert time.monotonic() - start < templates.SUSPECT_SECONDS + templates.KILL_GRACE_SECONDS
-        assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)  # the other template: full time
-        assert pool.pids() == worker
-    finally:
-        pool.close()
+    pool, looping = one_worker
+    worker = pool.pids()
+    start = time.monotonic()
+    with pytest.raises(TemplateTimeout):
+        render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=2.0)
+    assert 2.0 <= time.monotonic() - start < 2.0 + templates.KILL_GRACE_SECONDS
+    assert pool.pids() == worker  # interrupted, not killed
+    start = time.monotonic()
+    with pytest.raises(TemplateTimeout, match=f"over {templates.SUSPECT_SECONDS:g} s"):
+        render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=5.0)
+    assert time.monotonic() - start < templates.SUSPECT_SECONDS + templates.KILL_GRACE_SECONDS
+    assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)  # the other template: full time
+    assert pool.pids() == worker
 
 
 def in_thread(call) -> dict:
@@ -326,65 +331,56 @@ def in_thread(call) -> dict:
     return outcome
 
 
-def test_a_render_given_up_stops_at_once_rendering_or_waiting(tokenizer):
+def test_a_render_given_up_stops_at_once_rendering_or_waiting(tokenizer, one_worker):
     """Probe 8, N1: closing the connection did not stop its render: 16 requests sent and
     abandoned kept every worker busy. A render whose `cancelled` event is set now ends within a
     fraction of a second, and its worker serves on."""
-    pool = RenderPool(size=1)
-    looping = with_prefix(tokenizer, HOSTILE["loop"])
-    try:
-        assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
-        worker = pool.pids()
-        given_up = threading.Event()
-        threading.Timer(0.5, given_up.set).start()
-        start = time.monotonic()
-        with pytest.raises(RenderCancelled):
-            render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=4.0, cancelled=given_up)
-        assert time.monotonic() - start < 1.5
-        assert pool.pids() == worker  # interrupted, not killed
+    pool, looping = one_worker
+    worker = pool.pids()
+    given_up = threading.Event()
+    threading.Timer(0.5, given_up.set).start()
+    start = time.monotonic()
+    with pytest.raises(RenderCancelled):
+        render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=4.0, cancelled=given_up)
+    assert time.monotonic() - start < 1.5
+    assert pool.pids() == worker  # interrupted, not killed
 
-        holder = in_thread(lambda: render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=3.0))
-        time.sleep(0.3)  # it holds the only worker
-        given_up = threading.Event()
-        waiter = in_thread(lambda: render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool,
-                                               cancelled=given_up))
-        time.sleep(0.5)
-        given_up.set()
-        waiter["thread"].join(timeout=10)
-        assert isinstance(waiter.get("error"), RenderCancelled) and waiter["seconds"] < 1.5, waiter
-        holder["thread"].join(timeout=10)
-        assert isinstance(holder.get("error"), TemplateTimeout), holder
-    finally:
-        pool.close()
+    holder = in_thread(lambda: render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=3.0))
+    time.sleep(0.3)  # it holds the only worker
+    given_up = threading.Event()
+    waiter = in_thread(lambda: render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool,
+                                           cancelled=given_up))
+    time.sleep(0.5)
+    given_up.set()
+    waiter["thread"].join(timeout=10)
+    assert isinstance(waiter.get("error"), RenderCancelled) and waiter["seconds"] < 1.5, waiter
+    holder["thread"].join(timeout=10)
+    assert isinstance(holder.get("error"), TemplateTimeout), holder
 
 
-def test_renders_past_the_pool_s_room_are_refused_at_once_and_waits_are_bounded(tokenizer, monkeypatch):
+def test_renders_past_the_pool_s_room_are_refused_at_once_and_waits_are_bounded(tokenizer, one_worker,
+                                                                                monkeypatch):
     """Probe 8, N1: a render waited up to 80 s for a worker, so 12 slow requests queued every
     other client's render behind them for 30 s. Now a render waits WAIT_SECONDS at most, and past
     twice the pool's size waiting, RenderBusy comes at once (the server answers 429)."""
     monkeypatch.setattr(templates, "WAIT_SECONDS", 1.5)
-    pool = RenderPool(size=1)
-    looping = with_prefix(tokenizer, HOSTILE["loop"])
-    try:
-        assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
-        holder = in_thread(lambda: render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=4.0))
-        time.sleep(0.3)
-        waiters = [in_thread(lambda: render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool))
-                   for _ in range(2)]
-        time.sleep(0.3)
-        start = time.monotonic()
-        with pytest.raises(RenderBusy):
-            render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
-        assert time.monotonic() - start < 0.5
-        for waiter in waiters:
-            waiter["thread"].join(timeout=10)
-            assert isinstance(waiter.get("error"), RenderBusy), waiter
-            assert 1.4 <= waiter["seconds"] < 3.0, waiter
-        holder["thread"].join(timeout=10)
-        assert isinstance(holder.get("error"), TemplateTimeout), holder
-        assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
-    finally:
-        pool.close()
+    pool, looping = one_worker
+    holder = in_thread(lambda: render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=4.0))
+    time.sleep(0.3)
+    waiters = [in_thread(lambda: render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool))
+               for _ in range(2)]
+    time.sleep(0.3)
+    start = time.monotonic()
+    with pytest.raises(RenderBusy):
+        render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
+    assert time.monotonic() - start < 0.5
+    for waiter in waiters:
+        waiter["thread"].join(timeout=10)
+        assert isinstance(waiter.get("error"), RenderBusy), waiter
+        assert 1.4 <= waiter["seconds"] < 3.0, waiter
+    holder["thread"].join(timeout=10)
+    assert isinstance(holder.get("error"), TemplateTimeout), holder
+    assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
 
 
 SLOW_CONTENT = "{% if 'SLOWSLOW' in messages[-1]['content'] %}" + HOSTILE["loop"] + "{% endif %}"

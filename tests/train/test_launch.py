@@ -229,6 +229,21 @@ def test_resume_says_why_it_cannot(tmp_path):
         launch.resume(bare)
 
 
+def test_a_run_whose_config_is_not_utf8_is_listed_and_resumed_with_one_sentence(tmp_path):
+    """A config.yaml that is not UTF-8 (edited by hand, copied from another system) ended the
+    Runs list in a UnicodeDecodeError traceback; resuming it says what is wrong."""
+    folder = tmp_path / "sft1"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps({"stage": "sft"}))
+    (folder / "config.yaml").write_bytes(b"# step: sft\nlearning_rate: \xff\xfe\n")
+    (folder / "status.json").write_text(json.dumps({"state": "failed"}))
+    run = RunInfo.load(folder)
+    assert run.stage == "sft" and run.config() == {}
+    assert [r.path.name for r in list_runs(tmp_path)] == ["sft1"]
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        launch.resume(folder)
+
+
 def test_a_copied_run_resumes_in_its_own_folder_never_in_the_one_it_came_from(tmp_path):
     """Second probe: Resume on a copy of a run trained into the original (its saved output)."""
     original, copy = tmp_path / "done1", tmp_path / "failed1"

@@ -92,6 +92,9 @@ def test_the_report_of_an_over_optimised_dpo_run_raises_the_alarm(tmp_path, tiny
                      "--lr-scheduler", "constant", "--eval-fraction", "0.2", "--eval-every", "0", "--fp32",
                      "--save-every", "0", "--no-tensorboard")
     assert done.returncode == 0, done.stderr
+    wrong = run_train("report", str(out), "--judge", str(out / "final"))  # a chat model judged silently
+    assert wrong.returncode == 2 and "not a reward model" in wrong.stderr, wrong.stderr
+    assert wrong.stderr.count("\n") == 1 and not (out / "report.json").exists()
     victim = tmp_path / "victim.txt"  # probe 7, F2: report.md was written through a link there
     victim.write_text("keep me\n")
     (out / "report.md").symlink_to(victim)

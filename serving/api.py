@@ -55,7 +55,7 @@ from serving.connections import (BODY_TIMEOUT_S, MAX_BODY_BYTES, Guard, Resource
                                  shutting_down, uvicorn_server)
 from serving.request import Failure, Request
 from serving.scheduler import QueueFull, Scheduler, ShuttingDown
-from serving.templates import POOL_SIZE
+from serving.templates import MAX_WAITING, POOL_SIZE
 from serving.validation import (ApiError, ChatRequest, Limits, LoadRequest, answer_room,
                                 check_request, encode, error_response, parse_chat, parse_load,
                                 validation_message)
@@ -63,9 +63,9 @@ from serving.validation import (ApiError, ChatRequest, Limits, LoadRequest, answ
 __all__ = ["Limits", "bind", "create_app", "load_running", "uvicorn_server"]
 log = logging.getLogger("serving")
 LOAD_THREAD = "model-load"
-# requests rendering their chat template or waiting for a render process: POOL_SIZE render, the
-# rest wait (serving/templates.py bounds the wait); past this they get 429 at once
-RENDERS_AT_ONCE = 3 * POOL_SIZE
+# requests rendering their chat template or waiting in line for a render process (threads that
+# mostly wait; serving/templates.py bounds the wait); past this they get 429 at once
+RENDERS_AT_ONCE = POOL_SIZE + MAX_WAITING
 
 
 def failure_error(failure: Failure) -> ApiError:

@@ -13,14 +13,15 @@ worker processes:
 - a render past its time (TEMPLATE_SECONDS) ends in TemplateTimeout: the worker's own alarm
   interrupts it (a Jinja loop, or `7 ** 14000000`, whose C code checks for signals) and it
   serves on; one that does not answer (a C call that never checks) gets SIGKILL, and a fresh
-  worker is started in its place. A template that
-  has run out of time once is suspect: its later renders get SUSPECT_SECONDS, since real
-  templates render in milliseconds and its slow content may come again (probe 8, N1);
+  worker is started in its place. A template that has run out of time once is suspect: its
+  later renders get SUSPECT_SECONDS, since real templates render in milliseconds and its slow
+  content may come again; a conversation that ran out of time is refused at once when it comes
+  again (the last TIMED_OUT_KEPT are remembered), so resending one costs no render (probes 8 N1,
+  9 P9-1);
 - renders run side by side: each takes an idle worker; while none is idle the pool starts more,
   up to POOL_SIZE, and it keeps a spare started, so one slow render delays no other. Past
-  POOL_SIZE renders, up to twice as many more wait for a worker, each at most WAIT_SECONDS;
-  past those, RenderBusy at once (the server answers 429): slow renders never pile up behind
-  one another;
+  POOL_SIZE renders, up to MAX_WAITING more wait in line (first come, first served) for a
+  worker, each at most WAIT_SECONDS; past those, RenderBusy at once (the server answers 429);
 - a render whose caller sets its `cancelled` event (the client went away, the server is shutting
   down) stops waiting, or has its worker interrupted (SIGUSR1, as its alarm) or else killed;
 - the text is what `tokenizer.apply_chat_template(messages, add_generation_prompt=True,
@@ -30,7 +31,7 @@ worker processes:
 Workers are plain subprocesses rather than multiprocessing's spawn or forkserver: both re-import
 the parent's __main__ in each worker (`python -m serving`'s, so torch and the whole server). A
 worker ends when the pool closes (at exit), when its stdin closes (the server is gone), or,
-mid-render, at a CPU-time limit a little past TEMPLATE_SECONDS, so none outlives the server long.
+mid-render, at a CPU-time limit seconds past its render's time: none outlives the server long.
 
 Left out: tools, documents, continue_final_message and the assistant-token mask (the server
 passes none); tokenising the text (Engine.encode_chat does it, in the server).
@@ -38,6 +39,7 @@ passes none); tokenising the text (Engine.encode_chat does it, in the server).
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import os
 import resource
@@ -58,10 +60,13 @@ TEMPLATE_SECONDS = 2.0
 # A worker's whole address space (~200 MB of it is the interpreter and the renderer): a rendered
 # conversation is at most a few MB (Engine.encode_chat's bound), so 1 GiB refuses only hostile ones.
 TEMPLATE_MEMORY_BYTES = 1 << 30
-# A template that has timed out once gets this long per render: still far over a real one's time.
-SUSPECT_SECONDS = 1.0
+# A template that has timed out once gets this long per render: still some 100 times a real
+# render's time, and little more than a plain request costs the server.
+SUSPECT_SECONDS = 0.25
+TIMED_OUT_KEPT = 4096  # conversations that ran out of time, refused at once when they come again
 KILL_GRACE_SECONDS = 0.5  # how long past its time a worker has to answer for its own alarm
-POOL_SIZE = 4            # workers at most: renders in flight at once (twice as many may wait)
+POOL_SIZE = 4            # workers at most: renders in flight at once
+MAX_WAITING = 8 * POOL_SIZE  # renders waiting in line for a worker
 START_SECONDS = 60.0     # the longest a render waits for a worker to start (~1-3 s on a busy machine)
 WAIT_SECONDS = 2 * TEMPLATE_SECONDS  # the longest a render waits for a busy worker to come free
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +91,7 @@ class TemplateTooLong(TemplateError):
 
 
 class RenderBusy(Exception):
-    """Every worker is rendering and twice as many renders wait already, or none came free
+    """Every worker is rendering and the line of renders waiting is full, or none came free
     within WAIT_SECONDS: the server is busy, not the request wrong."""
 
 
@@ -190,14 +195,16 @@ def timed_out(seconds: float) -> TemplateTimeout:
 
 
 class RenderPool:
-    """Up to `size` workers; `render` takes an idle one (or waits for one, `size` renders at most)."""
+    """Up to `size` workers; `render` takes an idle one, or waits in line for one."""
 
-    def __init__(self, size: int = POOL_SIZE):
-        self.size = size
+    def __init__(self, size: int = POOL_SIZE, max_waiting: int = MAX_WAITING):
+        self.size, self.max_waiting = size, max_waiting
         self._suspects: set[int] = set()  # hashes of templates that have run out of time
+        self._timed_out: collections.OrderedDict[int, None] = collections.OrderedDict()  # conversations
         self._idle: list[Worker] = []
         self._workers: set[Worker] = set()  # started and not killed: idle or rendering
-        self._starting = self._waiting = 0
+        self._line: collections.deque[object] = collections.deque()  # renders waiting, first first
+        self._starting = 0
         self._start_error: Exception | None = None
         self._closed = False
         self._changed = threading.Condition()
@@ -206,8 +213,14 @@ class RenderPool:
         suspect = hash(job["template"])
         if suspect in self._suspects:
             seconds = min(seconds, SUSPECT_SECONDS)
+        conversation = hash((job["template"], json.dumps(job["messages"], sort_keys=True, default=str)))
+        if conversation in self._timed_out:
+            raise timed_out(seconds)
         for attempt in range(2):
             worker = self._take(cancelled)
+            if conversation in self._timed_out:  # while it waited, the same one ran out of time
+                self._give_back(worker)
+                raise timed_out(seconds)
             try:
                 reply = worker.render(job, seconds, cancelled)
             except (BrokenPipeError, ConnectionResetError):  # it died while idle: another one
@@ -217,7 +230,7 @@ class RenderPool:
                                         "see the server's log.") from None
                 continue
             except TemplateTimeout:
-                self._suspects.add(suspect)
+                self._ran_out(suspect, conversation)
                 self._drop(worker)
                 raise
             except RenderCancelled:
@@ -231,9 +244,16 @@ class RenderPool:
                 raise
             self._give_back(worker)
             if reply.get("error") == "timeout":  # its own alarm: the worker serves on
-                self._suspects.add(suspect)
+                self._ran_out(suspect, conversation)
                 raise timed_out(seconds)
             return result_of(reply)
+
+    def _ran_out(self, template: int, conversation: int) -> None:
+        with self._changed:
+            self._suspects.add(template)
+            self._timed_out[conversation] = None
+            while len(self._timed_out) > TIMED_OUT_KEPT:
+                self._timed_out.popitem(last=False)
 
     def close(self) -> None:
         """Kill every worker (renders in flight end in TemplateError); later renders are refused."""
@@ -252,19 +272,19 @@ class RenderPool:
             return [worker.process.pid for worker in self._workers]
 
     def _take(self, cancelled: threading.Event | None) -> Worker:
-        start = time.monotonic()
+        start, ticket = time.monotonic(), object()
         with self._changed:
-            if not self._idle and self._waiting >= 2 * self.size:
-                raise RenderBusy("every chat-template process is busy and twice as many renders wait")
-            self._waiting += 1
+            if len(self._line) >= self.max_waiting:
+                raise RenderBusy(f"every chat-template process is busy and {len(self._line)} renders wait")
+            self._line.append(ticket)
             try:
-                while not self._idle:
+                while not (self._idle and self._line[0] is ticket):
                     if self._closed:
                         raise TemplateError("the server is shutting down: no chat template renders now.")
                     if self._start_error is not None and not self._starting:
                         error, self._start_error = self._start_error, None  # the next one tries again
                         raise error
-                    if self._starting < self._waiting and len(self._workers) + self._starting < self.size:
+                    if self._starting < len(self._line) and len(self._workers) + self._starting < self.size:
                         self._start_one()
                     if cancelled is not None and cancelled.is_set():
                         raise RenderCancelled()
@@ -275,7 +295,8 @@ class RenderPool:
                     self._changed.wait(0.1 if cancelled is not None else 1.0)
                 worker = self._idle.pop()
             finally:
-                self._waiting -= 1
+                self._line.remove(ticket)
+                self._changed.notify_all()  # the next in line may take an idle worker
             self._keep_a_spare()
             return worker
 
@@ -283,7 +304,7 @@ class RenderPool:
         with self._changed:
             if worker in self._workers:  # not closed meanwhile
                 self._idle.append(worker)
-                self._changed.notify()
+                self._changed.notify_all()  # the first in line takes it
 
     def _drop(self, worker: Worker) -> None:
         worker.kill()
@@ -346,6 +367,15 @@ def time_up(_signum, _frame):
         raise TimeUp()
 
 
+def end_render() -> None:
+    """No more TimeUp for this render: the flag down, the alarm off (each call may be cut short
+    by a signal; at most two come per render, its alarm and one cancel, and each is caught by a
+    layer that calls this again: render_job's and serve's)."""
+    global _rendering
+    _rendering = False
+    signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def serve() -> None:
     """A worker's main loop: one job in, one reply out, until stdin closes."""
     jobs, replies = Connection(os.dup(0), writable=False), Connection(os.dup(1), readable=False)
@@ -364,15 +394,21 @@ def serve() -> None:
         while True:
             job = json.loads(jobs.recv_bytes())
             limit_cpu(job["seconds"])
-            replies.send_bytes(json.dumps(render_job(render_jinja_template, job)).encode())
+            try:
+                reply = render_job(render_jinja_template, job)
+            except TimeUp:  # the second signal, inside render_job's handling of the first
+                end_render()
+                reply = {"error": "timeout"}
+            replies.send_bytes(json.dumps(reply).encode())
     except (EOFError, OSError):  # the server closed the pipes (it ended, or gave up on this worker)
         return
 
 
 def limit_cpu(seconds: float) -> None:
-    """SIGXCPU a little past this render's time: the server kills us sooner, unless it is gone."""
+    """SIGXCPU well past this render's time: our alarm or the server (which kills us half a
+    second past it, or later on a busy server) comes first, unless the server is gone."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    soft = int(usage.ru_utime + usage.ru_stime + seconds) + 2
+    soft = int(usage.ru_utime + usage.ru_stime + seconds) + 10
     resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.getrlimit(resource.RLIMIT_CPU)[1]))
 
 
@@ -393,9 +429,9 @@ def render_job(render_jinja_template, job: dict) -> dict:
                                                 continue_final_message=False,
                                                 add_generation_prompt=True, **job["variables"])
         finally:
-            _rendering = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            end_render()
     except TimeUp:
+        end_render()  # again: the signal may have cut the one above short
         return {"error": "timeout"}
     except MemoryError:
         return {"error": "MemoryError"}

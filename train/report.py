@@ -158,10 +158,13 @@ def held_out(cfg: ReportConfig, run: RunInfo, run_cfg, phase: str) -> list[dict]
 
 def find_run(folder: str) -> RunInfo:
     """The run to report on; for a `train all` folder, its last step (the RL or DPO run)."""
-    run = RunInfo.load(folder) if folder else None
+    if not folder:
+        raise ConfigError("no run given: pass the run folder to report on, such as runs/dpo1 "
+                          "(python -m train report RUN).")
+    run = RunInfo.load(folder)
     if run is None:
-        raise ConfigError(f"{folder or 'no folder'} is not a run folder: pass a run such as "
-                          "runs/dpo1 (python -m train report RUN).")
+        raise ConfigError(f"{folder} is not a run folder: pass a run such as runs/dpo1 "
+                          "(python -m train report RUN).")
     if run.stage == "all":
         # a step folder that is a link leads out of the pipeline: its report would be written there
         steps = [RunInfo.load(p) for p in sorted(Path(folder).iterdir()) if p.is_dir() and not p.is_symlink()]

@@ -170,8 +170,8 @@ def test_a_killed_worker_is_replaced_and_none_outlives_the_pool(tokenizer):
             render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool, seconds=1.0)
         assert time.monotonic() - start < 1.0 + templates.KILL_GRACE_SECONDS + 0.5
         assert not running(before)  # SIGKILLed and reaped
-        for _ in range(3):
-            assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
+        for _ in range(3):  # another conversation (that one ran out of time: refused if it comes again)
+            assert "grass" in render_chat(tokenizer, CONVERSATIONS[1], 10**6, pool=pool)
         fresh = set(pool.pids())
         assert len(fresh) == 1 and not fresh & before  # its replacement
     finally:
@@ -286,9 +286,9 @@ def test_a_template_that_runs_out_of_time_is_not_blamed_on_the_request():
 
 @pytest.fixture
 def one_worker(tokenizer):
-    """A pool of one worker, started (one render done), and a copy of the tokenizer whose
-    template loops."""
-    pool = RenderPool(size=1)
+    """A pool of one worker, started (one render done), two renders may wait for it, and a copy
+    of the tokenizer whose template loops."""
+    pool = RenderPool(size=1, max_waiting=2)
     assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)
     yield pool, with_prefix(tokenizer, HOSTILE["loop"])
     pool.close()
@@ -308,8 +308,13 @@ def test_a_looping_template_is_stopped_by_its_own_alarm_and_then_gets_less_time(
     assert pool.pids() == worker  # interrupted, not killed
     start = time.monotonic()
     with pytest.raises(TemplateTimeout, match=f"over {templates.SUSPECT_SECONDS:g} s"):
+        render_chat(looping, CONVERSATIONS[1], 10**6, pool=pool, seconds=5.0)
+    assert templates.SUSPECT_SECONDS <= time.monotonic() - start \
+        < templates.SUSPECT_SECONDS + templates.KILL_GRACE_SECONDS
+    start = time.monotonic()
+    with pytest.raises(TemplateTimeout):  # the same conversation again: refused unrendered
         render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=5.0)
-    assert time.monotonic() - start < templates.SUSPECT_SECONDS + templates.KILL_GRACE_SECONDS
+    assert time.monotonic() - start < 0.1
     assert "Hi" in render_chat(tokenizer, CONVERSATIONS[0], 10**6, pool=pool)  # the other template: full time
     assert pool.pids() == worker
 
@@ -362,7 +367,7 @@ def test_renders_past_the_pool_s_room_are_refused_at_once_and_waits_are_bounded(
                                                                                 monkeypatch):
     """Probe 8, N1: a render waited up to 80 s for a worker, so 12 slow requests queued every
     other client's render behind them for 30 s. Now a render waits WAIT_SECONDS at most, and past
-    twice the pool's size waiting, RenderBusy comes at once (the server answers 429)."""
+    the pool's max_waiting, RenderBusy comes at once (the server answers 429)."""
     monkeypatch.setattr(templates, "WAIT_SECONDS", 1.5)
     pool, looping = one_worker
     holder = in_thread(lambda: render_chat(looping, CONVERSATIONS[0], 10**6, pool=pool, seconds=4.0))
@@ -396,13 +401,28 @@ def timed_post(url: str, body, path: str = "/v1/chat/completions") -> tuple[int,
     return response.status_code, time.monotonic() - start
 
 
-def test_slow_renders_hold_up_no_other_request_nor_a_load(tiny_model, tmp_path):
-    """Probe 8, N1, through HTTP: on a model whose template loops only for some content, 12
-    such requests made an innocent request wait 31 s and left a bad-JSON request and a model
-    load unanswered for 15 s, and 16 such requests sent and abandoned did the same. Now the
-    abandoned ones' renders stop, the innocent request is answered within seconds (200, or 429
-    while all render room is taken), a bad body gets its 400 and the load its 200 at once, and
-    the server still shuts down promptly."""
+def slow_body(tag) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": f"SLOWSLOW {tag}"}], "max_tokens": 4}).encode()
+
+
+def attack(url: str, varied: bool, stop: threading.Event, statuses: list[int]) -> None:
+    """Resends a request whose render loops until `stop`: the same one, or a new one each time."""
+    sent = 0
+    while not stop.is_set():
+        statuses.append(timed_post(url, slow_body(sent if varied else "again"))[0])
+        sent += 1
+
+
+@pytest.mark.parametrize("varied", [False, True], ids=["same", "varied"])
+def test_slow_renders_hold_up_no_other_request_nor_a_load(tiny_model, tmp_path, varied):
+    """Probes 8 (N1) and 9 (P9-1), through HTTP, on a model whose template loops only for some
+    content. Probe 8: 12 such requests made an innocent request wait 31 s and left a bad-JSON
+    request and a model load unanswered for 15 s; 16 such requests sent and abandoned did the
+    same. Probe 9: 12 clients resending such a request got 17 of 18 innocent requests a 429.
+    Now abandoned renders stop, every innocent request is answered 200 within seconds while 12
+    clients resend slow ones (the same, refused at once once it has run out of time; or a new
+    one each time, in line with the rest), a bad body gets its 400 and the load its 200 at
+    once, and the server shuts down promptly."""
     allowed = tmp_path / "allowed"
     shutil.copytree(tiny_model, allowed / "slow")
     template = allowed / "slow" / "chat_template.jinja"
@@ -412,36 +432,41 @@ def test_slow_renders_hold_up_no_other_request_nor_a_load(tiny_model, tmp_path):
                    "--load-from", str(allowed), RLHF_HOME=str(tmp_path / "home"),
                    RLHF_RUNS_DIR=str(tmp_path / "runs"))
     innocent = {"messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 4}
-    slow = json.dumps({"messages": [{"role": "user", "content": "SLOWSLOW"}], "max_tokens": 4}).encode()
+    stop, statuses = threading.Event(), []
     try:
         url = wait_until_serving(server)
         assert timed_post(url, innocent)[0] == 200
         host, port = url.removeprefix("http://").split(":")
-        for _ in range(16):  # sent, then abandoned
+        for n in range(16):  # sent, then abandoned, before the template has run out of time once
             with socket.create_connection((host, int(port))) as sock:
+                body = slow_body(f"abandoned {n}")
                 sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                             b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(slow), slow))
-                time.sleep(0.02)
-        time.sleep(1.0)
-        status, seconds = timed_post(url, innocent)
-        assert status == 200 and seconds < 4.0, (status, seconds)  # no render was left running
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.5)
+        status, seconds = timed_post(url, innocent)  # unstopped, 4 renders would hold every worker 2 s
+        assert status == 200 and seconds < 1.0, (status, seconds)
 
-        attackers = [in_thread(lambda: timed_post(url, slow)) for _ in range(12)]
+        attackers = [threading.Thread(target=attack, args=(url, varied, stop, statuses)) for _ in range(12)]
+        for attacker in attackers:
+            attacker.start()
         time.sleep(1.0)
-        status, seconds = timed_post(url, innocent)
-        assert status in (200, 429) and seconds < 4.0, (status, seconds)
+        for _ in range(5):
+            status, seconds = timed_post(url, innocent)
+            assert status == 200 and seconds < 4.0, (status, seconds)
         status, seconds = timed_post(url, b"{not json")
         assert status == 400 and seconds < 1.0, (status, seconds)
         status, seconds = timed_post(url, {"model": str(other)}, "/v1/models/load")
         assert status == 200 and seconds < 30, (status, seconds)
+        stop.set()
         for attacker in attackers:
-            attacker["thread"].join(timeout=120)
-            assert attacker["result"][0] in (400, 429), attacker
+            attacker.join(timeout=120)
+        assert 400 in statuses and set(statuses) <= {200, 400, 429}, statuses  # 200: after the load
         assert timed_post(url, innocent)[0] == 200
 
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=15) == 0
     finally:
+        stop.set()
         if server.poll() is None:
             server.kill()
             server.wait()

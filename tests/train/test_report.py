@@ -155,6 +155,8 @@ def test_reporting_on_a_folder_that_holds_no_run_is_one_sentence(tmp_path):
     done = run_train("report", str(tmp_path))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "is not a run folder" in done.stderr.strip().splitlines()[-1]
+    empty = run_train("report", "")  # probe 9 (P9-4): read "no folder is not a run folder"
+    assert empty.returncode == 2 and "no run given: pass the run folder" in empty.stderr
 
 
 def test_reporting_on_an_sft_run_is_one_sentence_before_any_work(tmp_path, tiny_model, sft_file):

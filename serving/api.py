@@ -58,7 +58,7 @@ from serving.scheduler import QueueFull, Scheduler, ShuttingDown
 from serving.templates import MAX_WAITING, POOL_SIZE
 from serving.validation import (ApiError, ChatRequest, Limits, LoadRequest, answer_room,
                                 check_request, encode, error_response, parse_chat, parse_load,
-                                validation_message)
+                                render_busy, validation_message)
 
 __all__ = ["Limits", "bind", "create_app", "load_running", "uvicorn_server"]
 log = logging.getLogger("serving")
@@ -197,9 +197,7 @@ async def encode_unless_gone(state: ServerState, http_request: HttpRequest, engi
     (its render stopped), the shutdown's 503 once the server shuts down, 429 while
     RENDERS_AT_ONCE requests render already."""
     if state.rendering >= RENDERS_AT_ONCE:
-        raise ApiError(429, "the server is busy rendering other conversations' chat templates; "
-                            "retry in a moment.", type="server_busy", code="render_queue_full",
-                       headers={"Retry-After": "1"})
+        raise render_busy()
     cancelled = threading.Event()
     state.rendering += 1
     encoded = asyncio.get_running_loop().run_in_executor(state.renders, encode, engine, messages,

@@ -263,6 +263,12 @@ def prompt_limit(engine, limits: Limits) -> int:
     return min(limits.max_prompt_tokens, engine.max_len - 1)
 
 
+def render_busy() -> ApiError:
+    return ApiError(429, "the server is busy rendering other conversations' chat templates; retry "
+                         "in a moment.", type="server_busy", code="render_queue_full",
+                    headers={"Retry-After": "1"})
+
+
 def encode(engine, messages: list[dict], cancelled=None) -> list[int]:
     """Prompt token ids (call it off the event loop), or a 400 ApiError (429 while every
     chat-template process is taken); RenderCancelled once the `cancelled` event is set."""
@@ -271,9 +277,7 @@ def encode(engine, messages: list[dict], cancelled=None) -> list[int]:
     except RenderCancelled:
         raise
     except RenderBusy:
-        raise ApiError(429, "the server is busy rendering other conversations' chat templates; "
-                            "retry in a moment.", type="server_busy", code="render_queue_full",
-                       headers={"Retry-After": "1"}) from None
+        raise render_busy() from None
     except TemplateError as err:  # the template's own cost (time, memory, size): not the request's fault
         raise ApiError(400, f"the model's chat template cannot render this conversation: {err}",
                        param="messages") from None

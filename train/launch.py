@@ -40,15 +40,14 @@ from core.options import ConfigError, build, load_yaml, to_argv, to_dict
 from core.runs import (LIVE_STATES, MARKER, PIPELINE_STEPS, RunInfo, enclosing_run, is_run_folder,
                        pid_alive, read_json, read_status, runs_inside, write_json_atomic)
 from train.config import STAGES
-from train.rundir import refuse_links
+from train.rundir import RUN_FILES, RUN_FOLDERS, refuse_links
 
 ROOT = Path(__file__).resolve().parents[1]
 QUEUE_FILE, SLOTS = "queue.json", ".slots"
 POLL_S = 1.0
-# what a run (or its launcher) writes into its folder: Start over removes these and nothing else
-RUN_ENTRIES = ("run.json", "config.yaml", "status.json", "metrics.jsonl", "train.log", "console.log",
-               "launch.json", "samples.jsonl", "summary.json", "checkpoints", "final", "ema",
-               "tensorboard", "report.json", "report.md", "report.log")
+# what a run (rundir's lists, one definition with --overwrite's) or its launcher writes into its
+# folder: Start over removes these and nothing else
+RUN_ENTRIES = (*RUN_FILES, *RUN_FOLDERS, "console.log", "launch.json")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
